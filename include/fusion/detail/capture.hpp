@@ -1,0 +1,79 @@
+// Per-thread storage for the inputs collectors capture until their chain's fused module replays.
+// Thread-local because one model may be called from many threads at once: each forward pass
+// captures and replays on its own thread (a shared store raced and crashed in the prototype).
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <vector>
+
+#include <ATen/core/ivalue.h>
+
+namespace fusion::detail {
+
+/// What one thread holds for one chain during a pass.
+struct Capture {
+  std::uint64_t owner = 0;  // uid of the chain this state belongs to
+  std::size_t next = 0;     // how many members have been called in the current pass
+  std::vector<std::vector<c10::IValue>> args;     // call arguments, per member
+  std::vector<std::vector<c10::IValue>> outputs;  // replay outputs, per member
+  std::vector<c10::IValue> scratch;               // the full argument list of the member replayed
+
+  /// Drops every captured value (so tensors are freed at once) but keeps the capacity.
+  void clear() noexcept {
+    next = 0;
+    for (auto& values : args) values.clear();
+    for (auto& values : outputs) values.clear();
+    scratch.clear();
+  }
+};
+
+/// Chains get small dense indices into the thread-local stores, recycled when a chain goes away;
+/// a uid that is never reused tells a recycled slot's stale state from the current chain's.
+class CaptureIndexPool {
+ public:
+  static CaptureIndexPool& instance() {
+    static auto* pool = new CaptureIndexPool();  // leaked: chains may outlive static destruction
+    return *pool;
+  }
+  std::size_t acquire() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (free_.empty()) return size_++;
+    std::size_t index = free_.back();
+    free_.pop_back();
+    return index;
+  }
+  void release(std::size_t index) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(index);
+  }
+  static std::uint64_t next_uid() {
+    static std::atomic<std::uint64_t> uid{0};
+    return ++uid;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::size_t> free_;
+  std::size_t size_ = 0;
+};
+
+/// This thread's capture for the chain (index, uid) with `members` members. A deque keeps
+/// references stable while a nested chain (a chain inside a member being replayed) grows it.
+inline Capture& capture_for(std::size_t index, std::uint64_t uid, std::size_t members) {
+  thread_local std::deque<Capture> store;
+  if (store.size() <= index) store.resize(index + 1);
+  Capture& capture = store[index];
+  if (capture.owner != uid) {
+    capture.clear();
+    capture.owner = uid;
+    capture.args.resize(members);
+    capture.outputs.resize(members);
+  }
+  return capture;
+}
+
+}  // namespace fusion::detail

@@ -1,0 +1,318 @@
+// The machinery behind a fused chain: the type-erased view of a Slot the fuse code works with, the
+// table that finds a Slot from a module path, and the two roles a fused Slot dispatches to
+// (RegistryCollector for members 0..n-2, FusedModule for the last).
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/ivalue.h>
+#include <c10/util/Optional.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/any_value.h>
+
+#include "fusion/error.hpp"
+#include "fusion/fused_chain.hpp"
+#include "fusion/detail/boxing.hpp"
+#include "fusion/detail/capture.hpp"
+
+namespace fusion::detail {
+
+class Chain;
+class SlotBase;
+
+/// One forward() parameter, as fuse-time checks and the replay see it.
+struct ParamInfo {
+  TypeInfo type;
+  bool (*holds)(const c10::IValue&);  // whether a box can be passed as this parameter
+  c10::optional<c10::IValue> (*from_any)(torch::nn::AnyValue&);  // a FORWARD_HAS_DEFAULT_ARGS default
+};
+
+struct SignatureInfo {
+  std::vector<ParamInfo> params;
+  std::vector<TypeInfo> outputs;  // one per tuple element, else one
+};
+
+/// What a fused Slot calls instead of its module.
+class Dispatch {
+ public:
+  explicit Dispatch(bool collects) : collects(collects) {}
+  virtual ~Dispatch() = default;
+  /// Takes the boxed call arguments (moving from them). A collector returns nullptr and the Slot
+  /// returns a placeholder; the fused module returns the last member's boxed outputs.
+  virtual std::vector<c10::IValue>* call(c10::IValue* args, std::size_t count) = 0;
+  const bool collects;
+};
+
+/// Finds the Slot bound to a child from (parent module, child name). Keyed by the `Module`
+/// subobject, which is what named_modules() hands out.
+class SlotTable {
+ public:
+  static SlotTable& instance() {
+    static auto* table = new SlotTable();  // leaked: static models may be destroyed after it
+    return *table;
+  }
+  void insert(const torch::nn::Module* parent, const std::string& name, SlotBase* slot) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    slots_[{parent, name}] = slot;
+  }
+  void erase(const torch::nn::Module* parent, const std::string& name, const SlotBase* slot) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = slots_.find({parent, name});
+    if (it != slots_.end() && it->second == slot) slots_.erase(it);
+  }
+  SlotBase* find(const torch::nn::Module* parent, const std::string& name) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = slots_.find({parent, name});
+    return it == slots_.end() ? nullptr : it->second;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::map<std::pair<const torch::nn::Module*, std::string>, SlotBase*> slots_;
+};
+
+/// The part of a Slot that does not depend on its module type.
+class SlotBase {
+ public:
+  SlotBase() = default;
+  // A copy (Cloneable::clone copy-constructs the parent) is neither registered nor fused: the
+  // clone's reset() binds it again with register_slot.
+  SlotBase(const SlotBase&) noexcept {}
+  SlotBase& operator=(const SlotBase&) noexcept { return *this; }
+  virtual ~SlotBase();
+
+  bool is_fused() const noexcept { return chain_ != nullptr; }
+  const std::shared_ptr<Chain>& chain() const noexcept { return chain_; }
+  std::size_t member_index() const noexcept { return member_index_; }
+
+  virtual torch::nn::Module* module() const noexcept = 0;
+  virtual const SignatureInfo& signature() const = 0;
+  /// Calls the original forward() with every parameter boxed in `args`; appends the outputs.
+  virtual void call_boxed(c10::IValue* args, std::vector<c10::IValue>& outputs) = 0;
+
+ protected:
+  void bind(const torch::nn::Module* parent, std::string name) {
+    unbind();
+    parent_ = parent;
+    name_ = std::move(name);
+    SlotTable::instance().insert(parent_, name_, this);
+  }
+  void unbind() noexcept {
+    if (parent_ != nullptr) SlotTable::instance().erase(parent_, name_, this);
+    parent_ = nullptr;
+  }
+
+  std::atomic<Dispatch*> dispatch_{nullptr};
+
+ private:
+  friend class Chain;
+  std::shared_ptr<Chain> chain_;
+  std::size_t member_index_ = 0;
+  const torch::nn::Module* parent_ = nullptr;
+  std::string name_;
+};
+
+/// Where one parameter of a member comes from during replay.
+struct Source {
+  int producer = -1;      // member whose output feeds this parameter, -1 if none
+  int output = 0;         // which of its outputs
+  bool last_use = false;  // the producer's output is moved, not copied, into its last consumer
+  c10::optional<c10::IValue> fallback;  // default, used when neither wired nor passed
+};
+
+struct Member {
+  SlotBase* slot = nullptr;  // null once the Slot was destroyed
+  std::vector<Source> sources;
+};
+
+class Chain {
+ public:
+  Chain(FusedChain info, std::vector<Member> members);
+  ~Chain() { CaptureIndexPool::instance().release(capture_index_); }
+  Chain(const Chain&) = delete;
+  Chain& operator=(const Chain&) = delete;
+
+  const FusedChain& info() const noexcept { return info_; }
+  std::size_t size() const noexcept { return members_.size(); }
+  bool attached() const noexcept { return attached_; }
+
+  /// Makes the member Slots own `self` and dispatch to it. Cannot fail.
+  static void fuse(const std::shared_ptr<Chain>& self) noexcept {
+    for (std::size_t i = 0; i < self->members_.size(); ++i) {
+      self->members_[i].slot->chain_ = self;
+      self->members_[i].slot->member_index_ = i;
+    }
+    self->attach();
+  }
+  /// Puts the original modules back and drops the Slots' ownership.
+  static void unfuse(std::shared_ptr<Chain> self) noexcept {
+    self->detach();
+    for (Member& member : self->members_) {
+      if (member.slot != nullptr) member.slot->chain_.reset();
+    }
+  }
+  /// Switches the dispatch on or off without dropping the chain (verify uses this).
+  void attach() noexcept {
+    for (std::size_t i = 0; i < members_.size(); ++i) {
+      if (members_[i].slot != nullptr) members_[i].slot->dispatch_.store(roles_[i].get());
+    }
+    attached_ = true;
+  }
+  void detach() noexcept {
+    for (Member& member : members_) {
+      if (member.slot != nullptr) member.slot->dispatch_.store(nullptr);
+    }
+    attached_ = false;
+  }
+  void forget(std::size_t member) noexcept { members_[member].slot = nullptr; }
+
+  Capture& capture() const { return capture_for(capture_index_, uid_, members_.size()); }
+  std::vector<c10::IValue>* replay(Capture& capture) const;
+  [[noreturn]] void fail_call(Capture& capture, const std::string& why) const {
+    capture.clear();
+    fail("fusion: fused chain [{}]: {}", to_string(info_), why);
+  }
+
+ private:
+  FusedChain info_;
+  std::vector<Member> members_;
+  std::vector<std::unique_ptr<Dispatch>> roles_;
+  std::uint64_t uid_ = CaptureIndexPool::next_uid();
+  std::size_t capture_index_ = CaptureIndexPool::instance().acquire();
+  bool attached_ = false;
+};
+
+/// Members 0..n-2: stores the call arguments for the replay; the Slot returns a placeholder.
+class RegistryCollector final : public Dispatch {
+ public:
+  RegistryCollector(const Chain& chain, std::size_t index)
+      : Dispatch(true), chain_(chain), index_(index) {}
+
+  std::vector<c10::IValue>* call(c10::IValue* args, std::size_t count) override {
+    Capture& capture = chain_.capture();
+    if (index_ == 0) {
+      // A new pass. Whatever a previous pass left (an exception thrown between capture and
+      // replay) is dropped, so it cannot poison this forward.
+      capture.clear();
+    } else if (capture.next != index_) {
+      chain_.fail_call(capture, order_error(capture.next));
+    }
+    auto& stored = capture.args[index_];
+    stored.assign(std::make_move_iterator(args), std::make_move_iterator(args + count));
+    capture.next = index_ + 1;
+    return nullptr;
+  }
+
+ private:
+  std::string order_error(std::size_t next) const {
+    const auto& paths = chain_.info().paths;
+    if (next > index_) {
+      return fmt::format("'{}' was called twice in one pass (its chain expects each member once, "
+                         "in order)", paths[index_]);
+    }
+    return fmt::format("'{}' was called before '{}' on this thread; a fused chain's members "
+                       "must be called in order, in one pass, on one thread",
+                       paths[index_], paths[next]);
+  }
+
+  const Chain& chain_;
+  std::size_t index_;
+};
+
+/// The last member: replays the whole chain from the captured inputs.
+class FusedModule final : public Dispatch {
+ public:
+  explicit FusedModule(const Chain& chain) : Dispatch(false), chain_(chain) {}
+
+  std::vector<c10::IValue>* call(c10::IValue* args, std::size_t count) override {
+    Capture& capture = chain_.capture();
+    const std::size_t last = chain_.size() - 1;
+    if (capture.next != last) {
+      const auto& paths = chain_.info().paths;
+      chain_.fail_call(
+          capture,
+          capture.next == 0
+              ? fmt::format("the fused module '{}' was called, but its collectors ('{}' first) "
+                            "were not called before it on this thread in this pass",
+                            paths[last], paths[0])
+              : fmt::format("the fused module '{}' was called before '{}'", paths[last],
+                            paths[capture.next]));
+    }
+    auto& stored = capture.args[last];
+    stored.assign(std::make_move_iterator(args), std::make_move_iterator(args + count));
+    return chain_.replay(capture);
+  }
+
+ private:
+  const Chain& chain_;
+};
+
+inline Chain::Chain(FusedChain info, std::vector<Member> members)
+    : info_(std::move(info)), members_(std::move(members)) {
+  for (std::size_t i = 0; i + 1 < members_.size(); ++i) {
+    roles_.push_back(std::make_unique<RegistryCollector>(*this, i));
+  }
+  roles_.push_back(std::make_unique<FusedModule>(*this));
+}
+
+inline std::vector<c10::IValue>* Chain::replay(Capture& capture) const {
+  struct ClearOnThrow {
+    Capture& capture;
+    ~ClearOnThrow() {
+      if (std::uncaught_exceptions() > 0) capture.clear();
+    }
+  } guard{capture};
+
+  for (std::size_t i = 0; i < members_.size(); ++i) {
+    const Member& member = members_[i];
+    if (member.slot == nullptr) {
+      fail_call(capture, fmt::format("the Slot of member '{}' was destroyed", info_.paths[i]));
+    }
+    auto& call_args = capture.args[i];
+    auto& args = capture.scratch;
+    args.clear();
+    for (std::size_t p = 0; p < member.sources.size(); ++p) {
+      const Source& source = member.sources[p];
+      if (source.producer >= 0) {
+        c10::IValue& produced = capture.outputs[source.producer][source.output];
+        args.push_back(source.last_use ? std::move(produced) : produced);
+      } else if (p < call_args.size()) {
+        args.push_back(std::move(call_args[p]));
+      } else if (source.fallback.has_value()) {
+        args.push_back(*source.fallback);
+      } else {
+        fail_call(capture, fmt::format("parameter #{} of '{}' has no value: no earlier member "
+                                       "outputs it, the call passed {} argument(s) and it has no "
+                                       "default",
+                                       p, info_.paths[i], call_args.size()));
+      }
+    }
+    call_args.clear();
+    capture.outputs[i].clear();
+    member.slot->call_boxed(args.data(), capture.outputs[i]);
+    args.clear();
+  }
+  for (std::size_t i = 0; i + 1 < members_.size(); ++i) capture.outputs[i].clear();
+  capture.next = 0;
+  return &capture.outputs.back();
+}
+
+inline SlotBase::~SlotBase() {
+  unbind();
+  if (chain_ != nullptr) {
+    dispatch_.store(nullptr);
+    chain_->forget(member_index_);
+  }
+}
+
+}  // namespace fusion::detail

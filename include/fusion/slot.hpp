@@ -1,0 +1,184 @@
+// fusion::Slot: a child module the parent calls exactly like its holder, and that fuse_modules can
+// redirect. LibTorch parents call children through typed members resolved at compile time, and
+// Module::replace_module only changes children_, so a fused module must be reached through a call
+// site the library controls: this one.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstddef>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/ivalue.h>
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include "fusion/error.hpp"
+#include "fusion/detail/boxing.hpp"
+#include "fusion/detail/chain.hpp"
+#include "fusion/detail/traits.hpp"
+
+namespace fusion {
+
+namespace detail {
+/// What register_slot returns; assigning it to a Slot binds the Slot at its final address.
+template <typename Holder>
+struct SlotBinding {
+  const torch::nn::Module* parent;
+  std::string name;
+  Holder holder;
+};
+}  // namespace detail
+
+/// A fusable child module. Declare it as a member, bind it with register_slot, and call it as you
+/// would the holder: `h = mlp(norm(h));`, `mlp->gate_proj`. Unfused, a call is the holder's call
+/// (default arguments and overloads work as usual). Fused, the call goes to the chain (see
+/// fuse_modules).
+///
+/// `Holder` is a TORCH_MODULE holder (`torch::nn::Linear`, your `MLP`). `Sig` names the forward()
+/// signature to fuse, `Result(Params...)`, when forward is overloaded or a template; by default it
+/// is deduced from `&Impl::forward`. A forward with a non-const lvalue reference parameter, with no
+/// parameters or returning void cannot be fused and fails to compile.
+template <typename Holder, typename Sig = void>
+class Slot final : public detail::SlotBase {
+ public:
+  using Impl = typename Holder::ContainedType;
+  using Signature =
+      detail::checked_signature<typename detail::forward_signature<Impl, Sig>::type>;
+  using Result = typename Signature::result;
+  static constexpr std::size_t arity = Signature::arity;
+
+  Slot() = default;
+  Slot(const Slot& other) : SlotBase(other), holder_(other.holder_) {}
+  // Cloneable::clone_ copy-assigns a fresh clone into the existing module: take its holder, keep
+  // this Slot's registration (same parent and name) and fusion state.
+  Slot& operator=(const Slot& other) {
+    holder_ = other.holder_;
+    return *this;
+  }
+
+  Slot& operator=(detail::SlotBinding<Holder>&& binding) {
+    if (is_fused()) {
+      detail::fail("fusion: cannot rebind slot '{}' while it is fused; call unfuse_modules first",
+                   binding.name);
+    }
+    holder_ = std::move(binding.holder);
+    bind(binding.parent, std::move(binding.name));
+    return *this;
+  }
+
+  template <typename... Args>
+  Result operator()(Args&&... args) {
+    detail::Dispatch* dispatch = dispatch_.load(std::memory_order_acquire);
+    if (dispatch == nullptr) return holder_->forward(std::forward<Args>(args)...);
+    if constexpr (sizeof...(Args) <= arity) {
+      return call_fused(*dispatch, std::index_sequence_for<Args...>{}, std::forward<Args>(args)...);
+    } else {  // another overload of forward(), reachable unfused only
+      detail::fail("fusion::Slot: a fused slot was called with {} arguments, but the signature "
+                   "it was fused with, {}, takes {}",
+                   sizeof...(Args), detail::type_name<typename Signature::params>(), arity);
+    }
+  }
+
+  Impl* operator->() const { return holder_.ptr().get(); }
+  Impl& operator*() const { return *holder_; }
+  const Holder& holder() const noexcept { return holder_; }
+  bool is_empty() const noexcept { return holder_.is_empty(); }
+
+  torch::nn::Module* module() const noexcept override {
+    return holder_.is_empty() ? nullptr : holder_.ptr().get();
+  }
+  const detail::SignatureInfo& signature() const override {
+    static const detail::SignatureInfo info{params_info(std::make_index_sequence<arity>{}),
+                                            detail::output_types<Result>::get()};
+    return info;
+  }
+  void call_boxed(c10::IValue* args, std::vector<c10::IValue>& outputs) override {
+    invoke_boxed(args, outputs, std::make_index_sequence<arity>{});
+  }
+
+ private:
+  template <std::size_t I>
+  using Param = detail::param_t<I, Signature>;
+
+  template <std::size_t... I, typename... Args>
+  Result call_fused(detail::Dispatch& dispatch, std::index_sequence<I...>, Args&&... args) {
+    std::array<c10::IValue, sizeof...(Args)> boxes{
+        detail::Boxing<Param<I>>::box(Param<I>(std::forward<Args>(args)))...};
+    if (dispatch.collects) {
+      Result stand_in = placeholder(boxes);
+      dispatch.call(boxes.data(), boxes.size());
+      return stand_in;
+    }
+    return detail::join<Result>(*dispatch.call(boxes.data(), boxes.size()));
+  }
+
+  // What a collector returns in place of its real output, which only the replay computes: the
+  // first argument when it has the result type (as in the Python original), a tuple whose first
+  // element is the first argument, else a default-constructed result.
+  template <typename Boxes>
+  static Result placeholder(const Boxes& boxes) {
+    constexpr bool has_first = std::tuple_size_v<Boxes> > 0;
+    if constexpr (has_first && std::is_same_v<Result, Param<0>>) {
+      return Result(detail::Boxing<Param<0>>::arg(boxes[0]));
+    } else if constexpr (has_first && detail::is_tuple<Result>::value) {
+      if constexpr (std::is_same_v<std::tuple_element_t<0, Result>, Param<0>>) {
+        Result result{};
+        std::get<0>(result) = detail::Boxing<Param<0>>::arg(boxes[0]);
+        return result;
+      } else {
+        return Result{};
+      }
+    } else {
+      static_assert(std::is_default_constructible_v<Result>,
+                    "fusion::Slot: a collector needs a placeholder result: forward() must return "
+                    "its first parameter's type, a tuple starting with it, or a "
+                    "default-constructible type");
+      return Result{};
+    }
+  }
+
+  template <std::size_t... I>
+  void invoke_boxed(c10::IValue* args, std::vector<c10::IValue>& outputs,
+                    std::index_sequence<I...>) {
+    detail::split(holder_->forward(detail::Boxing<Param<I>>::arg(args[I])...), outputs);
+  }
+
+  template <std::size_t I>
+  static detail::ParamInfo param_info() {
+    return {detail::TypeInfo::of<Param<I>>(), &detail::Boxing<Param<I>>::holds,
+            [](torch::nn::AnyValue& value) -> c10::optional<c10::IValue> {
+              if (auto* typed = value.try_get<Param<I>>()) {
+                return detail::Boxing<Param<I>>::box(*typed);
+              }
+              return c10::nullopt;
+            }};
+  }
+  template <std::size_t... I>
+  static std::vector<detail::ParamInfo> params_info(std::index_sequence<I...>) {
+    return {param_info<I>()...};
+  }
+
+  Holder holder_{nullptr};
+};
+
+/// Registers `holder` as the child `name` of `parent` (an ordinary register_module, so parameters,
+/// to(), train(), save/load and clone() see it as before) and returns a binding to assign to the
+/// Slot member:  `mlp = fusion::register_slot(*this, "mlp", MLP(cfg));`
+template <typename Holder>
+detail::SlotBinding<Holder> register_slot(torch::nn::Module& parent, std::string name,
+                                          Holder holder) {
+  if (name.empty() || name.find('.') != std::string::npos) {
+    detail::fail("fusion::register_slot: invalid child name '{}': it must be non-empty and "
+                 "contain no '.'",
+                 name);
+  }
+  parent.register_module(name, holder);
+  return {&parent, std::move(name), std::move(holder)};
+}
+
+}  // namespace fusion

@@ -1,0 +1,39 @@
+// Each FUSION_CASE is a misuse that must fail to compile with the static_assert named in
+// tests/CMakeLists.txt. FUSION_CASE 0 is the control: it must compile, proving the harness works.
+#include <fusion/slot.hpp>
+#include <torch/torch.h>
+
+struct MutatesImpl : torch::nn::Module {
+  torch::Tensor forward(torch::Tensor& x) { return x.add_(1); }
+};
+TORCH_MODULE(Mutates);
+
+struct OverloadedImpl : torch::nn::Module {
+  torch::Tensor forward(const torch::Tensor& x) { return x; }
+  torch::Tensor forward(const torch::Tensor& x, double s) { return x * s; }
+};
+TORCH_MODULE(Overloaded);
+
+struct NullaryImpl : torch::nn::Module {
+  torch::Tensor forward() { return torch::ones({1}); }
+};
+TORCH_MODULE(Nullary);
+
+struct FineImpl : torch::nn::Module {
+  torch::Tensor forward(const torch::Tensor& x) { return x; }
+};
+TORCH_MODULE(Fine);
+
+int main() {
+#if FUSION_CASE == 0
+  fusion::Slot<Fine> slot;
+  fusion::Slot<Overloaded, torch::Tensor(const torch::Tensor&)> named;
+#elif FUSION_CASE == 1
+  fusion::Slot<Mutates> slot;
+#elif FUSION_CASE == 2
+  fusion::Slot<Overloaded> slot;
+#elif FUSION_CASE == 3
+  fusion::Slot<Nullary> slot;
+#endif
+  return 0;
+}
