@@ -1,0 +1,335 @@
+// The Qwen3 port: checkpoint loading and saving, and fused == original for both chains.
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "checkpoint.hpp"
+#include "npy.hpp"
+#include "qwen3.hpp"
+
+namespace fs = std::filesystem;
+using Catch::Contains;
+
+namespace {
+
+qwen3::Config small_config() {
+  qwen3::Config c;  // the demo's tiny default: hidden 64, 4 layers, 8/4 heads, head_dim 16
+  c.vocab_size = 128;
+  return c;
+}
+
+qwen3::ForCausalLM random_model(uint64_t seed, qwen3::Config c = small_config()) {
+  qwen3::ForCausalLM model(c);
+  qwen3::init_random(*model, seed);
+  model->eval();
+  return model;
+}
+
+/// A fresh directory under the test's working directory.
+fs::path scratch(const std::string& name) {
+  const fs::path dir = fs::current_path() / "qwen3-test-files" / name;
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+torch::Tensor ids(std::vector<int64_t> values) {
+  return torch::tensor(values, torch::kInt64).unsqueeze(0);
+}
+
+std::string read_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+void write_file(const fs::path& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary) << bytes;
+}
+
+/// A safetensors file with the given header JSON and `data_bytes` zero bytes of data.
+void write_safetensors(const fs::path& path, const std::string& header, std::size_t data_bytes) {
+  std::string bytes(8, '\0');
+  const uint64_t size = header.size();
+  std::memcpy(bytes.data(), &size, 8);
+  bytes += header;
+  bytes.append(data_bytes, '\0');
+  write_file(path, bytes);
+}
+
+std::vector<torch::Tensor> parameters_of(qwen3::ForCausalLMImpl& model) {
+  std::vector<torch::Tensor> copies;
+  for (const auto& p : model.parameters()) copies.push_back(p.detach().clone());
+  return copies;
+}
+
+bool same_parameters(qwen3::ForCausalLMImpl& model, const std::vector<torch::Tensor>& copies) {
+  const auto now = model.parameters();
+  for (std::size_t i = 0; i < now.size(); ++i) {
+    if (!torch::equal(now[i], copies[i])) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("parameter names are the Hugging Face checkpoint keys") {
+  auto model = random_model(1);
+  auto params = model->named_parameters();
+  for (const char* key : {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                          "model.layers.0.self_attn.k_norm.weight", "model.layers.3.mlp.down_proj.weight",
+                          "model.layers.3.post_attention_layernorm.weight", "model.norm.weight",
+                          "lm_head.weight"}) {
+    INFO(key);
+    CHECK(params.contains(key));
+  }
+  CHECK(params.size() == 1 + 4 * 11 + 1 + 1);
+  CHECK(params["model.layers.0.self_attn.k_proj.weight"].sizes() == torch::IntArrayRef{64, 64});
+
+  auto c = small_config();
+  c.tie_word_embeddings = true;
+  CHECK_FALSE(random_model(1, c)->named_parameters().contains("lm_head.weight"));
+}
+
+TEST_CASE("the port's attention is causal and the KV cache reproduces the full forward") {
+  torch::NoGradGuard no_grad;
+  auto model = random_model(2);
+  const auto prompt = ids({5, 9, 17, 33, 65, 100});
+  const auto full = model(prompt);
+  // Changing a later token does not change earlier logits.
+  const auto changed = model(ids({5, 9, 17, 33, 65, 101}));
+  CHECK(torch::allclose(full.slice(1, 0, 5), changed.slice(1, 0, 5), 0, 0));
+  CHECK_FALSE(torch::allclose(full.select(1, 5), changed.select(1, 5)));
+  // Feeding the tokens through the cache gives the same logits, within float32 rounding.
+  qwen3::KVCache cache;
+  const auto head = model->forward(prompt.slice(1, 0, 4), &cache);
+  const auto tail = model->forward(prompt.slice(1, 4), &cache);
+  CHECK(cache.seen() == 6);
+  CHECK(torch::allclose(torch::cat({head, tail}, 1), full, 1e-5, 1e-5));
+}
+
+TEST_CASE("fused logits and generated ids are identical for both chains") {
+  torch::NoGradGuard no_grad;
+  auto model = random_model(3);
+  const auto prompt = ids({1, 2, 3, 4, 5, 6, 7, 8});
+  const auto original = model(prompt);
+  const auto original_ids = model->generate(prompt, 10);
+
+  auto mlp_chains = fusion::fuse_modules(model, qwen3::mlp_patterns(), qwen3::mlp_specs());
+  CHECK(mlp_chains.size() == 4);
+  CHECK(torch::equal(model(prompt), original));
+  CHECK(torch::equal(model->generate(prompt, 10), original_ids));
+
+  auto attention_chains = fusion::fuse_modules(model, qwen3::attention_patterns(), qwen3::attention_specs());
+  CHECK(attention_chains.size() == 4);
+  CHECK(attention_chains[0].paths[1] == "model.layers.0.self_attn");
+  CHECK(torch::equal(model(prompt), original));
+  CHECK(torch::equal(model->generate(prompt, 10), original_ids));
+  CHECK(fusion::verify(model, [&] { return model(prompt); }).ok());
+
+  CHECK(fusion::unfuse_modules(model) == 8);
+  CHECK(torch::equal(model(prompt), original));
+}
+
+TEST_CASE("a fused model saves with torch::save and loads into an unfused one") {
+  torch::NoGradGuard no_grad;
+  auto model = random_model(4);
+  const auto prompt = ids({3, 1, 4, 1, 5});
+  const auto original = model(prompt);
+  fusion::fuse_modules(model, qwen3::mlp_patterns(), qwen3::mlp_specs());
+  fusion::fuse_modules(model, qwen3::attention_patterns(), qwen3::attention_specs());
+  const auto path = (scratch("torch-save") / "model.pt").string();
+  torch::save(model, path);
+  auto other = random_model(5);
+  torch::load(other, path);
+  CHECK(torch::equal(other(prompt), original));
+}
+
+TEST_CASE("fused generation from several threads at once gives identical ids") {
+  auto model = random_model(6);
+  std::vector<torch::Tensor> prompts{ids({1, 2, 3}), ids({10, 20, 30, 40}), ids({7}), ids({99, 98})};
+  std::vector<torch::Tensor> expected;
+  for (const auto& p : prompts) expected.push_back(model->generate(p, 6));
+  fusion::fuse_modules(model, qwen3::mlp_patterns(), qwen3::mlp_specs());
+  fusion::fuse_modules(model, qwen3::attention_patterns(), qwen3::attention_specs());
+  std::atomic<int> mismatches{0};
+  std::vector<std::thread> threads;
+  for (std::size_t t = 0; t < prompts.size(); ++t) {
+    threads.emplace_back([&, t] {
+      at::set_num_threads(1);
+      for (int round = 0; round < 5; ++round) {
+        const auto k = (t + round) % prompts.size();
+        if (!torch::equal(model->generate(prompts[k], 6), expected[k])) ++mismatches;
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  CHECK(mismatches == 0);
+}
+
+TEST_CASE("checkpoints round-trip through save_pretrained and load") {
+  torch::NoGradGuard no_grad;
+  auto model = random_model(7);
+  const auto prompt = ids({11, 12, 13, 14});
+  const auto original = model(prompt);
+  const auto dir = scratch("round-trip");
+  qwen3::save_pretrained(*model, model->config, dir);
+
+  const auto config = qwen3::load_config(dir);
+  CHECK(config.hidden_size == 64);
+  CHECK(config.num_key_value_heads == 4);
+  CHECK(config.rope_theta == 1e6);
+  qwen3::ForCausalLM loaded(config);
+  qwen3::load_weights(*loaded, dir);
+  CHECK(torch::equal(loaded(prompt), original));
+
+  SECTION("a fused model loads the same way") {
+    qwen3::ForCausalLM fused(config);
+    fusion::fuse_modules(fused, qwen3::mlp_patterns(), qwen3::mlp_specs());
+    qwen3::load_weights(*fused, dir);
+    CHECK(torch::equal(fused(prompt), original));
+  }
+  SECTION("F16 and BF16 checkpoints convert to the model dtype") {
+    for (auto dtype : {torch::kFloat16, torch::kBFloat16}) {
+      auto half = random_model(7);
+      half->to(dtype);
+      const auto half_dir = scratch("half");
+      qwen3::save_pretrained(*half, config, half_dir);
+      CHECK_THAT(read_file(half_dir / "model.safetensors").substr(8, 200),
+                 Contains(dtype == torch::kFloat16 ? "\"F16\"" : "\"BF16\""));
+      qwen3::ForCausalLM restored(config);
+      qwen3::load_weights(*restored, half_dir);
+      CHECK(restored->parameters()[0].dtype() == torch::kFloat32);
+      CHECK(torch::equal(restored->parameters()[0], half->parameters()[0].to(torch::kFloat32)));
+    }
+  }
+  SECTION("sharded checkpoints load through the index") {
+    const auto sharded = scratch("sharded");
+    // Two shards, parameters alternating between them.
+    auto params = model->named_parameters();
+    nlohmann::json map;
+    std::size_t i = 0;
+    for (const auto& item : params) {
+      map["weight_map"][item.key()] = fmt::format("model-0000{}-of-00002.safetensors", 1 + i++ % 2);
+    }
+    for (int shard = 1; shard <= 2; ++shard) {
+      nlohmann::json header = nlohmann::json::object();
+      std::string data;
+      for (const auto& item : params) {
+        if (map["weight_map"][item.key()] != fmt::format("model-0000{}-of-00002.safetensors", shard)) continue;
+        auto t = item.value().contiguous();
+        header[item.key()] = {{"dtype", "F32"},
+                              {"shape", t.sizes().vec()},
+                              {"data_offsets", nlohmann::json::array({data.size(), data.size() + t.numel() * 4})}};
+        data.append(static_cast<const char*>(t.data_ptr()), t.numel() * 4);
+      }
+      write_safetensors(sharded / fmt::format("model-0000{}-of-00002.safetensors", shard), header.dump(), 0);
+      std::ofstream(sharded / fmt::format("model-0000{}-of-00002.safetensors", shard),
+                    std::ios::binary | std::ios::app)
+          .write(data.data(), static_cast<std::streamsize>(data.size()));
+    }
+    std::ofstream(sharded / "model.safetensors.index.json") << map.dump();
+    fs::copy_file(dir / "config.json", sharded / "config.json");
+    qwen3::ForCausalLM from_shards(config);
+    qwen3::load_weights(*from_shards, sharded);
+    CHECK(torch::equal(from_shards(prompt), original));
+  }
+}
+
+TEST_CASE("loader errors name the file and key, and leave the model untouched") {
+  auto model = random_model(8);
+  const auto before = parameters_of(*model);
+  const auto good = scratch("good");
+  qwen3::save_pretrained(*model, model->config, good);
+  const std::string bytes = read_file(good / "model.safetensors");
+  auto target = random_model(9);
+  const auto target_before = parameters_of(*target);
+
+  auto fails_with = [&](const fs::path& dir, const std::string& message) {
+    INFO("expecting: " << message);
+    CHECK_THROWS_WITH(qwen3::load_weights(*target, dir), Contains(message));
+    CHECK(same_parameters(*target, target_before));
+  };
+
+  SECTION("missing file") {
+    const auto dir = scratch("missing");
+    fails_with(dir, "holds neither model.safetensors nor model.safetensors.index.json");
+    CHECK_THROWS_WITH(qwen3::load_config(dir), Contains("cannot open") && Contains("config.json"));
+  }
+  SECTION("truncated file and truncated header") {
+    const auto dir = scratch("truncated");
+    write_file(dir / "model.safetensors", bytes.substr(0, 5));
+    fails_with(dir, "model.safetensors: truncated: 5 bytes");
+    write_file(dir / "model.safetensors", bytes.substr(0, 100));
+    fails_with(dir, "model.safetensors: truncated header: it claims");
+  }
+  SECTION("malformed header") {
+    const auto dir = scratch("malformed");
+    write_safetensors(dir / "model.safetensors", "{\"a\": [1, 2", 0);
+    fails_with(dir, "model.safetensors: malformed header");
+    write_safetensors(dir / "model.safetensors", "{\"a\": {\"dtype\": \"F32\"}}", 0);
+    fails_with(dir, "malformed header entry for 'a'");
+  }
+  SECTION("a tensor whose bytes run past the file") {
+    const auto dir = scratch("past-end");
+    write_safetensors(dir / "model.safetensors",
+                      R"({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}})", 100);
+    fails_with(dir, "tensor 'model.norm.weight' runs past the end of the file (bytes 0..256 of 100)");
+  }
+  SECTION("unknown dtype") {
+    const auto dir = scratch("dtype");
+    write_safetensors(dir / "model.safetensors",
+                      R"({"model.norm.weight": {"dtype": "I8", "shape": [64], "data_offsets": [0, 64]}})", 64);
+    fails_with(dir, "tensor 'model.norm.weight' has dtype I8, not one of F32, F16, BF16");
+  }
+  SECTION("missing and unexpected keys") {
+    const auto dir = scratch("keys");
+    write_safetensors(dir / "model.safetensors",
+                      R"({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]},
+                          "model.extra.weight": {"dtype": "F32", "shape": [1], "data_offsets": [256, 260]}})",
+                      260);
+    fails_with(dir, "missing keys [model.embed_tokens.weight, model.layers.0.self_attn.q_proj.weight");
+    fails_with(dir, "unexpected keys [model.extra.weight]");
+  }
+  SECTION("shape mismatch") {
+    auto c = small_config();
+    c.intermediate_size = 96;
+    qwen3::ForCausalLM narrower(c);
+    const auto before_narrow = parameters_of(*narrower);
+    CHECK_THROWS_WITH(qwen3::load_weights(*narrower, good),
+                      Contains("tensor 'model.layers.0.mlp.gate_proj.weight' has shape [192, 64], "
+                               "the model expects [96, 64]"));
+    CHECK(same_parameters(*narrower, before_narrow));
+  }
+  SECTION("a sharded index that maps a key to the wrong shard") {
+    const auto dir = scratch("bad-index");
+    fs::copy_file(good / "model.safetensors", dir / "model-00001-of-00001.safetensors");
+    nlohmann::json index;
+    index["weight_map"]["model.norm.weight"] = "model-00002-of-00002.safetensors";
+    std::ofstream(dir / "model.safetensors.index.json") << index.dump();
+    fails_with(dir, "cannot open");
+    fails_with(dir, "model-00002-of-00002.safetensors");
+  }
+  CHECK(same_parameters(*model, before));
+}
+
+TEST_CASE("input ids outside the vocabulary are a clear error") {
+  auto model = random_model(10);
+  CHECK_THROWS_WITH(model(ids({1, 128})), Contains("input id 128 is outside the vocabulary [0, 128)"));
+  CHECK_THROWS_WITH(model(ids({-1})), Contains("input id -1"));
+}
+
+TEST_CASE("logits save as a .npy file numpy can read") {
+  const auto dir = scratch("npy");
+  const auto logits = torch::arange(6, torch::kFloat32).view({2, 3});
+  npy::save_float32((dir / "logits.npy").string(), logits);
+  const auto bytes = read_file(dir / "logits.npy");
+  CHECK(bytes.substr(0, 6) == "\x93NUMPY");
+  CHECK(bytes.size() % 64 == 24 % 64);  // 64-byte aligned header + 6 floats
+  CHECK_THAT(bytes, Contains("'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"));
+  float last = 0;
+  std::memcpy(&last, bytes.data() + bytes.size() - 4, 4);
+  CHECK(last == 5.0f);
+}

@@ -1,0 +1,272 @@
+// A LibTorch port of Hugging Face's Qwen3ForCausalLM (transformers' modeling_qwen3.py), with every
+// child a user might fuse declared as a fusion::Slot. Parameter names are the checkpoint keys
+// ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight", ...).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <fusion/fusion.hpp>
+#include <torch/torch.h>
+
+namespace qwen3 {
+
+struct Config {
+  int64_t vocab_size = 1000;
+  int64_t hidden_size = 64;
+  int64_t intermediate_size = 192;
+  int64_t num_hidden_layers = 4;
+  int64_t num_attention_heads = 8;
+  int64_t num_key_value_heads = 4;
+  int64_t head_dim = 16;
+  double rope_theta = 1e6;
+  double rms_norm_eps = 1e-6;
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;
+};
+
+/// The per-layer keys and values of the tokens seen so far. Passed through forward() as a plain
+/// pointer: a user type that fused chains carry in a capsule.
+struct KVCache {
+  std::vector<torch::Tensor> keys, values;  // per layer: [batch, kv_heads, seen, head_dim]
+
+  int64_t seen() const { return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2); }
+  std::pair<torch::Tensor, torch::Tensor> update(std::size_t layer, torch::Tensor k, torch::Tensor v) {
+    if (keys.size() <= layer) {
+      keys.resize(layer + 1);
+      values.resize(layer + 1);
+    }
+    keys[layer] = keys[layer].defined() ? torch::cat({keys[layer], k}, 2) : k;
+    values[layer] = values[layer].defined() ? torch::cat({values[layer], v}, 2) : v;
+    return {keys[layer], values[layer]};
+  }
+};
+
+/// cos and sin of the rotary embedding for the positions of this forward, [batch, seq, head_dim].
+struct PositionEmbeddings {
+  torch::Tensor cos, sin;
+};
+
+inline torch::nn::Linear linear(int64_t in, int64_t out, bool bias) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+}
+
+/// Qwen3RMSNorm: computed in float32, cast back, times weight.
+struct RMSNormImpl : torch::nn::Module {
+  RMSNormImpl(int64_t dim, double eps) : eps(eps) {
+    weight = register_parameter("weight", torch::ones({dim}));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto xf = x.to(torch::kFloat32);
+    xf = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+    return weight * xf.to(x.scalar_type());
+  }
+  double eps;
+  torch::Tensor weight;
+};
+TORCH_MODULE(RMSNorm);
+
+struct MLPImpl : torch::nn::Module {
+  explicit MLPImpl(const Config& c) {
+    gate_proj = fusion::register_slot(*this, "gate_proj", linear(c.hidden_size, c.intermediate_size, false));
+    up_proj = fusion::register_slot(*this, "up_proj", linear(c.hidden_size, c.intermediate_size, false));
+    down_proj = fusion::register_slot(*this, "down_proj", linear(c.intermediate_size, c.hidden_size, false));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
+  }
+  fusion::Slot<torch::nn::Linear> gate_proj, up_proj, down_proj;
+};
+TORCH_MODULE(MLP);
+
+inline torch::Tensor rotate_half(const torch::Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  return torch::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
+}
+
+/// [batch, kv_heads, seq, d] -> [batch, kv_heads * n_rep, seq, d]
+inline torch::Tensor repeat_kv(const torch::Tensor& x, int64_t n_rep) {
+  if (n_rep == 1) return x;
+  const auto b = x.size(0), kv = x.size(1), s = x.size(2), d = x.size(3);
+  return x.unsqueeze(2).expand({b, kv, n_rep, s, d}).reshape({b, kv * n_rep, s, d});
+}
+
+struct AttentionImpl : torch::nn::Module {
+  AttentionImpl(const Config& c, std::size_t layer_idx)
+      : layer_idx(layer_idx), num_heads(c.num_attention_heads),
+        num_kv_heads(c.num_key_value_heads), head_dim(c.head_dim),
+        scaling(1.0 / std::sqrt(static_cast<double>(c.head_dim))) {
+    q_proj = fusion::register_slot(*this, "q_proj", linear(c.hidden_size, num_heads * head_dim, c.attention_bias));
+    k_proj = fusion::register_slot(*this, "k_proj", linear(c.hidden_size, num_kv_heads * head_dim, c.attention_bias));
+    v_proj = fusion::register_slot(*this, "v_proj", linear(c.hidden_size, num_kv_heads * head_dim, c.attention_bias));
+    o_proj = fusion::register_slot(*this, "o_proj", linear(num_heads * head_dim, c.hidden_size, c.attention_bias));
+    q_norm = fusion::register_slot(*this, "q_norm", RMSNorm(head_dim, c.rms_norm_eps));
+    k_norm = fusion::register_slot(*this, "k_norm", RMSNorm(head_dim, c.rms_norm_eps));
+  }
+
+  /// hidden_states [batch, seq, hidden]; attention_mask additive [1, 1, seq, seen + seq] or none.
+  torch::Tensor forward(const torch::Tensor& hidden_states, const PositionEmbeddings& position_embeddings,
+                        const c10::optional<torch::Tensor>& attention_mask, KVCache* cache) {
+    const auto b = hidden_states.size(0), s = hidden_states.size(1);
+    auto q = q_norm(q_proj(hidden_states).view({b, s, -1, head_dim})).transpose(1, 2);
+    auto k = k_norm(k_proj(hidden_states).view({b, s, -1, head_dim})).transpose(1, 2);
+    auto v = v_proj(hidden_states).view({b, s, -1, head_dim}).transpose(1, 2);
+
+    const auto cos = position_embeddings.cos.unsqueeze(1), sin = position_embeddings.sin.unsqueeze(1);
+    q = q * cos + rotate_half(q) * sin;
+    k = k * cos + rotate_half(k) * sin;
+    if (cache != nullptr) std::tie(k, v) = cache->update(layer_idx, k, v);
+
+    const int64_t n_rep = num_heads / num_kv_heads;
+    auto weights = torch::matmul(q, repeat_kv(k, n_rep).transpose(2, 3)) * scaling;
+    if (attention_mask.has_value()) weights = weights + *attention_mask;
+    weights = torch::softmax(weights, -1, torch::kFloat32).to(q.scalar_type());
+    auto out = torch::matmul(weights, repeat_kv(v, n_rep)).transpose(1, 2).reshape({b, s, -1});
+    return o_proj(out.contiguous());
+  }
+
+  std::size_t layer_idx;
+  int64_t num_heads, num_kv_heads, head_dim;
+  double scaling;
+  fusion::Slot<torch::nn::Linear> q_proj, k_proj, v_proj, o_proj;
+  fusion::Slot<RMSNorm> q_norm, k_norm;
+};
+TORCH_MODULE(Attention);
+
+struct DecoderLayerImpl : torch::nn::Module {
+  DecoderLayerImpl(const Config& c, std::size_t layer_idx) {
+    self_attn = fusion::register_slot(*this, "self_attn", Attention(c, layer_idx));
+    mlp = fusion::register_slot(*this, "mlp", MLP(c));
+    input_layernorm = fusion::register_slot(*this, "input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+    post_attention_layernorm = fusion::register_slot(*this, "post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  }
+  torch::Tensor forward(torch::Tensor h, const PositionEmbeddings& position_embeddings,
+                        const c10::optional<torch::Tensor>& attention_mask, KVCache* cache) {
+    h = h + self_attn(input_layernorm(h), position_embeddings, attention_mask, cache);
+    return h + mlp(post_attention_layernorm(h));
+  }
+  fusion::Slot<Attention> self_attn;
+  fusion::Slot<MLP> mlp;
+  fusion::Slot<RMSNorm> input_layernorm, post_attention_layernorm;
+};
+TORCH_MODULE(DecoderLayer);
+
+struct ModelImpl : torch::nn::Module {
+  explicit ModelImpl(const Config& c) : config(c) {
+    embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+    layers = register_module("layers", torch::nn::ModuleList());
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c, i));
+    norm = fusion::register_slot(*this, "norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  }
+
+  /// input_ids [batch, seq] -> last hidden states [batch, seq, hidden]
+  torch::Tensor forward(const torch::Tensor& input_ids, KVCache* cache = nullptr) {
+    const int64_t seen = cache != nullptr ? cache->seen() : 0;
+    const int64_t s = input_ids.size(1);
+    auto h = embed_tokens(input_ids);
+    const auto positions = torch::arange(seen, seen + s, torch::kFloat32).unsqueeze(0);
+    const auto embeddings = rotary(positions, h.scalar_type());
+    c10::optional<torch::Tensor> mask;
+    if (s > 1) {
+      // Query i (at position seen + i) sees keys 0..seen + i.
+      mask = torch::full({s, seen + s}, -std::numeric_limits<float>::infinity(), torch::kFloat32)
+                 .triu(seen + 1).to(h.scalar_type()).view({1, 1, s, seen + s});
+    }
+    for (const auto& layer : *layers) {
+      h = layer->as<DecoderLayerImpl>()->forward(h, embeddings, mask, cache);
+    }
+    return norm(h);
+  }
+
+  /// Rotary cos/sin in float32 for positions [batch, seq], cast to the hidden dtype.
+  PositionEmbeddings rotary(const torch::Tensor& positions, torch::ScalarType dtype) const {
+    const auto d = config.head_dim;
+    const auto inv_freq =
+        1.0 / torch::pow(config.rope_theta, torch::arange(0, d, 2, torch::kInt64).to(torch::kFloat32) / d);
+    const auto freqs = positions.unsqueeze(-1) * inv_freq;  // [batch, seq, d/2]
+    const auto emb = torch::cat({freqs, freqs}, -1);
+    return {emb.cos().to(dtype), emb.sin().to(dtype)};
+  }
+
+  Config config;
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  fusion::Slot<RMSNorm> norm;
+};
+TORCH_MODULE(Model);
+
+struct ForCausalLMImpl : torch::nn::Module {
+  explicit ForCausalLMImpl(const Config& c) : config(c) {
+    model = register_module("model", Model(c));
+    // Tied: the logits use the embedding matrix and there is no lm_head.weight, as in the checkpoints.
+    if (!c.tie_word_embeddings) {
+      lm_head = fusion::register_slot(*this, "lm_head", linear(c.hidden_size, c.vocab_size, false));
+    }
+  }
+
+  /// input_ids [batch, seq] (int64) -> logits [batch, seq, vocab]
+  torch::Tensor forward(const torch::Tensor& input_ids, KVCache* cache = nullptr) {
+    auto max_id = input_ids.numel() > 0 ? input_ids.max().item<int64_t>() : 0;
+    auto min_id = input_ids.numel() > 0 ? input_ids.min().item<int64_t>() : 0;
+    if (min_id < 0 || max_id >= config.vocab_size) {
+      throw std::out_of_range("qwen3: input id " + std::to_string(min_id < 0 ? min_id : max_id) +
+                              " is outside the vocabulary [0, " + std::to_string(config.vocab_size) + ")");
+    }
+    auto h = model->forward(input_ids, cache);
+    return config.tie_word_embeddings ? torch::linear(h, model->embed_tokens->weight) : lm_head(h);
+  }
+
+  /// Greedy decoding: the prompt's ids followed by max_new_tokens generated ids, [batch, seq + new].
+  torch::Tensor generate(const torch::Tensor& input_ids, int64_t max_new_tokens) {
+    torch::NoGradGuard no_grad;
+    KVCache cache;
+    auto ids = input_ids;
+    auto next_input = input_ids;
+    for (int64_t i = 0; i < max_new_tokens; ++i) {
+      auto logits = forward(next_input, &cache);
+      next_input = logits.select(1, -1).argmax(-1, /*keepdim=*/true);
+      ids = torch::cat({ids, next_input}, 1);
+    }
+    return ids;
+  }
+
+  Config config;
+  Model model{nullptr};
+  fusion::Slot<torch::nn::Linear> lm_head;
+};
+TORCH_MODULE(ForCausalLM);
+
+/// The chains the demo and tests fuse.
+inline std::vector<std::string> mlp_patterns() {
+  return {"model.layers.*.post_attention_layernorm", "model.layers.*.mlp"};
+}
+inline std::vector<fusion::ModuleSpec> mlp_specs() {
+  return {fusion::ModuleSpec{{"hidden_states"}, {"hidden_states"}},
+          fusion::ModuleSpec{{"hidden_states"}, {"hidden_states"}}};
+}
+inline std::vector<std::string> attention_patterns() {
+  return {"model.layers.*.input_layernorm", "model.layers.*.self_attn"};
+}
+inline std::vector<fusion::ModuleSpec> attention_specs() {
+  return {fusion::ModuleSpec{{"hidden_states"}, {"hidden_states"}},
+          fusion::ModuleSpec{{"hidden_states", "position_embeddings", "attention_mask", "past_key_values"},
+                             {"hidden_states"}}};
+}
+
+/// Seeded random weights at a scale that gives varied logits (the tiny default model).
+inline void init_random(ForCausalLMImpl& model, uint64_t seed) {
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(seed);
+  for (auto& item : model.named_parameters()) {
+    if (item.key().find("norm") != std::string::npos) {
+      item.value().uniform_(0.8, 1.2);
+    } else {
+      item.value().normal_(0.0, 0.08);
+    }
+  }
+}
+
+}  // namespace qwen3
