@@ -7,6 +7,8 @@
 #include <fusion/fusion.hpp>
 #include <torch/torch.h>
 
+#include "blas_context.hpp"
+
 namespace {
 
 // Identity does no tensor work, so these timings are the call machinery alone.
@@ -76,4 +78,4 @@ BENCHMARK(BM_SmallPair)->Arg(0)->Arg(1);
 
 }  // namespace
 
-BENCHMARK_MAIN();
+FUSION_BENCHMARK_MAIN();

@@ -1,0 +1,33 @@
+// Records which BLAS kernels and how many threads a benchmark ran with, in the benchmark's context
+// header: Debian's LibTorch links whatever libblas.so.3 points to, and OpenBLAS 0.3.21 detects some
+// virtual CPUs as "Prescott" and runs generic kernels ~4x slower (OPENBLAS_CORETYPE overrides it).
+#pragma once
+
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <string>
+
+#include <ATen/Parallel.h>
+#include <benchmark/benchmark.h>
+
+inline void add_blas_context() {
+  using CoreName = char* (*)();
+  auto core = reinterpret_cast<CoreName>(::dlsym(RTLD_DEFAULT, "openblas_get_corename"));
+  benchmark::AddCustomContext("blas", core != nullptr ? std::string("OpenBLAS, core ") + core()
+                                                      : std::string("not OpenBLAS"));
+  benchmark::AddCustomContext("torch_threads", std::to_string(at::get_num_threads()));
+  const char* wait = std::getenv("OMP_WAIT_POLICY");
+  benchmark::AddCustomContext("OMP_WAIT_POLICY", wait != nullptr ? wait : "(unset)");
+}
+
+/// BENCHMARK_MAIN with the BLAS context recorded.
+#define FUSION_BENCHMARK_MAIN()                                   \
+  int main(int argc, char** argv) {                               \
+    add_blas_context();                                           \
+    benchmark::Initialize(&argc, argv);                           \
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1; \
+    benchmark::RunSpecifiedBenchmarks();                          \
+    benchmark::Shutdown();                                        \
+    return 0;                                                     \
+  }

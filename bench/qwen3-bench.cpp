@@ -1,0 +1,77 @@
+// A full Qwen3 forward (hidden 512, intermediate 1536, 4 layers, 8/4 heads, head_dim 64, vocab
+// 4096) at 16 and 128 tokens: the original model vs the same model with both chains of every layer
+// fused (replay). Each iteration runs both, alternating which goes first, on the very same model
+// object (fused and unfused between the timed calls), so that machine noise and memory layout hit
+// both alike; the counters give each one's mean time and the fused overhead in percent.
+//
+//   build/bench/qwen3_bench
+//   OMP_WAIT_POLICY=PASSIVE build/bench/qwen3_bench
+#include <chrono>
+
+#include <benchmark/benchmark.h>
+
+#include "blas_context.hpp"
+#include "qwen3.hpp"
+
+namespace {
+
+qwen3::ForCausalLM bench_model() {
+  qwen3::Config c;
+  c.vocab_size = 4096;
+  c.hidden_size = 512;
+  c.intermediate_size = 1536;
+  c.num_hidden_layers = 4;
+  c.num_attention_heads = 8;
+  c.num_key_value_heads = 4;
+  c.head_dim = 64;
+  qwen3::ForCausalLM model(c);
+  qwen3::init_random(*model, 0);
+  model->eval();
+  return model;
+}
+
+void BM_Qwen3ForwardFusedVsOriginal(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  auto model = bench_model();
+  auto fuse = [&] {
+    fusion::fuse_modules(model, qwen3::mlp_patterns(), qwen3::mlp_specs());
+    fusion::fuse_modules(model, qwen3::attention_patterns(), qwen3::attention_specs());
+  };
+  const auto ids = torch::randint(0, 4096, {1, state.range(0)}, torch::kInt64);
+  const auto reference = model(ids);
+  fuse();
+  if (!torch::equal(model(ids), reference)) state.SkipWithError("fused logits differ");
+  fusion::unfuse_modules(model);
+
+  using Clock = std::chrono::steady_clock;
+  double original_s = 0, fused_s = 0;
+  bool original_first = true;
+  for (auto _ : state) {
+    auto timed = [&] {
+      const auto start = Clock::now();
+      benchmark::DoNotOptimize(model(ids));
+      return std::chrono::duration<double>(Clock::now() - start).count();
+    };
+    if (original_first) {
+      original_s += timed();
+      fuse();
+      fused_s += timed();
+      fusion::unfuse_modules(model);
+    } else {
+      fuse();
+      fused_s += timed();
+      fusion::unfuse_modules(model);
+      original_s += timed();
+    }
+    original_first = !original_first;
+  }
+  const double n = static_cast<double>(state.iterations());
+  state.counters["original_ms"] = 1e3 * original_s / n;
+  state.counters["fused_ms"] = 1e3 * fused_s / n;
+  state.counters["overhead_pct"] = 100.0 * (fused_s / original_s - 1.0);
+}
+BENCHMARK(BM_Qwen3ForwardFusedVsOriginal)->Arg(16)->Arg(128)->Unit(benchmark::kMillisecond)->MinTime(5.0);
+
+}  // namespace
+
+FUSION_BENCHMARK_MAIN();
