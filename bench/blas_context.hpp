@@ -1,6 +1,7 @@
-// Records which BLAS kernels and how many threads a benchmark ran with, in the benchmark's context
-// header: Debian's LibTorch links whatever libblas.so.3 points to, and OpenBLAS 0.3.21 detects some
-// virtual CPUs as "Prescott" and runs generic kernels ~4x slower (OPENBLAS_CORETYPE overrides it).
+// Shared by the benchmarks. Records which BLAS kernels and how many threads a benchmark ran with,
+// in the benchmark's context header: Debian's LibTorch links whatever libblas.so.3 points to, and
+// OpenBLAS 0.3.21 detects some virtual CPUs as "Prescott" and runs generic kernels ~4x slower
+// (OPENBLAS_CORETYPE overrides it).
 #pragma once
 
 #include <dlfcn.h>
@@ -10,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
+#include <torch/torch.h>
 
 inline void add_blas_context() {
   using CoreName = char* (*)();
@@ -21,13 +23,20 @@ inline void add_blas_context() {
   benchmark::AddCustomContext("OMP_WAIT_POLICY", wait != nullptr ? wait : "(unset)");
 }
 
+/// Makes `copy` compute with `source`'s parameter tensors, so that an original and a fused model
+/// can be timed side by side on the very same weights in memory.
+inline void share_parameters(torch::nn::Module& copy, const torch::nn::Module& source) {
+  auto from = source.named_parameters();
+  for (auto& item : copy.named_parameters()) item.value().set_data(from[item.key()]);
+}
+
 /// BENCHMARK_MAIN with the BLAS context recorded.
-#define FUSION_BENCHMARK_MAIN()                                   \
-  int main(int argc, char** argv) {                               \
-    add_blas_context();                                           \
-    benchmark::Initialize(&argc, argv);                           \
+#define FUSION_BENCHMARK_MAIN()                                       \
+  int main(int argc, char** argv) {                                   \
+    add_blas_context();                                               \
+    benchmark::Initialize(&argc, argv);                               \
     if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1; \
-    benchmark::RunSpecifiedBenchmarks();                          \
-    benchmark::Shutdown();                                        \
-    return 0;                                                     \
+    benchmark::RunSpecifiedBenchmarks();                              \
+    benchmark::Shutdown();                                            \
+    return 0;                                                         \
   }

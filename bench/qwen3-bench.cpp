@@ -1,8 +1,8 @@
 // A full Qwen3 forward (hidden 512, intermediate 1536, 4 layers, 8/4 heads, head_dim 64, vocab
-// 4096) at 16 and 128 tokens: the original model vs the same model with both chains of every layer
-// fused (replay). Each iteration runs both, alternating which goes first, on the very same model
-// object (fused and unfused between the timed calls), so that machine noise and memory layout hit
-// both alike; the counters give each one's mean time and the fused overhead in percent.
+// 4096) at 16 and 128 tokens: the original model vs a model with both chains of every layer fused
+// (replay), computing with the very same weight tensors. Each iteration runs both, alternating
+// which goes first, so that machine noise hits both alike; the counters give each one's mean time
+// and the fused overhead in percent.
 //
 //   build/bench/qwen3_bench
 //   OMP_WAIT_POLICY=PASSIVE build/bench/qwen3_bench
@@ -32,37 +32,26 @@ qwen3::ForCausalLM bench_model() {
 
 void BM_Qwen3ForwardFusedVsOriginal(benchmark::State& state) {
   torch::NoGradGuard no_grad;
-  auto model = bench_model();
-  auto fuse = [&] {
-    fusion::fuse_modules(model, qwen3::mlp_patterns(), qwen3::mlp_specs());
-    fusion::fuse_modules(model, qwen3::attention_patterns(), qwen3::attention_specs());
-  };
+  auto original = bench_model();
+  auto fused = bench_model();
+  share_parameters(*fused, *original);
+  fusion::fuse_modules(fused, qwen3::mlp_patterns(), qwen3::mlp_specs());
+  fusion::fuse_modules(fused, qwen3::attention_patterns(), qwen3::attention_specs());
   const auto ids = torch::randint(0, 4096, {1, state.range(0)}, torch::kInt64);
-  const auto reference = model(ids);
-  fuse();
-  if (!torch::equal(model(ids), reference)) state.SkipWithError("fused logits differ");
-  fusion::unfuse_modules(model);
+  if (!torch::equal(original(ids), fused(ids))) state.SkipWithError("fused logits differ");
 
   using Clock = std::chrono::steady_clock;
   double original_s = 0, fused_s = 0;
+  auto timed = [&](qwen3::ForCausalLM& model) {
+    const auto start = Clock::now();
+    benchmark::DoNotOptimize(model(ids));
+    return std::chrono::duration<double>(Clock::now() - start).count();
+  };
   bool original_first = true;
   for (auto _ : state) {
-    auto timed = [&] {
-      const auto start = Clock::now();
-      benchmark::DoNotOptimize(model(ids));
-      return std::chrono::duration<double>(Clock::now() - start).count();
-    };
-    if (original_first) {
-      original_s += timed();
-      fuse();
-      fused_s += timed();
-      fusion::unfuse_modules(model);
-    } else {
-      fuse();
-      fused_s += timed();
-      fusion::unfuse_modules(model);
-      original_s += timed();
-    }
+    if (original_first) original_s += timed(original);
+    fused_s += timed(fused);
+    if (!original_first) original_s += timed(original);
     original_first = !original_first;
   }
   const double n = static_cast<double>(state.iterations());
@@ -70,7 +59,11 @@ void BM_Qwen3ForwardFusedVsOriginal(benchmark::State& state) {
   state.counters["fused_ms"] = 1e3 * fused_s / n;
   state.counters["overhead_pct"] = 100.0 * (fused_s / original_s - 1.0);
 }
-BENCHMARK(BM_Qwen3ForwardFusedVsOriginal)->Arg(16)->Arg(128)->Unit(benchmark::kMillisecond)->MinTime(5.0);
+BENCHMARK(BM_Qwen3ForwardFusedVsOriginal)
+    ->Arg(16)
+    ->Arg(128)
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(5.0);
 
 }  // namespace
 

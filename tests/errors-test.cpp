@@ -19,10 +19,12 @@ State state_of(Stack& model, const torch::Tensor& x) {
   State state;
   for (std::size_t i = 0; i < model->layers->size(); ++i) {
     auto& block = model->block(i);
-    if (block.post_attention_layernorm.is_fused()) state.fused_paths.push_back(std::to_string(i) + ".norm");
+    if (block.post_attention_layernorm.is_fused())
+      state.fused_paths.push_back(std::to_string(i) + ".norm");
     if (block.mlp.is_fused()) state.fused_paths.push_back(std::to_string(i) + ".mlp");
   }
-  for (const auto& chain : fusion::fused_chains(model)) state.chains.push_back(fusion::to_string(chain));
+  for (const auto& chain : fusion::fused_chains(model))
+    state.chains.push_back(fusion::to_string(chain));
   state.output = model(x);
   return state;
 }
@@ -65,8 +67,8 @@ TEST_CASE("bad fuse requests throw a FusionError naming the culprit and change n
   fusion::fuse_modules(model, {"layers.0.post_attention_layernorm", "layers.0.mlp"}, {spec, spec});
   const State before = state_of(model, x);
 
-  auto fails = [&](const std::vector<std::string>& patterns, const std::vector<fusion::ModuleSpec>& specs,
-                   const std::string& message) {
+  auto fails = [&](const std::vector<std::string>& patterns,
+                   const std::vector<fusion::ModuleSpec>& specs, const std::string& message) {
     INFO("expecting: " << message);
     CHECK_THROWS_MATCHES(fusion::fuse_modules(model, patterns, specs), fusion::FusionError,
                          Catch::Matchers::Predicate<fusion::FusionError>(
@@ -92,7 +94,8 @@ TEST_CASE("bad fuse requests throw a FusionError naming the culprit and change n
           "pattern 'layers.*.feed_forward' matches no module");
   }
   SECTION("a matched module that is not a slot") {
-    fails({"layers.2.mlp", "norm"}, {spec, spec}, "'norm' (matched by pattern 'norm') is not a fusion::Slot");
+    fails({"layers.2.mlp", "norm"}, {spec, spec},
+          "'norm' (matched by pattern 'norm') is not a fusion::Slot");
   }
   SECTION("an incomplete chain") {
     fails({"layers.*.post_attention_layernorm", "layers.1*.mlp"}, {spec, spec},
@@ -130,10 +133,11 @@ TEST_CASE("bad fuse requests throw a FusionError naming the culprit and change n
           {spec, fusion::ModuleSpec{{"hidden_states"}, {}}}, "names 0 output(s)");
   }
   SECTION("an input that nothing provides") {
-    fails({"layers.2.post_attention_layernorm", "layers.2.mlp"},
-          {fusion::ModuleSpec{{"hidden_states"}, {"normed"}}, spec},
-          "input 'hidden_states' of 'layers.2.mlp' is provided by nothing: no earlier member of the "
-          "chain outputs 'hidden_states' (they output [normed])");
+    fails(
+        {"layers.2.post_attention_layernorm", "layers.2.mlp"},
+        {fusion::ModuleSpec{{"hidden_states"}, {"normed"}}, spec},
+        "input 'hidden_states' of 'layers.2.mlp' is provided by nothing: no earlier member of the "
+        "chain outputs 'hidden_states' (they output [normed])");
   }
   SECTION("a parameter with no name and no default") {
     fails({"layers.2.post_attention_layernorm", "layers.2.mlp"},
@@ -153,12 +157,34 @@ TEST_CASE("validation fails late without leaving earlier chains fused") {
   CHECK(fusion::fused_chains(*model).empty());
 }
 
+TEST_CASE("a module that two chains would share is rejected") {
+  struct InnerImpl : torch::nn::Module {
+    explicit InnerImpl(bool with_a) {
+      if (with_a) a = fusion::register_slot(*this, "a", RMSNorm(16));
+      b = fusion::register_slot(*this, "b", RMSNorm(16));
+    }
+    fusion::Slot<RMSNorm> a, b;
+  };
+  struct OuterImpl : torch::nn::Module {
+    OuterImpl() {
+      register_module("a", std::make_shared<InnerImpl>(true));
+      register_module("b", std::make_shared<InnerImpl>(false));
+    }
+  };
+  auto model = std::make_shared<OuterImpl>();
+  // "a.*" binds a.a to [a] and a.b to [b]; "*.b" binds a.b to [a] and b.b to [b]: chain [a] is
+  // a.a -> a.b and chain [b] is a.b -> b.b, so a.b would be in both.
+  CHECK_THROWS_WITH(fusion::fuse_modules(*model, {"a.*", "*.b"}, block_specs()),
+                    Contains("'a.b' would be a member of two chains, for bindings [a] and [b]"));
+  CHECK(fusion::fused_chains(*model).empty());
+}
+
 TEST_CASE("wiring and defaults are type-checked at fuse time") {
   TupleChain tuple_model;
   CHECK_THROWS_WITH(
-      fusion::fuse_modules(tuple_model, {"split", "gate"},
-                           {fusion::ModuleSpec{{"x"}, {"value"}},
-                            fusion::ModuleSpec{{"gate", "value"}, {"out"}}}),
+      fusion::fuse_modules(
+          tuple_model, {"split", "gate"},
+          {fusion::ModuleSpec{{"x"}, {"value"}}, fusion::ModuleSpec{{"gate", "value"}, {"out"}}}),
       Contains("spec #0 (pattern 'split', module 'split') names 1 output(s) [value] but forward() "
                "returns 2 value(s) (at::Tensor, at::Tensor)"));
 
@@ -172,9 +198,10 @@ TEST_CASE("wiring and defaults are type-checked at fuse time") {
 
   DefaultsChain defaults_model;
   CHECK_THROWS_WITH(
-      fusion::fuse_modules(defaults_model, {"norm", "power"},
-                           {fusion::ModuleSpec{{"x"}, {"x"}},
-                            fusion::ModuleSpec{{"x"}, {"x"}, {{1, fusion::box(std::string("3"))}}}}),
+      fusion::fuse_modules(
+          defaults_model, {"norm", "power"},
+          {fusion::ModuleSpec{{"x"}, {"x"}},
+           fusion::ModuleSpec{{"x"}, {"x"}, {{1, fusion::box(std::string("3"))}}}}),
       Contains("gives parameter #1 a default of kind String, but forward() takes double there"));
   CHECK_THROWS_WITH(
       fusion::fuse_modules(defaults_model, {"norm", "power"},
@@ -259,7 +286,8 @@ TEST_CASE("verify names the chains whose fused outputs differ") {
   CHECK(report.chains[2].chain.paths == std::vector<std::string>{"bad.norm", "bad.mlp"});
   CHECK(report.chains[2].max_abs_diff > 0.1);
   CHECK_THAT(report.to_string(), Contains("FAIL [bad.norm -> bad.mlp]: max abs diff"));
-  CHECK_THAT(report.to_string(), Contains("ok   [good.layers.0.post_attention_layernorm -> good.layers.0.mlp]"));
+  CHECK_THAT(report.to_string(),
+             Contains("ok   [good.layers.0.post_attention_layernorm -> good.layers.0.mlp]"));
   // verify restores the fusion state it found
   CHECK(fusion::fused_chains(*model).size() == 3);
   CHECK(model->bad->mlp.is_fused());
@@ -270,7 +298,9 @@ TEST_CASE("verify names the chains whose fused outputs differ") {
       norm = fusion::register_slot(*this, "norm", RMSNorm(16));
       mlp = fusion::register_slot(*this, "mlp", MLP(16, 24));
     }
-    torch::Tensor forward(const torch::Tensor& h) { return mlp(norm(h)) + mlp(h); }  // mlp used twice
+    torch::Tensor forward(const torch::Tensor& h) {
+      return mlp(norm(h)) + mlp(h);
+    }  // mlp used twice
     fusion::Slot<RMSNorm> norm;
     fusion::Slot<MLP> mlp;
   };

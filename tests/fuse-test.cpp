@@ -18,7 +18,8 @@ void require_identical(const torch::Tensor& a, const torch::Tensor& b) {
   REQUIRE(torch::equal(a, b));
 }
 
-std::vector<std::pair<std::string, torch::Tensor>> snapshot(const torch::OrderedDict<std::string, torch::Tensor>& dict) {
+std::vector<std::pair<std::string, torch::Tensor>> snapshot(
+    const torch::OrderedDict<std::string, torch::Tensor>& dict) {
   std::vector<std::pair<std::string, torch::Tensor>> items;
   for (const auto& item : dict) items.emplace_back(item.key(), item.value());
   return items;
@@ -36,8 +37,9 @@ TEST_CASE("a multi-layer model fused gives bit-identical outputs, and again afte
   REQUIRE(chains.size() == 4);
   for (std::size_t i = 0; i < chains.size(); ++i) {
     const std::string layer = std::to_string(i);
-    CHECK(chains[i].paths == std::vector<std::string>{"layers." + layer + ".post_attention_layernorm",
-                                                      "layers." + layer + ".mlp"});
+    CHECK(chains[i].paths ==
+          std::vector<std::string>{"layers." + layer + ".post_attention_layernorm",
+                                   "layers." + layer + ".mlp"});
     CHECK(chains[i].binding == std::vector<std::string>{layer});
   }
   CHECK(model->block(0).mlp.is_fused());
@@ -293,7 +295,8 @@ TEST_CASE("chains can be listed, reported and unfused selectively") {
   const std::string text = fusion::report(model);
   CHECK_THAT(text, Catch::StartsWith("3 fused chains"));
   CHECK_THAT(text, Catch::Contains("[1] layers.1.post_attention_layernorm -> layers.1.mlp"));
-  CHECK_THAT(text, Catch::Contains("FusedModule    layers.1.mlp: (hidden_states) -> (hidden_states)"));
+  CHECK_THAT(text,
+             Catch::Contains("FusedModule    layers.1.mlp: (hidden_states) -> (hidden_states)"));
 
   // Slots found from a sub-root report paths relative to the root they were fused from.
   CHECK(fusion::fused_chains(model->block(1)).size() == 1);
@@ -319,12 +322,13 @@ TEST_CASE("members may live under different parents, and incomplete chains can b
   auto model = std::make_shared<TwoTowersImpl>();
   // encoder.layers.i.mlp with decoder.layers.i.post_attention_layernorm: nonsense as a model, but
   // a fine test of binding across parents. Layer 2 has no encoder half.
-  CHECK_THROWS_WITH(fusion::fuse_modules(*model, {"encoder.layers.*.mlp", "decoder.layers.*.mlp"},
-                                         block_specs()),
-                    Catch::Contains("incomplete chain for binding [2]"));
+  CHECK_THROWS_WITH(
+      fusion::fuse_modules(*model, {"encoder.layers.*.mlp", "decoder.layers.*.mlp"}, block_specs()),
+      Catch::Contains("incomplete chain for binding [2]"));
   const auto chains = fusion::fuse_modules(*model, {"encoder.layers.*.mlp", "decoder.layers.*.mlp"},
                                            block_specs(), fusion::FuseOptions{true});
   REQUIRE(chains.size() == 2);
-  CHECK(chains[1].paths == std::vector<std::string>{"encoder.layers.1.mlp", "decoder.layers.1.mlp"});
+  CHECK(chains[1].paths ==
+        std::vector<std::string>{"encoder.layers.1.mlp", "decoder.layers.1.mlp"});
   CHECK_FALSE(model->decoder->block(2).mlp.is_fused());
 }

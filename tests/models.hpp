@@ -8,8 +8,8 @@
 #include <tuple>
 #include <vector>
 
-#include <fusion/fusion.hpp>
 #include <torch/torch.h>
+#include <fusion/fusion.hpp>
 
 namespace models {
 
@@ -234,7 +234,9 @@ struct ReusedImpl : torch::nn::Module {
 };
 TORCH_MODULE(Reused);
 
-inline fusion::ModuleSpec hidden_spec() { return fusion::ModuleSpec{{"hidden_states"}, {"hidden_states"}}; }
+inline fusion::ModuleSpec hidden_spec() {
+  return fusion::ModuleSpec{{"hidden_states"}, {"hidden_states"}};
+}
 
 inline std::vector<std::string> block_patterns() {
   return {"layers.*.post_attention_layernorm", "layers.*.mlp"};

@@ -37,6 +37,6 @@ TEST_CASE("malformed patterns are rejected with the pattern named") {
     INFO("pattern '" << bad << "'");
     CHECK_THROWS_AS(Pattern(bad), fusion::FusionError);
   }
-  CHECK_THROWS_WITH(Pattern("layers..mlp"), Catch::Contains("'layers..mlp'") &&
-                                                Catch::Contains("empty segment"));
+  CHECK_THROWS_WITH(Pattern("layers..mlp"),
+                    Catch::Contains("'layers..mlp'") && Catch::Contains("empty segment"));
 }

@@ -21,8 +21,8 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
+#include <nlohmann/json.hpp>
 
 #include "qwen3.hpp"
 
@@ -110,7 +110,8 @@ struct TensorEntry {
 inline void index_safetensors(const fs::path& path, std::map<std::string, TensorEntry>& entries) {
   auto file = std::make_shared<MappedFile>(path);
   const std::string name = path.string();
-  if (file->size() < 8) fail("qwen3: {}: truncated: {} bytes, too short for a header", name, file->size());
+  if (file->size() < 8)
+    fail("qwen3: {}: truncated: {} bytes, too short for a header", name, file->size());
   uint64_t header_size = 0;
   std::memcpy(&header_size, file->data(), 8);  // little-endian, as the format specifies
   if (header_size > file->size() - 8) {
@@ -154,7 +155,8 @@ inline void index_safetensors(const fs::path& path, std::map<std::string, Tensor
         fail("qwen3: {}: tensor '{}' holds {} bytes, but {} of shape [{}] need {}", name, key,
              offsets[1] - offsets[0], dtype, fmt::join(shape, ", "), expected);
       }
-      if (!entries.emplace(key, TensorEntry{file, type->second, shape, data_start + offsets[0]}).second) {
+      if (!entries.emplace(key, TensorEntry{file, type->second, shape, data_start + offsets[0]})
+               .second) {
         fail("qwen3: {}: tensor '{}' appears in more than one file", name, key);
       }
     } catch (const json::exception& e) {
@@ -211,13 +213,15 @@ inline void load_weights(torch::nn::Module& model, const std::filesystem::path& 
     for (const auto& [key, shard] : expected_file) {
       auto it = entries.find(key);
       if (it == entries.end() || it->second.file->path().filename() != shard) {
-        detail::fail("qwen3: {}: key '{}' is mapped to {}, which does not hold it", index.string(), key, shard);
+        detail::fail("qwen3: {}: key '{}' is mapped to {}, which does not hold it", index.string(),
+                     key, shard);
       }
     }
   } else if (fs::exists(single)) {
     detail::index_safetensors(single, entries);
   } else {
-    detail::fail("qwen3: {} holds neither model.safetensors nor model.safetensors.index.json", dir.string());
+    detail::fail("qwen3: {} holds neither model.safetensors nor model.safetensors.index.json",
+                 dir.string());
   }
 
   auto params = model.named_parameters();
@@ -236,8 +240,9 @@ inline void load_weights(torch::nn::Module& model, const std::filesystem::path& 
     if (!params.contains(key)) unexpected.push_back(key);
   }
   if (!missing.empty() || !unexpected.empty()) {
-    detail::fail("qwen3: checkpoint in {} does not fit the model: missing keys [{}], unexpected keys [{}]",
-                 dir.string(), fmt::join(missing, ", "), fmt::join(unexpected, ", "));
+    detail::fail(
+        "qwen3: checkpoint in {} does not fit the model: missing keys [{}], unexpected keys [{}]",
+        dir.string(), fmt::join(missing, ", "), fmt::join(unexpected, ", "));
   }
 
   torch::NoGradGuard no_grad;
@@ -252,7 +257,8 @@ inline void load_weights(torch::nn::Module& model, const std::filesystem::path& 
 
 /// Writes config.json and model.safetensors (tensors in the model's dtype), loadable by
 /// load_config/load_weights and by Hugging Face transformers.
-inline void save_pretrained(torch::nn::Module& model, const Config& c, const std::filesystem::path& dir) {
+inline void save_pretrained(torch::nn::Module& model, const Config& c,
+                            const std::filesystem::path& dir) {
   namespace fs = std::filesystem;
   fs::create_directories(dir);
   nlohmann::json config{{"architectures", nlohmann::json::array({"Qwen3ForCausalLM"})},
@@ -290,7 +296,8 @@ inline void save_pretrained(torch::nn::Module& model, const Config& c, const std
   out.write(reinterpret_cast<const char*>(&size), 8);
   out.write(text.data(), static_cast<std::streamsize>(text.size()));
   for (const auto& t : tensors) {
-    out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.numel() * t.element_size()));
+    out.write(static_cast<const char*>(t.data_ptr()),
+              static_cast<std::streamsize>(t.numel() * t.element_size()));
   }
   if (!out) detail::fail("qwen3: writing {} failed", (dir / "model.safetensors").string());
 }

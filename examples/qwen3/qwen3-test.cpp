@@ -78,10 +78,10 @@ bool same_parameters(qwen3::ForCausalLMImpl& model, const std::vector<torch::Ten
 TEST_CASE("parameter names are the Hugging Face checkpoint keys") {
   auto model = random_model(1);
   auto params = model->named_parameters();
-  for (const char* key : {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                          "model.layers.0.self_attn.k_norm.weight", "model.layers.3.mlp.down_proj.weight",
-                          "model.layers.3.post_attention_layernorm.weight", "model.norm.weight",
-                          "lm_head.weight"}) {
+  for (const char* key :
+       {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_norm.weight", "model.layers.3.mlp.down_proj.weight",
+        "model.layers.3.post_attention_layernorm.weight", "model.norm.weight", "lm_head.weight"}) {
     INFO(key);
     CHECK(params.contains(key));
   }
@@ -122,7 +122,8 @@ TEST_CASE("fused logits and generated ids are identical for both chains") {
   CHECK(torch::equal(model(prompt), original));
   CHECK(torch::equal(model->generate(prompt, 10), original_ids));
 
-  auto attention_chains = fusion::fuse_modules(model, qwen3::attention_patterns(), qwen3::attention_specs());
+  auto attention_chains =
+      fusion::fuse_modules(model, qwen3::attention_patterns(), qwen3::attention_specs());
   CHECK(attention_chains.size() == 4);
   CHECK(attention_chains[0].paths[1] == "model.layers.0.self_attn");
   CHECK(torch::equal(model(prompt), original));
@@ -149,7 +150,8 @@ TEST_CASE("a fused model saves with torch::save and loads into an unfused one") 
 
 TEST_CASE("fused generation from several threads at once gives identical ids") {
   auto model = random_model(6);
-  std::vector<torch::Tensor> prompts{ids({1, 2, 3}), ids({10, 20, 30, 40}), ids({7}), ids({99, 98})};
+  std::vector<torch::Tensor> prompts{ids({1, 2, 3}), ids({10, 20, 30, 40}), ids({7}),
+                                     ids({99, 98})};
   std::vector<torch::Tensor> expected;
   for (const auto& p : prompts) expected.push_back(model->generate(p, 6));
   fusion::fuse_modules(model, qwen3::mlp_patterns(), qwen3::mlp_specs());
@@ -218,14 +220,18 @@ TEST_CASE("checkpoints round-trip through save_pretrained and load") {
       nlohmann::json header = nlohmann::json::object();
       std::string data;
       for (const auto& item : params) {
-        if (map["weight_map"][item.key()] != fmt::format("model-0000{}-of-00002.safetensors", shard)) continue;
+        if (map["weight_map"][item.key()] !=
+            fmt::format("model-0000{}-of-00002.safetensors", shard))
+          continue;
         auto t = item.value().contiguous();
-        header[item.key()] = {{"dtype", "F32"},
-                              {"shape", t.sizes().vec()},
-                              {"data_offsets", nlohmann::json::array({data.size(), data.size() + t.numel() * 4})}};
+        header[item.key()] = {
+            {"dtype", "F32"},
+            {"shape", t.sizes().vec()},
+            {"data_offsets", nlohmann::json::array({data.size(), data.size() + t.numel() * 4})}};
         data.append(static_cast<const char*>(t.data_ptr()), t.numel() * 4);
       }
-      write_safetensors(sharded / fmt::format("model-0000{}-of-00002.safetensors", shard), header.dump(), 0);
+      write_safetensors(sharded / fmt::format("model-0000{}-of-00002.safetensors", shard),
+                        header.dump(), 0);
       std::ofstream(sharded / fmt::format("model-0000{}-of-00002.safetensors", shard),
                     std::ios::binary | std::ios::app)
           .write(data.data(), static_cast<std::streamsize>(data.size()));
@@ -274,23 +280,28 @@ TEST_CASE("loader errors name the file and key, and leave the model untouched") 
   }
   SECTION("a tensor whose bytes run past the file") {
     const auto dir = scratch("past-end");
-    write_safetensors(dir / "model.safetensors",
-                      R"({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}})", 100);
-    fails_with(dir, "tensor 'model.norm.weight' runs past the end of the file (bytes 0..256 of 100)");
+    write_safetensors(
+        dir / "model.safetensors",
+        R"({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}})", 100);
+    fails_with(dir,
+               "tensor 'model.norm.weight' runs past the end of the file (bytes 0..256 of 100)");
   }
   SECTION("unknown dtype") {
     const auto dir = scratch("dtype");
-    write_safetensors(dir / "model.safetensors",
-                      R"({"model.norm.weight": {"dtype": "I8", "shape": [64], "data_offsets": [0, 64]}})", 64);
+    write_safetensors(
+        dir / "model.safetensors",
+        R"({"model.norm.weight": {"dtype": "I8", "shape": [64], "data_offsets": [0, 64]}})", 64);
     fails_with(dir, "tensor 'model.norm.weight' has dtype I8, not one of F32, F16, BF16");
   }
   SECTION("missing and unexpected keys") {
     const auto dir = scratch("keys");
-    write_safetensors(dir / "model.safetensors",
-                      R"({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]},
+    write_safetensors(
+        dir / "model.safetensors",
+        R"({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]},
                           "model.extra.weight": {"dtype": "F32", "shape": [1], "data_offsets": [256, 260]}})",
-                      260);
-    fails_with(dir, "missing keys [model.embed_tokens.weight, model.layers.0.self_attn.q_proj.weight");
+        260);
+    fails_with(dir,
+               "missing keys [model.embed_tokens.weight, model.layers.0.self_attn.q_proj.weight");
     fails_with(dir, "unexpected keys [model.extra.weight]");
   }
   SECTION("shape mismatch") {
@@ -317,7 +328,8 @@ TEST_CASE("loader errors name the file and key, and leave the model untouched") 
 
 TEST_CASE("input ids outside the vocabulary are a clear error") {
   auto model = random_model(10);
-  CHECK_THROWS_WITH(model(ids({1, 128})), Contains("input id 128 is outside the vocabulary [0, 128)"));
+  CHECK_THROWS_WITH(model(ids({1, 128})),
+                    Contains("input id 128 is outside the vocabulary [0, 128)"));
   CHECK_THROWS_WITH(model(ids({-1})), Contains("input id -1"));
 }
 

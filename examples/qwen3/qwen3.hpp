@@ -9,8 +9,8 @@
 #include <utility>
 #include <vector>
 
-#include <fusion/fusion.hpp>
 #include <torch/torch.h>
+#include <fusion/fusion.hpp>
 
 namespace qwen3 {
 
@@ -34,7 +34,8 @@ struct KVCache {
   std::vector<torch::Tensor> keys, values;  // per layer: [batch, kv_heads, seen, head_dim]
 
   int64_t seen() const { return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2); }
-  std::pair<torch::Tensor, torch::Tensor> update(std::size_t layer, torch::Tensor k, torch::Tensor v) {
+  std::pair<torch::Tensor, torch::Tensor> update(std::size_t layer, torch::Tensor k,
+                                                 torch::Tensor v) {
     if (keys.size() <= layer) {
       keys.resize(layer + 1);
       values.resize(layer + 1);
@@ -71,9 +72,12 @@ TORCH_MODULE(RMSNorm);
 
 struct MLPImpl : torch::nn::Module {
   explicit MLPImpl(const Config& c) {
-    gate_proj = fusion::register_slot(*this, "gate_proj", linear(c.hidden_size, c.intermediate_size, false));
-    up_proj = fusion::register_slot(*this, "up_proj", linear(c.hidden_size, c.intermediate_size, false));
-    down_proj = fusion::register_slot(*this, "down_proj", linear(c.intermediate_size, c.hidden_size, false));
+    gate_proj = fusion::register_slot(*this, "gate_proj",
+                                      linear(c.hidden_size, c.intermediate_size, false));
+    up_proj =
+        fusion::register_slot(*this, "up_proj", linear(c.hidden_size, c.intermediate_size, false));
+    down_proj = fusion::register_slot(*this, "down_proj",
+                                      linear(c.intermediate_size, c.hidden_size, false));
   }
   torch::Tensor forward(const torch::Tensor& x) {
     return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
@@ -96,26 +100,34 @@ inline torch::Tensor repeat_kv(const torch::Tensor& x, int64_t n_rep) {
 
 struct AttentionImpl : torch::nn::Module {
   AttentionImpl(const Config& c, std::size_t layer_idx)
-      : layer_idx(layer_idx), num_heads(c.num_attention_heads),
-        num_kv_heads(c.num_key_value_heads), head_dim(c.head_dim),
+      : layer_idx(layer_idx),
+        num_heads(c.num_attention_heads),
+        num_kv_heads(c.num_key_value_heads),
+        head_dim(c.head_dim),
         scaling(1.0 / std::sqrt(static_cast<double>(c.head_dim))) {
-    q_proj = fusion::register_slot(*this, "q_proj", linear(c.hidden_size, num_heads * head_dim, c.attention_bias));
-    k_proj = fusion::register_slot(*this, "k_proj", linear(c.hidden_size, num_kv_heads * head_dim, c.attention_bias));
-    v_proj = fusion::register_slot(*this, "v_proj", linear(c.hidden_size, num_kv_heads * head_dim, c.attention_bias));
-    o_proj = fusion::register_slot(*this, "o_proj", linear(num_heads * head_dim, c.hidden_size, c.attention_bias));
+    q_proj = fusion::register_slot(*this, "q_proj",
+                                   linear(c.hidden_size, num_heads * head_dim, c.attention_bias));
+    k_proj = fusion::register_slot(
+        *this, "k_proj", linear(c.hidden_size, num_kv_heads * head_dim, c.attention_bias));
+    v_proj = fusion::register_slot(
+        *this, "v_proj", linear(c.hidden_size, num_kv_heads * head_dim, c.attention_bias));
+    o_proj = fusion::register_slot(*this, "o_proj",
+                                   linear(num_heads * head_dim, c.hidden_size, c.attention_bias));
     q_norm = fusion::register_slot(*this, "q_norm", RMSNorm(head_dim, c.rms_norm_eps));
     k_norm = fusion::register_slot(*this, "k_norm", RMSNorm(head_dim, c.rms_norm_eps));
   }
 
   /// hidden_states [batch, seq, hidden]; attention_mask additive [1, 1, seq, seen + seq] or none.
-  torch::Tensor forward(const torch::Tensor& hidden_states, const PositionEmbeddings& position_embeddings,
+  torch::Tensor forward(const torch::Tensor& hidden_states,
+                        const PositionEmbeddings& position_embeddings,
                         const c10::optional<torch::Tensor>& attention_mask, KVCache* cache) {
     const auto b = hidden_states.size(0), s = hidden_states.size(1);
     auto q = q_norm(q_proj(hidden_states).view({b, s, -1, head_dim})).transpose(1, 2);
     auto k = k_norm(k_proj(hidden_states).view({b, s, -1, head_dim})).transpose(1, 2);
     auto v = v_proj(hidden_states).view({b, s, -1, head_dim}).transpose(1, 2);
 
-    const auto cos = position_embeddings.cos.unsqueeze(1), sin = position_embeddings.sin.unsqueeze(1);
+    const auto cos = position_embeddings.cos.unsqueeze(1),
+               sin = position_embeddings.sin.unsqueeze(1);
     q = q * cos + rotate_half(q) * sin;
     k = k * cos + rotate_half(k) * sin;
     if (cache != nullptr) std::tie(k, v) = cache->update(layer_idx, k, v);
@@ -140,8 +152,10 @@ struct DecoderLayerImpl : torch::nn::Module {
   DecoderLayerImpl(const Config& c, std::size_t layer_idx) {
     self_attn = fusion::register_slot(*this, "self_attn", Attention(c, layer_idx));
     mlp = fusion::register_slot(*this, "mlp", MLP(c));
-    input_layernorm = fusion::register_slot(*this, "input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
-    post_attention_layernorm = fusion::register_slot(*this, "post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+    input_layernorm =
+        fusion::register_slot(*this, "input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+    post_attention_layernorm = fusion::register_slot(*this, "post_attention_layernorm",
+                                                     RMSNorm(c.hidden_size, c.rms_norm_eps));
   }
   torch::Tensor forward(torch::Tensor h, const PositionEmbeddings& position_embeddings,
                         const c10::optional<torch::Tensor>& attention_mask, KVCache* cache) {
@@ -156,7 +170,8 @@ TORCH_MODULE(DecoderLayer);
 
 struct ModelImpl : torch::nn::Module {
   explicit ModelImpl(const Config& c) : config(c) {
-    embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+    embed_tokens =
+        register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
     layers = register_module("layers", torch::nn::ModuleList());
     for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c, i));
     norm = fusion::register_slot(*this, "norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
@@ -173,7 +188,9 @@ struct ModelImpl : torch::nn::Module {
     if (s > 1) {
       // Query i (at position seen + i) sees keys 0..seen + i.
       mask = torch::full({s, seen + s}, -std::numeric_limits<float>::infinity(), torch::kFloat32)
-                 .triu(seen + 1).to(h.scalar_type()).view({1, 1, s, seen + s});
+                 .triu(seen + 1)
+                 .to(h.scalar_type())
+                 .view({1, 1, s, seen + s});
     }
     for (const auto& layer : *layers) {
       h = layer->as<DecoderLayerImpl>()->forward(h, embeddings, mask, cache);
@@ -185,7 +202,8 @@ struct ModelImpl : torch::nn::Module {
   PositionEmbeddings rotary(const torch::Tensor& positions, torch::ScalarType dtype) const {
     const auto d = config.head_dim;
     const auto inv_freq =
-        1.0 / torch::pow(config.rope_theta, torch::arange(0, d, 2, torch::kInt64).to(torch::kFloat32) / d);
+        1.0 / torch::pow(config.rope_theta,
+                         torch::arange(0, d, 2, torch::kInt64).to(torch::kFloat32) / d);
     const auto freqs = positions.unsqueeze(-1) * inv_freq;  // [batch, seq, d/2]
     const auto emb = torch::cat({freqs, freqs}, -1);
     return {emb.cos().to(dtype), emb.sin().to(dtype)};
@@ -201,7 +219,8 @@ TORCH_MODULE(Model);
 struct ForCausalLMImpl : torch::nn::Module {
   explicit ForCausalLMImpl(const Config& c) : config(c) {
     model = register_module("model", Model(c));
-    // Tied: the logits use the embedding matrix and there is no lm_head.weight, as in the checkpoints.
+    // Tied: the logits use the embedding matrix and there is no lm_head.weight, as in the
+    // checkpoints.
     if (!c.tie_word_embeddings) {
       lm_head = fusion::register_slot(*this, "lm_head", linear(c.hidden_size, c.vocab_size, false));
     }
@@ -213,13 +232,15 @@ struct ForCausalLMImpl : torch::nn::Module {
     auto min_id = input_ids.numel() > 0 ? input_ids.min().item<int64_t>() : 0;
     if (min_id < 0 || max_id >= config.vocab_size) {
       throw std::out_of_range("qwen3: input id " + std::to_string(min_id < 0 ? min_id : max_id) +
-                              " is outside the vocabulary [0, " + std::to_string(config.vocab_size) + ")");
+                              " is outside the vocabulary [0, " +
+                              std::to_string(config.vocab_size) + ")");
     }
     auto h = model->forward(input_ids, cache);
     return config.tie_word_embeddings ? torch::linear(h, model->embed_tokens->weight) : lm_head(h);
   }
 
-  /// Greedy decoding: the prompt's ids followed by max_new_tokens generated ids, [batch, seq + new].
+  /// Greedy decoding: the prompt's ids followed by max_new_tokens generated ids, [batch, seq +
+  /// new].
   torch::Tensor generate(const torch::Tensor& input_ids, int64_t max_new_tokens) {
     torch::NoGradGuard no_grad;
     KVCache cache;
@@ -252,8 +273,9 @@ inline std::vector<std::string> attention_patterns() {
 }
 inline std::vector<fusion::ModuleSpec> attention_specs() {
   return {fusion::ModuleSpec{{"hidden_states"}, {"hidden_states"}},
-          fusion::ModuleSpec{{"hidden_states", "position_embeddings", "attention_mask", "past_key_values"},
-                             {"hidden_states"}}};
+          fusion::ModuleSpec{
+              {"hidden_states", "position_embeddings", "attention_mask", "past_key_values"},
+              {"hidden_states"}}};
 }
 
 /// Seeded random weights at a scale that gives varied logits (the tiny default model).

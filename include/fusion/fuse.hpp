@@ -15,13 +15,13 @@
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
+#include "fusion/detail/chain.hpp"
+#include "fusion/detail/default_args.hpp"
 #include "fusion/error.hpp"
 #include "fusion/fused_chain.hpp"
 #include "fusion/pattern.hpp"
 #include "fusion/slot.hpp"
 #include "fusion/spec.hpp"
-#include "fusion/detail/chain.hpp"
-#include "fusion/detail/default_args.hpp"
 
 namespace fusion {
 
@@ -71,7 +71,8 @@ inline std::vector<std::shared_ptr<Chain>> chains_under(const std::vector<Site>&
   std::vector<std::shared_ptr<Chain>> chains;
   std::set<const Chain*> seen;
   for (const Site& site : sites) {
-    if (site.slot != nullptr && site.slot->is_fused() && seen.insert(site.slot->chain().get()).second) {
+    if (site.slot != nullptr && site.slot->is_fused() &&
+        seen.insert(site.slot->chain().get()).second) {
       chains.push_back(site.slot->chain());
     }
   }
@@ -102,15 +103,16 @@ inline std::vector<Source> plan_member(const std::vector<Site*>& members,
   const ModuleSpec& spec = specs[i];
   const SignatureInfo& signature = site.slot->signature();
   const std::size_t arity = signature.params.size();
-  const std::string where = fmt::format("spec #{} (pattern '{}', module '{}')", i, patterns[i], site.path);
+  const std::string where =
+      fmt::format("spec #{} (pattern '{}', module '{}')", i, patterns[i], site.path);
 
   if (spec.inputs.size() > arity) {
-    fail("fusion::fuse_modules: {} names {} inputs {} but forward() takes {} parameter(s) {}", where,
-         spec.inputs.size(), describe_names(spec.inputs), arity, describe_params(signature));
+    fail("fusion::fuse_modules: {} names {} inputs {} but forward() takes {} parameter(s) {}",
+         where, spec.inputs.size(), describe_names(spec.inputs), arity, describe_params(signature));
   }
   if (spec.outputs.size() != signature.outputs.size()) {
-    fail("fusion::fuse_modules: {} names {} output(s) {} but forward() returns {} value(s) {}", where,
-         spec.outputs.size(), describe_names(spec.outputs), signature.outputs.size(),
+    fail("fusion::fuse_modules: {} names {} output(s) {} but forward() returns {} value(s) {}",
+         where, spec.outputs.size(), describe_names(spec.outputs), signature.outputs.size(),
          describe_types(signature.outputs));
   }
   std::set<std::string> output_names;
@@ -130,22 +132,25 @@ inline std::vector<Source> plan_member(const std::vector<Site*>& members,
     if (module_defaults[p].has_value()) {
       sources[p].fallback = param.from_any(*module_defaults[p]);
       if (!sources[p].fallback.has_value()) {
-        fail("fusion::fuse_modules: the FORWARD_HAS_DEFAULT_ARGS default of parameter #{} of '{}' "
-             "holds a {}, but forward() takes {}",
-             p, site.path, c10::demangle(module_defaults[p]->type_info().name()), param.type.name);
+        fail(
+            "fusion::fuse_modules: the FORWARD_HAS_DEFAULT_ARGS default of parameter #{} of '{}' "
+            "holds a {}, but forward() takes {}",
+            p, site.path, c10::demangle(module_defaults[p]->type_info().name()), param.type.name);
       }
     }
   }
   for (const auto& [index, value] : spec.defaults) {
     if (index >= arity) {
-      fail("fusion::fuse_modules: {} gives a default for parameter #{}, but forward() takes {} "
-           "parameter(s)",
-           where, index, arity);
+      fail(
+          "fusion::fuse_modules: {} gives a default for parameter #{}, but forward() takes {} "
+          "parameter(s)",
+          where, index, arity);
     }
     if (!signature.params[index].holds(value)) {
-      fail("fusion::fuse_modules: {} gives parameter #{} a default of kind {}, but forward() takes "
-           "{} there",
-           where, index, value.tagKind(), signature.params[index].type.name);
+      fail(
+          "fusion::fuse_modules: {} gives parameter #{} a default of kind {}, but forward() takes "
+          "{} there",
+          where, index, value.tagKind(), signature.params[index].type.name);
     }
     sources[index].fallback = value;
   }
@@ -155,9 +160,10 @@ inline std::vector<Source> plan_member(const std::vector<Site*>& members,
     const ParamInfo& param = signature.params[p];
     if (p >= spec.inputs.size()) {
       if (!source.fallback.has_value()) {
-        fail("fusion::fuse_modules: parameter #{} ({}) of '{}' is not named in {} and has no "
-             "default: name it in the spec's inputs, or give it a default",
-             p, param.type.name, site.path, where);
+        fail(
+            "fusion::fuse_modules: parameter #{} ({}) of '{}' is not named in {} and has no "
+            "default: name it in the spec's inputs, or give it a default",
+            p, param.type.name, site.path, where);
       }
       continue;
     }
@@ -168,9 +174,10 @@ inline std::vector<Source> plan_member(const std::vector<Site*>& members,
         if (outputs[o] != name) continue;
         const TypeInfo& produced = members[k]->slot->signature().outputs[o];
         if (!param.type.accepts(produced)) {
-          fail("fusion::fuse_modules: input '{}' of '{}' (parameter #{}, {}) would receive output "
-               "'{}' of '{}', which is a {}",
-               name, site.path, p, param.type.name, name, members[k]->path, produced.name);
+          fail(
+              "fusion::fuse_modules: input '{}' of '{}' (parameter #{}, {}) would receive output "
+              "'{}' of '{}', which is a {}",
+              name, site.path, p, param.type.name, name, members[k]->path, produced.name);
         }
         source.producer = static_cast<int>(k);
         source.output = static_cast<int>(o);
@@ -184,10 +191,11 @@ inline std::vector<Source> plan_member(const std::vector<Site*>& members,
       for (std::size_t k = 0; k < i; ++k) {
         for (const auto& output : specs[k].outputs) available.push_back(output);
       }
-      fail("fusion::fuse_modules: input '{}' of '{}' is provided by nothing: no earlier member "
-           "of the chain outputs '{}' (they output {}), and its call argument would only be the "
-           "placeholder returned by '{}'",
-           name, site.path, name, describe_names(available), members[i - 1]->path);
+      fail(
+          "fusion::fuse_modules: input '{}' of '{}' is provided by nothing: no earlier member "
+          "of the chain outputs '{}' (they output {}), and its call argument would only be the "
+          "placeholder returned by '{}'",
+          name, site.path, name, describe_names(available), members[i - 1]->path);
     }
   }
   return sources;
@@ -205,8 +213,10 @@ inline void mark_last_uses(std::vector<Member>& members) {
   for (auto& entry : last) entry.second->last_use = true;
 }
 
-inline std::vector<FusedChain> fuse(torch::nn::Module& root, const std::vector<std::string>& patterns,
-                                    const std::vector<ModuleSpec>& specs, const FuseOptions& options) {
+inline std::vector<FusedChain> fuse(torch::nn::Module& root,
+                                    const std::vector<std::string>& patterns,
+                                    const std::vector<ModuleSpec>& specs,
+                                    const FuseOptions& options) {
   if (patterns.size() < 2) {
     fail("fusion::fuse_modules: a chain needs at least 2 patterns, got {} {}", patterns.size(),
          describe_names(patterns));
@@ -219,9 +229,10 @@ inline std::vector<FusedChain> fuse(torch::nn::Module& root, const std::vector<s
   for (const std::string& text : patterns) parsed.emplace_back(text);
   for (const Pattern& pattern : parsed) {
     if (pattern.wildcards() != parsed[0].wildcards()) {
-      fail("fusion::fuse_modules: pattern '{}' has {} wildcard segment(s) but '{}' has {}; chain "
-           "members are grouped by their wildcard values, so every pattern needs as many",
-           pattern.text(), pattern.wildcards(), parsed[0].text(), parsed[0].wildcards());
+      fail(
+          "fusion::fuse_modules: pattern '{}' has {} wildcard segment(s) but '{}' has {}; chain "
+          "members are grouped by their wildcard values, so every pattern needs as many",
+          pattern.text(), pattern.wildcards(), parsed[0].text(), parsed[0].wildcards());
     }
   }
 
@@ -251,9 +262,10 @@ inline std::vector<FusedChain> fuse(torch::nn::Module& root, const std::vector<s
       for (std::size_t s = 0; s < sites.size() && examples.size() < 6; ++s) {
         examples.push_back(sites[s].path);
       }
-      fail("fusion::fuse_modules: pattern '{}' matches no module under the root (paths look like "
-           "{})",
-           patterns[p], describe_names(examples));
+      fail(
+          "fusion::fuse_modules: pattern '{}' matches no module under the root (paths look like "
+          "{})",
+          patterns[p], describe_names(examples));
     }
   }
 
@@ -264,9 +276,10 @@ inline std::vector<FusedChain> fuse(torch::nn::Module& root, const std::vector<s
       if (options.skip_incomplete_chains) break;
       const Site* present = nullptr;
       for (const Site* member : chains[c]) present = present != nullptr ? present : member;
-      fail("fusion::fuse_modules: incomplete chain for binding {}: '{}' was matched, but pattern "
-           "'{}' matches nothing for that binding",
-           describe_names(bindings[c]), present->path, patterns[p]);
+      fail(
+          "fusion::fuse_modules: incomplete chain for binding {}: '{}' was matched, but pattern "
+          "'{}' matches nothing for that binding",
+          describe_names(bindings[c]), present->path, patterns[p]);
     }
     bool full = true;
     for (const Site* member : chains[c]) full = full && member != nullptr;
@@ -281,26 +294,30 @@ inline std::vector<FusedChain> fuse(torch::nn::Module& root, const std::vector<s
     for (std::size_t p = 0; p < patterns.size(); ++p) {
       const Site& site = *chains[c][p];
       if (site.slot == nullptr) {
-        fail("fusion::fuse_modules: '{}' (matched by pattern '{}') is not a fusion::Slot: declare "
-             "the member as fusion::Slot<Holder> and bind it with fusion::register_slot",
-             site.path, patterns[p]);
+        fail(
+            "fusion::fuse_modules: '{}' (matched by pattern '{}') is not a fusion::Slot: declare "
+            "the member as fusion::Slot<Holder> and bind it with fusion::register_slot",
+            site.path, patterns[p]);
       }
       if (site.slot->is_fused()) {
-        fail("fusion::fuse_modules: '{}' (matched by pattern '{}') is already fused in chain [{}]; "
-             "unfuse it first",
-             site.path, patterns[p], to_string(site.slot->chain()->info()));
+        fail(
+            "fusion::fuse_modules: '{}' (matched by pattern '{}') is already fused in chain [{}]; "
+            "unfuse it first",
+            site.path, patterns[p], to_string(site.slot->chain()->info()));
       }
       auto [it, added] = owner.emplace(site.slot, std::make_pair(c, p));
       if (added) continue;
       const auto [other_chain, other_pattern] = it->second;
       if (other_chain == c) {
-        fail("fusion::fuse_modules: '{}' is matched by two patterns of one chain ('{}' and '{}'); "
-             "a module can be in one chain, once",
-             site.path, patterns[other_pattern], patterns[p]);
+        fail(
+            "fusion::fuse_modules: '{}' is matched by two patterns of one chain ('{}' and '{}'); "
+            "a module can be in one chain, once",
+            site.path, patterns[other_pattern], patterns[p]);
       }
-      fail("fusion::fuse_modules: '{}' would be a member of two chains, for bindings {} and {}; "
-           "a module can be in one chain, once",
-           site.path, describe_names(bindings[other_chain]), describe_names(bindings[c]));
+      fail(
+          "fusion::fuse_modules: '{}' would be a member of two chains, for bindings {} and {}; "
+          "a module can be in one chain, once",
+          site.path, describe_names(bindings[other_chain]), describe_names(bindings[c]));
     }
   }
 
@@ -333,9 +350,9 @@ inline std::vector<FusedChain> fuse(torch::nn::Module& root, const std::vector<s
 /// the captures, wiring inputs to outputs by the names in the specs. Parameters, buffers and
 /// children_ are untouched. Returns one FusedChain per chain, in module order.
 ///
-/// Throws FusionError, naming the culprit, and leaves the model unchanged, if a pattern is malformed
-/// or matches nothing, a chain is incomplete, a match is not a Slot, a module is already fused or
-/// would be in two chains, or a spec does not fit its module's forward().
+/// Throws FusionError, naming the culprit, and leaves the model unchanged, if a pattern is
+/// malformed or matches nothing, a chain is incomplete, a match is not a Slot, a module is already
+/// fused or would be in two chains, or a spec does not fit its module's forward().
 template <typename Root>
 std::vector<FusedChain> fuse_modules(Root& root, const std::vector<std::string>& patterns,
                                      const std::vector<ModuleSpec>& specs,
@@ -388,7 +405,8 @@ std::vector<FusedChain> fused_chains(Root& root) {
 template <typename Root>
 std::string report(Root& root) {
   const auto chains = fused_chains(root);
-  std::string text = fmt::format("{} fused chain{}\n", chains.size(), chains.size() == 1 ? "" : "s");
+  std::string text =
+      fmt::format("{} fused chain{}\n", chains.size(), chains.size() == 1 ? "" : "s");
   for (std::size_t c = 0; c < chains.size(); ++c) {
     const FusedChain& chain = chains[c];
     fmt::format_to(std::back_inserter(text), "[{}] {}  (binding {})\n", c, to_string(chain),
@@ -396,7 +414,8 @@ std::string report(Root& root) {
     for (std::size_t m = 0; m < chain.paths.size(); ++m) {
       fmt::format_to(std::back_inserter(text), "    {:<14} {}: ({}) -> ({})\n",
                      m + 1 == chain.paths.size() ? "FusedModule" : "Collector", chain.paths[m],
-                     fmt::join(chain.specs[m].inputs, ", "), fmt::join(chain.specs[m].outputs, ", "));
+                     fmt::join(chain.specs[m].inputs, ", "),
+                     fmt::join(chain.specs[m].outputs, ", "));
     }
   }
   return text;

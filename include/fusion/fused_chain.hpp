@@ -1,4 +1,5 @@
-// fusion::FusedChain: the description of one fused chain, as fuse_modules and fused_chains return it.
+// fusion::FusedChain: the description of one fused chain, as fuse_modules and fused_chains return
+// it.
 #pragma once
 
 #include <string>

@@ -23,9 +23,10 @@ class Pattern {
       const std::size_t dot = text_.find('.', start);
       std::string segment = text_.substr(start, dot == std::string::npos ? dot : dot - start);
       if (segment.empty()) {
-        detail::fail("fusion: malformed pattern '{}': empty segment at offset {} (leading, "
-                     "trailing or doubled '.')",
-                     text_, start);
+        detail::fail(
+            "fusion: malformed pattern '{}': empty segment at offset {} (leading, "
+            "trailing or doubled '.')",
+            text_, start);
       }
       segments_.push_back(std::move(segment));
       if (dot == std::string::npos) break;

@@ -17,10 +17,10 @@
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
-#include "fusion/error.hpp"
 #include "fusion/detail/boxing.hpp"
 #include "fusion/detail/chain.hpp"
 #include "fusion/detail/traits.hpp"
+#include "fusion/error.hpp"
 
 namespace fusion {
 
@@ -47,8 +47,7 @@ template <typename Holder, typename Sig = void>
 class Slot final : public detail::SlotBase {
  public:
   using Impl = typename Holder::ContainedType;
-  using Signature =
-      detail::checked_signature<typename detail::forward_signature<Impl, Sig>::type>;
+  using Signature = detail::checked_signature<typename detail::forward_signature<Impl, Sig>::type>;
   using Result = typename Signature::result;
   static constexpr std::size_t arity = Signature::arity;
 
@@ -78,9 +77,10 @@ class Slot final : public detail::SlotBase {
     if constexpr (sizeof...(Args) <= arity) {
       return call_fused(*dispatch, std::index_sequence_for<Args...>{}, std::forward<Args>(args)...);
     } else {  // another overload of forward(), reachable unfused only
-      detail::fail("fusion::Slot: a fused slot was called with {} arguments, but the signature "
-                   "it was fused with, {}, takes {}",
-                   sizeof...(Args), detail::type_name<typename Signature::params>(), arity);
+      detail::fail(
+          "fusion::Slot: a fused slot was called with {} arguments, but the signature "
+          "it was fused with, {}, takes {}",
+          sizeof...(Args), detail::type_name<typename Signature::params>(), arity);
     }
   }
 
@@ -122,7 +122,7 @@ class Slot final : public detail::SlotBase {
   // element is the first argument, else a default-constructed result.
   template <typename Boxes>
   static Result placeholder(const Boxes& boxes) {
-    constexpr bool has_first = std::tuple_size_v<Boxes> > 0;
+    constexpr bool has_first = std::tuple_size<Boxes>::value != 0;
     if constexpr (has_first && std::is_same_v<Result, Param<0>>) {
       return Result(detail::Boxing<Param<0>>::arg(boxes[0]));
     } else if constexpr (has_first && detail::is_tuple<Result>::value) {
@@ -173,9 +173,10 @@ template <typename Holder>
 detail::SlotBinding<Holder> register_slot(torch::nn::Module& parent, std::string name,
                                           Holder holder) {
   if (name.empty() || name.find('.') != std::string::npos) {
-    detail::fail("fusion::register_slot: invalid child name '{}': it must be non-empty and "
-                 "contain no '.'",
-                 name);
+    detail::fail(
+        "fusion::register_slot: invalid child name '{}': it must be non-empty and "
+        "contain no '.'",
+        name);
   }
   parent.register_module(name, holder);
   return {&parent, std::move(name), std::move(holder)};

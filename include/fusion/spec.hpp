@@ -23,7 +23,8 @@ namespace fusion {
 /// `outputs` names what `forward` returns: one name, or one per element of a returned std::tuple.
 ///
 ///     fusion::ModuleSpec{{"hidden_states"}, {"hidden_states"}}
-///     fusion::ModuleSpec{{"x", "mask"}, {"y"}, {{2, fusion::box(0.5)}}}  // parameter 2 defaults to 0.5
+///     fusion::ModuleSpec{{"x", "mask"}, {"y"}, {{2, fusion::box(0.5)}}}  // parameter 2 defaults
+///     to 0.5
 struct ModuleSpec {
   std::vector<std::string> inputs;
   std::vector<std::string> outputs;

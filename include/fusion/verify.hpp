@@ -18,8 +18,8 @@
 #include <fmt/format.h>
 #include <torch/torch.h>
 
-#include "fusion/fuse.hpp"
 #include "fusion/detail/boxing.hpp"
+#include "fusion/fuse.hpp"
 
 namespace fusion {
 
@@ -118,7 +118,10 @@ VerifyReport verify(Root& root, Run&& run, double tolerance = 0.0) {
     std::vector<bool>& attached;
     ~Restore() {
       for (std::size_t i = 0; i < chains.size(); ++i) {
-        if (attached[i]) chains[i]->attach(); else chains[i]->detach();
+        if (attached[i])
+          chains[i]->attach();
+        else
+          chains[i]->detach();
       }
     }
   } restore{chains, was_attached};

@@ -1,7 +1,7 @@
 // Each FUSION_CASE is a misuse that must fail to compile with the static_assert named in
 // tests/CMakeLists.txt. FUSION_CASE 0 is the control: it must compile, proving the harness works.
-#include <fusion/slot.hpp>
 #include <torch/torch.h>
+#include <fusion/slot.hpp>
 
 struct MutatesImpl : torch::nn::Module {
   torch::Tensor forward(torch::Tensor& x) { return x.add_(1); }

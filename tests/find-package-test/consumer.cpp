@@ -1,5 +1,5 @@
-#include <fusion/fusion.hpp>
 #include <torch/torch.h>
+#include <fusion/fusion.hpp>
 
 #include <iostream>
 

@@ -15,8 +15,8 @@
 #include <c10/util/Optional.h>
 #include <c10/util/Type.h>
 
-#include "fusion/error.hpp"
 #include "fusion/detail/traits.hpp"
+#include "fusion/error.hpp"
 
 namespace fusion::detail {
 
@@ -149,9 +149,7 @@ struct TypeInfo {
     return {typeid(T), typeid(typename optional_target<T>::type), type_name<T>()};
   }
   /// Whether an output of type `from` can be passed where `*this` is expected.
-  bool accepts(const TypeInfo& from) const {
-    return type == from.type || optional_of == from.type;
-  }
+  bool accepts(const TypeInfo& from) const { return type == from.type || optional_of == from.type; }
 };
 
 template <typename T>

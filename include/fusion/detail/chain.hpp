@@ -20,10 +20,10 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/any_value.h>
 
-#include "fusion/error.hpp"
-#include "fusion/fused_chain.hpp"
 #include "fusion/detail/boxing.hpp"
 #include "fusion/detail/capture.hpp"
+#include "fusion/error.hpp"
+#include "fusion/fused_chain.hpp"
 
 namespace fusion::detail {
 
@@ -34,7 +34,8 @@ class SlotBase;
 struct ParamInfo {
   TypeInfo type;
   bool (*holds)(const c10::IValue&);  // whether a box can be passed as this parameter
-  c10::optional<c10::IValue> (*from_any)(torch::nn::AnyValue&);  // a FORWARD_HAS_DEFAULT_ARGS default
+  c10::optional<c10::IValue> (*from_any)(
+      torch::nn::AnyValue&);  // a FORWARD_HAS_DEFAULT_ARGS default
 };
 
 struct SignatureInfo {
@@ -217,12 +218,15 @@ class RegistryCollector final : public Dispatch {
   std::string order_error(std::size_t next) const {
     const auto& paths = chain_.info().paths;
     if (next > index_) {
-      return fmt::format("'{}' was called twice in one pass (its chain expects each member once, "
-                         "in order)", paths[index_]);
+      return fmt::format(
+          "'{}' was called twice in one pass (its chain expects each member once, "
+          "in order)",
+          paths[index_]);
     }
-    return fmt::format("'{}' was called before '{}' on this thread; a fused chain's members "
-                       "must be called in order, in one pass, on one thread",
-                       paths[index_], paths[next]);
+    return fmt::format(
+        "'{}' was called before '{}' on this thread; a fused chain's members "
+        "must be called in order, in one pass, on one thread",
+        paths[index_], paths[next]);
   }
 
   const Chain& chain_;
@@ -243,7 +247,8 @@ class FusedModule final : public Dispatch {
           capture,
           capture.next == 0
               ? fmt::format("the fused module '{}' was called, but its collectors ('{}' first) "
-                            "were not called before it on this thread in this pass",
+                            "were not called before it on this thread in this pass (was it called "
+                            "twice, or from another thread?)",
                             paths[last], paths[0])
               : fmt::format("the fused module '{}' was called before '{}'", paths[last],
                             paths[capture.next]));

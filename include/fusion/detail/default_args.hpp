@@ -1,6 +1,7 @@
 // Reads the defaults a module declared with FORWARD_HAS_DEFAULT_ARGS, so that a replay can fill
 // parameters the call site left out. Module keeps the accessors protected and befriends every
-// AnyModuleHolder specialisation (that is how Sequential reaches them); this specialisation is ours.
+// AnyModuleHolder specialisation (that is how Sequential reaches them); this specialisation is
+// ours.
 #pragma once
 
 #include <cstddef>
