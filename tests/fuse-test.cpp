@@ -332,3 +332,17 @@ TEST_CASE("members may live under different parents, and incomplete chains can b
         std::vector<std::string>{"encoder.layers.1.mlp", "decoder.layers.1.mlp"});
   CHECK_FALSE(model->decoder->block(2).mlp.is_fused());
 }
+
+TEST_CASE("a fused model on CUDA gives the original outputs (skipped without CUDA)") {
+  if (!torch::cuda::is_available()) {
+    WARN("CUDA is not available in this LibTorch build or machine: CUDA case skipped");
+    return;
+  }
+  torch::manual_seed(15);
+  Stack model(2);
+  model->to(torch::kCUDA);
+  const auto x = torch::randn({2, 5, 16}, torch::kCUDA);
+  const auto original = model(x);
+  fusion::fuse_modules(model, block_patterns(), block_specs());
+  require_identical(model(x), original);
+}
