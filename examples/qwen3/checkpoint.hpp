@@ -236,8 +236,11 @@ inline void load_weights(torch::nn::Module& model, const std::filesystem::path& 
                    fmt::join(item.value().sizes(), ", "));
     }
   }
+  // Some checkpoints of tied models still carry lm_head.weight; like transformers, ignore it.
+  const bool tied =
+      !params.contains("lm_head.weight") && params.contains("model.embed_tokens.weight");
   for (const auto& [key, entry] : entries) {
-    if (!params.contains(key)) unexpected.push_back(key);
+    if (!params.contains(key) && !(tied && key == "lm_head.weight")) unexpected.push_back(key);
   }
   if (!missing.empty() || !unexpected.empty()) {
     detail::fail(

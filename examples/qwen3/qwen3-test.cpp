@@ -207,6 +207,15 @@ TEST_CASE("checkpoints round-trip through save_pretrained and load") {
       CHECK(torch::equal(restored->parameters()[0], half->parameters()[0].to(torch::kFloat32)));
     }
   }
+  SECTION("a tied model ignores a stray lm_head.weight, as transformers does") {
+    auto tied_config = config;
+    tied_config.tie_word_embeddings = true;
+    qwen3::ForCausalLM tied(tied_config);
+    qwen3::load_weights(*tied, dir);  // dir holds lm_head.weight from the untied model
+    CHECK(torch::equal(tied->model->embed_tokens->weight, model->model->embed_tokens->weight));
+    CHECK(torch::equal(tied(prompt), torch::linear(tied->model->forward(prompt),
+                                                   model->model->embed_tokens->weight)));
+  }
   SECTION("sharded checkpoints load through the index") {
     const auto sharded = scratch("sharded");
     // Two shards, parameters alternating between them.
