@@ -6,8 +6,10 @@
 // by running the model on sample inputs unfused and then with one chain fused at a time.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <exception>
+#include <iterator>
 #include <limits>
 #include <memory>
 #include <string>
