@@ -1,6 +1,8 @@
 // Misuse gets a FusionError that names the culprit, and a failed fuse leaves the model as it was.
 #include <catch2/catch.hpp>
 
+#include <thread>
+
 #include "models.hpp"
 
 using namespace models;
@@ -224,6 +226,13 @@ TEST_CASE("call-time misuse throws a FusionError naming the chain") {
     CHECK_THROWS_WITH(model->mlp(x),
                       Contains("fused chain [norm -> proj -> mlp]: the fused module 'mlp' was "
                                "called, but its collectors ('norm' first) were not called"));
+  }
+  SECTION("collectors called on another thread") {
+    std::thread([&] {
+      model->norm(x);
+      model->proj(x);
+    }).join();
+    CHECK_THROWS_WITH(model->mlp(x), Contains("were not called before it on this thread"));
   }
   SECTION("a member called twice in one pass") {
     model->norm(x);
