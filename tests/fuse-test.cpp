@@ -60,6 +60,7 @@ TEST_CASE("the slot still gives typed access to the module it holds") {
   fusion::fuse_modules(model, block_patterns(), block_specs());
   auto& mlp = model->block(0).mlp;
   CHECK(mlp->gate_proj->weight.sizes() == torch::IntArrayRef{32, 16});
+  CHECK(&(*mlp) == mlp.holder().get());
   CHECK(mlp.holder().ptr() == model->layers->at<BlockImpl>(0).named_children()["mlp"]);
 }
 

@@ -85,7 +85,7 @@ class Slot final : public detail::SlotBase {
   }
 
   Impl* operator->() const { return holder_.ptr().get(); }
-  Impl& operator*() const { return *holder_; }
+  Impl& operator*() const { return *holder_.ptr(); }
   const Holder& holder() const noexcept { return holder_; }
   bool is_empty() const noexcept { return holder_.is_empty(); }
 
