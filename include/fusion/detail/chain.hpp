@@ -202,9 +202,10 @@ class RegistryCollector final : public Dispatch {
   std::vector<c10::IValue>* call(c10::IValue* args, std::size_t count) override {
     Capture& capture = chain_.capture();
     if (index_ == 0) {
-      // A new pass. Whatever a previous pass left (an exception thrown between capture and
-      // replay) is dropped, so it cannot poison this forward.
-      capture.clear();
+      // A new pass. A completed replay left the capture clear; anything else is what an aborted
+      // pass left (an exception thrown between capture and replay): drop it, so that it cannot
+      // poison this forward.
+      if (capture.next != 0) capture.clear();
     } else if (capture.next != index_) {
       chain_.fail_call(capture, order_error(capture.next));
     }
