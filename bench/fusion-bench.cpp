@@ -3,13 +3,11 @@
 //
 //   build/bench/fusion_bench                             # and, to compare thread settings:
 //   OMP_WAIT_POLICY=PASSIVE build/bench/fusion_bench
-#include <chrono>
-
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 #include <fusion/fusion.hpp>
 
-#include "blas_context.hpp"
+#include "bench_support.hpp"
 
 namespace {
 
@@ -69,33 +67,17 @@ void BM_PairFused(benchmark::State& state) {
 }
 BENCHMARK(BM_PairFused);
 
-// Each iteration times the original and the fused model back to back, alternating the order, on
-// the same weights, so that noise hits both alike.
+// Original and fused model on the same weights, timed interleaved (see time_interleaved).
 void BM_SmallPairFusedVsOriginal(benchmark::State& state) {
-  using Clock = std::chrono::steady_clock;
   torch::NoGradGuard no_grad;
   auto original = std::make_shared<SmallImpl>();
   auto fused = std::make_shared<SmallImpl>();
   share_parameters(*fused, *original);
   fusion::fuse_modules(*fused, {"scale", "proj"}, kSpecs);
   const auto x = torch::randn({1, 64});
-  double original_s = 0, fused_s = 0;
-  auto timed = [&](SmallImpl& model) {
-    const auto start = Clock::now();
-    benchmark::DoNotOptimize(model.forward(x));
-    return std::chrono::duration<double>(Clock::now() - start).count();
-  };
-  bool original_first = true;
-  for (auto _ : state) {
-    if (original_first) original_s += timed(*original);
-    fused_s += timed(*fused);
-    if (!original_first) original_s += timed(*original);
-    original_first = !original_first;
-  }
-  const double n = static_cast<double>(state.iterations());
-  state.counters["original_ns"] = 1e9 * original_s / n;
-  state.counters["fused_ns"] = 1e9 * fused_s / n;
-  state.counters["overhead_pct"] = 100.0 * (fused_s / original_s - 1.0);
+  time_interleaved(
+      state, [&] { benchmark::DoNotOptimize(original->forward(x)); },
+      [&] { benchmark::DoNotOptimize(fused->forward(x)); }, "ns", 1e9);
 }
 BENCHMARK(BM_SmallPairFusedVsOriginal);
 

@@ -6,11 +6,9 @@
 //
 //   build/bench/qwen3_bench
 //   OMP_WAIT_POLICY=PASSIVE build/bench/qwen3_bench
-#include <chrono>
-
 #include <benchmark/benchmark.h>
 
-#include "blas_context.hpp"
+#include "bench_support.hpp"
 #include "qwen3.hpp"
 
 namespace {
@@ -40,24 +38,9 @@ void BM_Qwen3ForwardFusedVsOriginal(benchmark::State& state) {
   const auto ids = torch::randint(0, 4096, {1, state.range(0)}, torch::kInt64);
   if (!torch::equal(original(ids), fused(ids))) state.SkipWithError("fused logits differ");
 
-  using Clock = std::chrono::steady_clock;
-  double original_s = 0, fused_s = 0;
-  auto timed = [&](qwen3::ForCausalLM& model) {
-    const auto start = Clock::now();
-    benchmark::DoNotOptimize(model(ids));
-    return std::chrono::duration<double>(Clock::now() - start).count();
-  };
-  bool original_first = true;
-  for (auto _ : state) {
-    if (original_first) original_s += timed(original);
-    fused_s += timed(fused);
-    if (!original_first) original_s += timed(original);
-    original_first = !original_first;
-  }
-  const double n = static_cast<double>(state.iterations());
-  state.counters["original_ms"] = 1e3 * original_s / n;
-  state.counters["fused_ms"] = 1e3 * fused_s / n;
-  state.counters["overhead_pct"] = 100.0 * (fused_s / original_s - 1.0);
+  time_interleaved(
+      state, [&] { benchmark::DoNotOptimize(original(ids)); },
+      [&] { benchmark::DoNotOptimize(fused(ids)); }, "ms", 1e3);
 }
 BENCHMARK(BM_Qwen3ForwardFusedVsOriginal)
     ->Arg(16)
