@@ -49,14 +49,12 @@ void write_file(const fs::path& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary) << bytes;
 }
 
-/// A safetensors file with the given header JSON and `data_bytes` zero bytes of data.
-void write_safetensors(const fs::path& path, const std::string& header, std::size_t data_bytes) {
+/// A safetensors file: the header's length, the header JSON, then the tensor data.
+void write_safetensors(const fs::path& path, const std::string& header, const std::string& data) {
   std::string bytes(8, '\0');
   const uint64_t size = header.size();
   std::memcpy(bytes.data(), &size, 8);
-  bytes += header;
-  bytes.append(data_bytes, '\0');
-  write_file(path, bytes);
+  write_file(path, bytes + header + data);
 }
 
 std::vector<torch::Tensor> parameters_of(qwen3::ForCausalLMImpl& model) {
@@ -240,10 +238,7 @@ TEST_CASE("checkpoints round-trip through save_pretrained and load") {
         data.append(static_cast<const char*>(t.data_ptr()), t.numel() * 4);
       }
       write_safetensors(sharded / fmt::format("model-0000{}-of-00002.safetensors", shard),
-                        header.dump(), 0);
-      std::ofstream(sharded / fmt::format("model-0000{}-of-00002.safetensors", shard),
-                    std::ios::binary | std::ios::app)
-          .write(data.data(), static_cast<std::streamsize>(data.size()));
+                        header.dump(), data);
     }
     std::ofstream(sharded / "model.safetensors.index.json") << map.dump();
     fs::copy_file(dir / "config.json", sharded / "config.json");
@@ -282,16 +277,17 @@ TEST_CASE("loader errors name the file and key, and leave the model untouched") 
   }
   SECTION("malformed header") {
     const auto dir = scratch("malformed");
-    write_safetensors(dir / "model.safetensors", "{\"a\": [1, 2", 0);
+    write_safetensors(dir / "model.safetensors", "{\"a\": [1, 2", "");
     fails_with(dir, "model.safetensors: malformed header");
-    write_safetensors(dir / "model.safetensors", "{\"a\": {\"dtype\": \"F32\"}}", 0);
+    write_safetensors(dir / "model.safetensors", "{\"a\": {\"dtype\": \"F32\"}}", "");
     fails_with(dir, "malformed header entry for 'a'");
   }
   SECTION("a tensor whose bytes run past the file") {
     const auto dir = scratch("past-end");
     write_safetensors(
         dir / "model.safetensors",
-        R"({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}})", 100);
+        R"({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}})",
+        std::string(100, '\0'));
     fails_with(dir,
                "tensor 'model.norm.weight' runs past the end of the file (bytes 0..256 of 100)");
   }
@@ -299,7 +295,8 @@ TEST_CASE("loader errors name the file and key, and leave the model untouched") 
     const auto dir = scratch("dtype");
     write_safetensors(
         dir / "model.safetensors",
-        R"({"model.norm.weight": {"dtype": "I8", "shape": [64], "data_offsets": [0, 64]}})", 64);
+        R"({"model.norm.weight": {"dtype": "I8", "shape": [64], "data_offsets": [0, 64]}})",
+        std::string(64, '\0'));
     fails_with(dir, "tensor 'model.norm.weight' has dtype I8, not one of F32, F16, BF16");
   }
   SECTION("missing and unexpected keys") {
@@ -308,7 +305,7 @@ TEST_CASE("loader errors name the file and key, and leave the model untouched") 
         dir / "model.safetensors",
         R"({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]},
                           "model.extra.weight": {"dtype": "F32", "shape": [1], "data_offsets": [256, 260]}})",
-        260);
+        std::string(260, '\0'));
     fails_with(dir,
                "missing keys [model.embed_tokens.weight, model.layers.0.self_attn.q_proj.weight");
     fails_with(dir, "unexpected keys [model.extra.weight]");
