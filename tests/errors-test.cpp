@@ -124,27 +124,29 @@ TEST_CASE("bad fuse requests throw a FusionError naming the culprit and change n
           {fusion::ModuleSpec{{"hidden_states", "mask"}, {"hidden_states"}}, spec},
           "spec #0 (pattern 'layers.2.post_attention_layernorm', module "
           "'layers.2.post_attention_layernorm') names 2 inputs [hidden_states, mask] but forward() "
-          "takes 1 parameter(s) (at::Tensor)");
+          "takes 1 parameter(s) (torch::Tensor)");
   }
   SECTION("output names that do not fit the return type") {
     fails({"layers.2.post_attention_layernorm", "layers.2.mlp"},
           {spec, fusion::ModuleSpec{{"hidden_states"}, {"a", "b"}}},
           "spec #1 (pattern 'layers.2.mlp', module 'layers.2.mlp') names 2 output(s) [a, b] but "
-          "forward() returns 1 value(s) (at::Tensor)");
+          "forward() returns 1 value(s) (torch::Tensor)");
     fails({"layers.2.post_attention_layernorm", "layers.2.mlp"},
           {spec, fusion::ModuleSpec{{"hidden_states"}, {}}}, "names 0 output(s)");
   }
   SECTION("an input that nothing provides") {
     fails(
         {"layers.2.post_attention_layernorm", "layers.2.mlp"},
-        {fusion::ModuleSpec{{"hidden_states"}, {"normed"}}, spec},
-        "input 'hidden_states' of 'layers.2.mlp' is provided by nothing: no earlier member of the "
-        "chain outputs 'hidden_states' (they output [normed])");
+        {fusion::ModuleSpec{{"x"}, {"normed"}}, spec},
+        "parameter #0 ('hidden_states') of 'layers.2.mlp' is provided by nothing: no earlier "
+        "member of the chain outputs it (they output [normed]) or takes it as an input (they take "
+        "[x]), and its call argument would only be the placeholder returned by "
+        "'layers.2.post_attention_layernorm'");
   }
-  SECTION("a parameter with no name and no default") {
+  SECTION("a later member's first parameter left unnamed") {
     fails({"layers.2.post_attention_layernorm", "layers.2.mlp"},
           {spec, fusion::ModuleSpec{{}, {"hidden_states"}}},
-          "parameter #0 (at::Tensor) of 'layers.2.mlp' is not named in spec #1");
+          "parameter #0 (not named in its spec) of 'layers.2.mlp' is provided by nothing");
   }
 }
 
@@ -188,7 +190,7 @@ TEST_CASE("wiring and defaults are type-checked at fuse time") {
           tuple_model, {"split", "gate"},
           {fusion::ModuleSpec{{"x"}, {"value"}}, fusion::ModuleSpec{{"gate", "value"}, {"out"}}}),
       Contains("spec #0 (pattern 'split', module 'split') names 1 output(s) [value] but forward() "
-               "returns 2 value(s) (at::Tensor, at::Tensor)"));
+               "returns 2 value(s) (torch::Tensor, torch::Tensor)"));
 
   ArgsChain args_model;
   CHECK_THROWS_WITH(
@@ -196,7 +198,7 @@ TEST_CASE("wiring and defaults are type-checked at fuse time") {
                            {fusion::ModuleSpec{{"x", "bias", "repeat", "alpha", "negate"}, {"x"}},
                             fusion::ModuleSpec{{"x", "x"}, {"y"}}}),
       Contains("input 'x' of 'tagged' (parameter #1, models::Tag) would receive output 'x' of "
-               "'mix', which is a at::Tensor"));
+               "'mix', which is a torch::Tensor"));
 
   DefaultsChain defaults_model;
   CHECK_THROWS_WITH(
@@ -205,12 +207,39 @@ TEST_CASE("wiring and defaults are type-checked at fuse time") {
           {fusion::ModuleSpec{{"x"}, {"x"}},
            fusion::ModuleSpec{{"x"}, {"x"}, {{1, fusion::box(std::string("3"))}}}}),
       Contains("gives parameter #1 a default of kind String, but forward() takes double there"));
-  CHECK_THROWS_WITH(
-      fusion::fuse_modules(defaults_model, {"norm", "power"},
-                           {fusion::ModuleSpec{{"x"}, {"x"}}, fusion::ModuleSpec{{"x"}, {"x"}}}),
-      Contains("parameter #1 (double) of 'power' is not named in spec #1 (pattern 'power', module "
-               "'power') and has no default"));
   CHECK(fusion::fused_chains(defaults_model).empty());
+}
+
+TEST_CASE("a parameter the call leaves to a C++ default needs a default the library can see") {
+  torch::manual_seed(16);
+  DefaultsChain model;
+  const auto x = torch::randn({2, 16});
+  const auto original = model(x);  // power(...) relies on its C++ default exponent
+  // Fusing is allowed: a call site may pass every argument. Only a call that passes none fails,
+  // naming the parameter and saying how to give the default.
+  fusion::fuse_modules(model, {"scale", "power"},
+                       {fusion::ModuleSpec{{"x"}, {"x"}}, fusion::ModuleSpec{{"x"}, {"x"}}});
+  CHECK_THROWS_MATCHES(
+      model(x), fusion::FusionError,
+      Catch::Matchers::Predicate<fusion::FusionError>(
+          [](const fusion::FusionError& e) {
+            const std::string what = e.what();
+            return what.find(
+                       "fused chain [scale -> power]: parameter #1 (double) of 'power' has no "
+                       "value") != std::string::npos &&
+                   what.find("ModuleSpec{inputs, outputs, {{1, fusion::box(value)}}}") !=
+                       std::string::npos;
+          },
+          "names the parameter and gives the advice"));
+  // A call that passes the argument works without a default.
+  const auto passed = model->power(model->scale(model->norm(x)), 2.0);
+  fusion::unfuse_modules(model);
+  CHECK(torch::equal(passed, model->power(model->scale(model->norm(x)), 2.0)));
+  // Following the advice works for the call that relied on the C++ default.
+  fusion::fuse_modules(model, {"scale", "power"},
+                       {fusion::ModuleSpec{{"x"}, {"x"}},
+                        fusion::ModuleSpec{{"x"}, {"x"}, {{1, fusion::box(3)}}}});  // int -> double
+  CHECK(torch::equal(model(x), original));
 }
 
 TEST_CASE("call-time misuse throws a FusionError naming the chain") {

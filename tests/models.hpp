@@ -14,7 +14,7 @@
 namespace models {
 
 struct RMSNormImpl : torch::nn::Cloneable<RMSNormImpl> {
-  explicit RMSNormImpl(int64_t dim, double eps = 1e-6) : dim(dim), eps(eps) { reset(); }
+  explicit RMSNormImpl(int64_t size, double epsilon = 1e-6) : dim(size), eps(epsilon) { reset(); }
   void reset() override { weight = register_parameter("weight", torch::rand({dim}) + 0.5); }
   torch::Tensor forward(const torch::Tensor& x) {
     auto xf = x.to(torch::kFloat);
@@ -27,7 +27,8 @@ struct RMSNormImpl : torch::nn::Cloneable<RMSNormImpl> {
 TORCH_MODULE(RMSNorm);
 
 struct MLPImpl : torch::nn::Cloneable<MLPImpl> {
-  MLPImpl(int64_t hidden, int64_t intermediate) : hidden(hidden), intermediate(intermediate) {
+  MLPImpl(int64_t hidden_size, int64_t intermediate_size)
+      : hidden(hidden_size), intermediate(intermediate_size) {
     reset();
   }
   void reset() override {
@@ -49,8 +50,8 @@ struct MLPImpl : torch::nn::Cloneable<MLPImpl> {
 TORCH_MODULE(MLP);
 
 struct BlockImpl : torch::nn::Cloneable<BlockImpl> {
-  explicit BlockImpl(int64_t hidden = 16, int64_t intermediate = 32)
-      : hidden(hidden), intermediate(intermediate) {
+  explicit BlockImpl(int64_t hidden_size = 16, int64_t intermediate_size = 32)
+      : hidden(hidden_size), intermediate(intermediate_size) {
     reset();
   }
   void reset() override {
@@ -71,8 +72,9 @@ struct BlockImpl : torch::nn::Cloneable<BlockImpl> {
 TORCH_MODULE(Block);
 
 struct StackImpl : torch::nn::Cloneable<StackImpl> {
-  explicit StackImpl(int64_t layers = 3, int64_t hidden = 16, int64_t intermediate = 32)
-      : num_layers(layers), hidden(hidden), intermediate(intermediate) {
+  explicit StackImpl(int64_t layer_count = 3, int64_t hidden_size = 16,
+                     int64_t intermediate_size = 32)
+      : num_layers(layer_count), hidden(hidden_size), intermediate(intermediate_size) {
     reset();
   }
   void reset() override {

@@ -2,6 +2,9 @@
 
 #include <fusion/pattern.hpp>
 
+#include <string>
+#include <vector>
+
 using fusion::Pattern;
 using Binding = std::vector<std::string>;
 
@@ -39,4 +42,54 @@ TEST_CASE("malformed patterns are rejected with the pattern named") {
   }
   CHECK_THROWS_WITH(Pattern("layers..mlp"),
                     Catch::Contains("'layers..mlp'") && Catch::Contains("empty segment"));
+}
+
+TEST_CASE("** as a whole segment matches any number of segments, none included") {
+  Pattern any("**.ln_1");
+  CHECK(any.match("ln_1") == Binding{""});
+  CHECK(any.match("h.0.ln_1") == Binding{"h.0"});
+  CHECK(any.match("encoder.h.11.ln_1") == Binding{"encoder.h.11"});
+  CHECK_FALSE(any.match("h.0.ln_1.weight"));
+  CHECK_FALSE(any.match("h.0.ln_12"));
+
+  Pattern middle("encoder.**.mlp");
+  CHECK(middle.match("encoder.mlp") == Binding{""});
+  CHECK(middle.match("encoder.layers.3.mlp") == Binding{"layers.3"});
+  CHECK_FALSE(middle.match("decoder.layers.3.mlp"));
+
+  // Not the same as `*`: layers.**.ln_1 reaches any depth below layers.
+  CHECK(Pattern("layers.**.ln_1").match("layers.0.block.ln_1") == Binding{"0.block"});
+  CHECK_FALSE(Pattern("layers.*.ln_1").match("layers.0.block.ln_1"));
+  CHECK(Pattern("layers.**.ln_1").wildcards() == 1);
+
+  // Several: each takes as few segments as it can, left to right.
+  CHECK(Pattern("**.a.**").match("x.a.y.a.z") == Binding{"x", "y.a.z"});
+  CHECK(Pattern("**").match("a.b.c") == Binding{"a.b.c"});
+}
+
+TEST_CASE("character classes match one character of a set, a range, or outside it") {
+  CHECK(Pattern("layers.[0-3].mlp").match("layers.2.mlp") == Binding{"2"});
+  CHECK_FALSE(Pattern("layers.[0-3].mlp").match("layers.4.mlp"));
+  CHECK_FALSE(Pattern("layers.[0-3].mlp").match("layers.12.mlp"));
+  CHECK(Pattern("layers.[!0].mlp").match("layers.1.mlp") == Binding{"1"});
+  CHECK_FALSE(Pattern("layers.[!0].mlp").match("layers.0.mlp"));
+  CHECK_FALSE(Pattern("layers.[^0].mlp").match("layers.0.mlp"));
+  CHECK(Pattern("layers.[13579]*.mlp").match("layers.17.mlp") == Binding{"17"});
+  CHECK_FALSE(Pattern("layers.[13579]*.mlp").match("layers.27.mlp"));
+  CHECK(Pattern("[a-cx]_proj").match("x_proj") == Binding{"x_proj"});
+  CHECK(Pattern("[]]").match("]") == Binding{"]"});
+  CHECK(Pattern("[a-]").match("-") == Binding{"-"});
+  CHECK(Pattern("*[0-9]").match("layer10") == Binding{"layer10"});
+}
+
+TEST_CASE("** among other characters and unclosed classes are malformed") {
+  CHECK_THROWS_WITH(Pattern("layers.a**.mlp"), Catch::Contains("'**' must be a whole segment"));
+  CHECK_THROWS_WITH(Pattern("***.mlp"), Catch::Contains("'**' must be a whole segment"));
+  CHECK_THROWS_WITH(Pattern("layers.[0-3.mlp"), Catch::Contains("unclosed '['"));
+  CHECK_THROWS_WITH(Pattern("layers.[!].mlp"), Catch::Contains("unclosed '['"));
+}
+
+TEST_CASE("prefix is the pattern of the first segments") {
+  CHECK(Pattern("layers.*.mlp").prefix(2).text() == "layers.*");
+  CHECK(Pattern("a.**.b").segments() == std::vector<std::string>{"a", "**", "b"});
 }

@@ -13,8 +13,9 @@
 namespace fusion {
 
 struct FusedChain {
-  std::vector<std::string> paths;     // member paths relative to the root given to fuse_modules
-  std::vector<std::string> patterns;  // the pattern each member matched, same order
+  std::vector<std::string> paths;     // member paths, relative to the root of the call that
+                                      // returned this (fuse_modules, fused_chains, verify)
+  std::vector<std::string> patterns;  // the pattern each member matched, as given to fuse_modules
   std::vector<ModuleSpec> specs;      // the spec each member was fused with, same order
   std::vector<std::string> binding;   // the values the patterns' wildcards took for this chain
 };

@@ -9,6 +9,7 @@
 #include "fusion/error.hpp"
 #include "fusion/fuse.hpp"
 #include "fusion/fused_chain.hpp"
+#include "fusion/match.hpp"
 #include "fusion/pattern.hpp"
 #include "fusion/slot.hpp"
 #include "fusion/spec.hpp"

@@ -1,6 +1,7 @@
-// fusion::Pattern: a dotted glob over module paths ("layers.*.mlp", "layers.1?.norm").
+// fusion::Pattern: a dotted glob over module paths ("layers.*.mlp", "**.ln_1", "layers.[0-3].mlp").
 #pragma once
 
+#include <cstddef>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -10,10 +11,18 @@
 
 namespace fusion {
 
-/// A path pattern relative to the root module. `*` as a whole segment matches exactly one segment;
-/// inside a segment `*` matches any run of characters and `?` one character. Every segment with a
-/// wildcard is a binding: members of one chain are the matches whose bindings are equal
-/// (layer 0's norm with layer 0's mlp). Throws FusionError for an empty pattern or segment.
+/// A path pattern relative to the root module, one glob per dotted segment:
+/// - `*` as a whole segment matches exactly one segment;
+/// - `**` as a whole segment matches any number of segments, none included (`**.ln_1` matches
+///   `ln_1` and `h.0.ln_1`);
+/// - inside a segment, `*` matches any run of characters, `?` one character, `[abc]`, `[0-3]` one
+///   character of a class and `[!0]` (or `[^0]`) one character outside it.
+/// Every segment with a wildcard is one element of the match's *binding*: the text it matched
+/// (for `**`, the segments it matched joined by '.', possibly empty). Members of one chain are the
+/// matches whose bindings are equal (layer 0's norm with layer 0's mlp). Where several `**` could
+/// split a path differently, each takes as few segments as it can, left to right.
+/// Throws FusionError for an empty pattern or segment, a `**` that is not a whole segment, or an
+/// unclosed `[`.
 class Pattern {
  public:
   explicit Pattern(std::string text) : text_(std::move(text)) {
@@ -22,12 +31,7 @@ class Pattern {
     while (true) {
       const std::size_t dot = text_.find('.', start);
       std::string segment = text_.substr(start, dot == std::string::npos ? dot : dot - start);
-      if (segment.empty()) {
-        detail::fail(
-            "fusion: malformed pattern '{}': empty segment at offset {} (leading, "
-            "trailing or doubled '.')",
-            text_, start);
-      }
+      check_segment(segment, start);
       segments_.push_back(std::move(segment));
       if (dot == std::string::npos) break;
       start = dot + 1;
@@ -35,6 +39,8 @@ class Pattern {
   }
 
   const std::string& text() const noexcept { return text_; }
+  /// The dotted segments, as written.
+  const std::vector<std::string>& segments() const noexcept { return segments_; }
 
   /// How many segments hold a wildcard: the length of every binding this pattern produces.
   std::size_t wildcards() const {
@@ -43,44 +49,141 @@ class Pattern {
     return count;
   }
 
+  /// The pattern made of the first `count` segments (diagnostics: how far a pattern got).
+  Pattern prefix(std::size_t count) const {
+    std::string text;
+    for (std::size_t i = 0; i < count && i < segments_.size(); ++i) {
+      text += (i == 0 ? "" : ".") + segments_[i];
+    }
+    return Pattern(std::move(text));
+  }
+
   /// The binding values when `path` matches, else nullopt.
   std::optional<std::vector<std::string>> match(std::string_view path) const {
-    std::vector<std::string> binding;
+    std::vector<std::string_view> parts;
     std::size_t start = 0;
-    for (std::size_t i = 0; i < segments_.size(); ++i) {
-      if (start > path.size()) return std::nullopt;
+    while (true) {
       const std::size_t dot = path.find('.', start);
-      const bool last = i + 1 == segments_.size();
-      if (last != (dot == std::string_view::npos)) return std::nullopt;  // segment count differs
-      std::string_view segment = path.substr(start, last ? path.npos : dot - start);
-      if (!glob(segments_[i], segment)) return std::nullopt;
-      if (has_wildcard(segments_[i])) binding.emplace_back(segment);
-      start = last ? path.size() : dot + 1;
+      parts.push_back(path.substr(start, dot == std::string_view::npos ? dot : dot - start));
+      if (dot == std::string_view::npos) break;
+      start = dot + 1;
     }
+    std::vector<std::string> binding;
+    if (!match_from(0, parts, 0, binding)) return std::nullopt;
     return binding;
   }
 
  private:
   static bool has_wildcard(std::string_view segment) {
-    return segment.find_first_of("*?") != std::string_view::npos;
+    return segment.find_first_of("*?[") != std::string_view::npos;
   }
 
-  // Classic wildcard matching with one backtrack point: linear for patterns this short.
-  static bool glob(std::string_view pattern, std::string_view text) {
-    std::size_t p = 0, t = 0, star = std::string_view::npos, resume = 0;
-    while (t < text.size()) {
-      if (p < pattern.size() && (pattern[p] == '?' || pattern[p] == text[t])) {
-        ++p;
-        ++t;
-      } else if (p < pattern.size() && pattern[p] == '*') {
-        star = p++;
-        resume = t;
-      } else if (star != std::string_view::npos) {
-        p = star + 1;
-        t = ++resume;
-      } else {
-        return false;
+  void check_segment(const std::string& segment, std::size_t offset) const {
+    if (segment.empty()) {
+      detail::fail(
+          "fusion: malformed pattern '{}': empty segment at offset {} (leading, trailing or "
+          "doubled '.')",
+          text_, offset);
+    }
+    if (segment != "**" && segment.find("**") != std::string::npos) {
+      detail::fail(
+          "fusion: malformed pattern '{}': '**' must be a whole segment (it matches any number "
+          "of segments), but segment '{}' has it among other characters",
+          text_, segment);
+    }
+    for (std::size_t i = 0; i < segment.size(); ++i) {
+      if (segment[i] != '[') continue;
+      const std::size_t end = class_end(segment, i);
+      if (end == std::string::npos) {
+        detail::fail("fusion: malformed pattern '{}': unclosed '[' in segment '{}'", text_,
+                     segment);
       }
+      i = end - 1;
+    }
+  }
+
+  bool match_from(std::size_t s, const std::vector<std::string_view>& parts, std::size_t p,
+                  std::vector<std::string>& binding) const {
+    if (s == segments_.size()) return p == parts.size();
+    const std::string& segment = segments_[s];
+    if (segment == "**") {
+      for (std::size_t take = 0; p + take <= parts.size(); ++take) {
+        std::string joined;
+        for (std::size_t k = 0; k < take; ++k) {
+          joined += (k == 0 ? "" : ".");
+          joined += parts[p + k];
+        }
+        binding.push_back(std::move(joined));
+        if (match_from(s + 1, parts, p + take, binding)) return true;
+        binding.pop_back();
+      }
+      return false;
+    }
+    if (p == parts.size() || !glob(segment, parts[p])) return false;
+    const bool binds = has_wildcard(segment);
+    if (binds) binding.emplace_back(parts[p]);
+    if (match_from(s + 1, parts, p + 1, binding)) return true;
+    if (binds) binding.pop_back();
+    return false;
+  }
+
+  // One past the ']' closing the class that opens at `open`, or npos. A ']' right after '[' (or
+  // after '[!') is a member, as in shell globs.
+  static std::size_t class_end(std::string_view pattern, std::size_t open) {
+    std::size_t i = open + 1;
+    if (i < pattern.size() && (pattern[i] == '!' || pattern[i] == '^')) ++i;
+    if (i < pattern.size() && pattern[i] == ']') ++i;
+    const std::size_t close = pattern.find(']', i);
+    return close == std::string_view::npos ? close : close + 1;
+  }
+
+  // Whether `c` is in the class [open, end): members, ranges `a-z`, negation with '!' or '^'.
+  static bool in_class(std::string_view pattern, std::size_t open, std::size_t end, char c) {
+    const std::size_t close = end - 1;
+    std::size_t i = open + 1;
+    const bool negate = pattern[i] == '!' || pattern[i] == '^';
+    if (negate) ++i;
+    bool found = false;
+    while (i < close) {
+      if (i + 2 < close && pattern[i + 1] == '-') {
+        found = found || (pattern[i] <= c && c <= pattern[i + 2]);
+        i += 3;
+      } else {
+        found = found || pattern[i] == c;
+        ++i;
+      }
+    }
+    return found != negate;
+  }
+
+  // Wildcard matching with one backtrack point (the last '*'): linear for segments this short.
+  static bool glob(std::string_view pattern, std::string_view text) {
+    constexpr std::size_t none = std::string_view::npos;
+    std::size_t p = 0, t = 0, star = none, resume = 0;
+    while (t < text.size()) {
+      if (p < pattern.size()) {
+        const char c = pattern[p];
+        if (c == '*') {
+          star = p++;
+          resume = t;
+          continue;
+        }
+        if (c == '[') {
+          const std::size_t end = class_end(pattern, p);
+          if (in_class(pattern, p, end, text[t])) {
+            p = end;
+            ++t;
+            continue;
+          }
+        } else if (c == '?' || c == text[t]) {
+          ++p;
+          ++t;
+          continue;
+        }
+      }
+      if (star == none) return false;
+      p = star + 1;
+      t = ++resume;
     }
     while (p < pattern.size() && pattern[p] == '*') ++p;
     return p == pattern.size();

@@ -19,6 +19,7 @@
 
 #include "fusion/detail/boxing.hpp"
 #include "fusion/detail/chain.hpp"
+#include "fusion/detail/placeholder.hpp"
 #include "fusion/detail/traits.hpp"
 #include "fusion/error.hpp"
 
@@ -52,6 +53,8 @@ class Slot final : public detail::SlotBase {
   static constexpr std::size_t arity = Signature::arity;
 
   Slot() = default;
+  /// `fusion::Slot<MLP> mlp{nullptr};`, the habit from holders: an empty slot, bound later.
+  Slot(std::nullptr_t) {}  // NOLINT(google-explicit-constructor): mirrors ModuleHolder
   Slot(const Slot& other) : SlotBase(other), holder_(other.holder_) {}
   // Cloneable::clone_ copy-assigns a fresh clone into the existing module: take its holder, keep
   // this Slot's registration (same parent and name) and fusion state.
@@ -71,16 +74,20 @@ class Slot final : public detail::SlotBase {
   }
 
   template <typename... Args>
-  Result operator()(Args&&... args) {
+  decltype(auto) operator()(Args&&... args) {
     detail::Dispatch* dispatch = dispatch_.load(std::memory_order_acquire);
-    if (dispatch == nullptr) return holder_->forward(std::forward<Args>(args)...);
-    if constexpr (sizeof...(Args) <= arity) {
+    if constexpr (calls_signature<Args...>()) {
+      if (dispatch == nullptr) return Result(holder_->forward(std::forward<Args>(args)...));
       return call_fused(*dispatch, std::index_sequence_for<Args...>{}, std::forward<Args>(args)...);
     } else {  // another overload of forward(), reachable unfused only
-      detail::fail(
-          "fusion::Slot: a fused slot was called with {} arguments, but the signature "
-          "it was fused with, {}, takes {}",
-          sizeof...(Args), detail::type_name<typename Signature::params>(), arity);
+      if (dispatch != nullptr) {
+        detail::fail(
+            "fusion::Slot: a fused slot was called with arguments ({}) that do not fit the "
+            "signature it was fused with, {}",
+            detail::type_name<std::tuple<std::decay_t<Args>...>>(),
+            detail::type_name<typename Signature::params>());
+      }
+      return holder_->forward(std::forward<Args>(args)...);
     }
   }
 
@@ -94,7 +101,7 @@ class Slot final : public detail::SlotBase {
   }
   const detail::SignatureInfo& signature() const override {
     static const detail::SignatureInfo info{params_info(std::make_index_sequence<arity>{}),
-                                            detail::output_types<Result>::get()};
+                                            detail::output_types<Result>::get(), has_placeholder()};
     return info;
   }
   void call_boxed(c10::IValue* args, std::vector<c10::IValue>& outputs) override {
@@ -104,6 +111,24 @@ class Slot final : public detail::SlotBase {
  private:
   template <std::size_t I>
   using Param = detail::param_t<I, Signature>;
+
+  // Whether a call with these arguments is a call of the fused signature: at most `arity`
+  // arguments, each convertible to its parameter, and forward() returning Result for them.
+  template <typename... Args>
+  static constexpr bool calls_signature() {
+    if constexpr (sizeof...(Args) > arity) {
+      return false;
+    } else {
+      return converts_to_params<Args...>(std::index_sequence_for<Args...>{}) &&
+             std::is_same_v<
+                 std::decay_t<decltype(std::declval<Impl&>().forward(std::declval<Args>()...))>,
+                 std::decay_t<Result>>;
+    }
+  }
+  template <typename... Args, std::size_t... I>
+  static constexpr bool converts_to_params(std::index_sequence<I...>) {
+    return (std::is_convertible_v<Args, Param<I>> && ...);
+  }
 
   template <std::size_t... I, typename... Args>
   Result call_fused(detail::Dispatch& dispatch, std::index_sequence<I...>, Args&&... args) {
@@ -117,27 +142,30 @@ class Slot final : public detail::SlotBase {
     return detail::join<Result>(*dispatch.call(boxes.data(), boxes.size()));
   }
 
-  // What a collector returns in place of its real output, which only the replay computes: the
-  // first argument when it has the result type (as in the Python original), a tuple whose first
-  // element is the first argument, else a default-constructed result.
+  static constexpr bool has_placeholder() {
+    return std::is_same_v<Result, Param<0>> || std::is_default_constructible_v<Result>;
+  }
+
+  // What a collector returns in place of its real output, which only the replay computes: a
+  // stand-in for the first argument when it has the result type, a tuple whose first element is
+  // that stand-in, else a default-constructed result. A tensor stand-in has the argument's shape,
+  // dtype and device but never its memory (see detail::stand_in): what the parent does with it is
+  // not replayed, and must not write into the caller's tensor.
   template <typename Boxes>
   static Result placeholder(const Boxes& boxes) {
-    constexpr bool has_first = std::tuple_size<Boxes>::value != 0;
-    if constexpr (has_first && std::is_same_v<Result, Param<0>>) {
-      return Result(detail::Boxing<Param<0>>::arg(boxes[0]));
-    } else if constexpr (has_first && detail::is_tuple<Result>::value) {
+    if constexpr (std::is_same_v<Result, Param<0>>) {
+      return detail::stand_in(detail::Boxing<Param<0>>::arg(boxes[0]));
+    } else if constexpr (!std::is_default_constructible_v<Result>) {
+      // fuse_modules refuses such a module as a collector (SignatureInfo::has_placeholder).
+      detail::fail("fusion::Slot: {} cannot be default-constructed as a placeholder",
+                   detail::type_name<Result>());
+    } else if constexpr (detail::is_tuple<Result>::value) {
+      Result result{};
       if constexpr (std::is_same_v<std::tuple_element_t<0, Result>, Param<0>>) {
-        Result result{};
-        std::get<0>(result) = detail::Boxing<Param<0>>::arg(boxes[0]);
-        return result;
-      } else {
-        return Result{};
+        std::get<0>(result) = detail::stand_in(detail::Boxing<Param<0>>::arg(boxes[0]));
       }
+      return result;
     } else {
-      static_assert(std::is_default_constructible_v<Result>,
-                    "fusion::Slot: a collector needs a placeholder result: forward() must return "
-                    "its first parameter's type, a tuple starting with it, or a "
-                    "default-constructible type");
       return Result{};
     }
   }
@@ -150,7 +178,7 @@ class Slot final : public detail::SlotBase {
 
   template <std::size_t I>
   static detail::ParamInfo param_info() {
-    return {detail::TypeInfo::of<Param<I>>(), &detail::Boxing<Param<I>>::holds,
+    return {detail::TypeInfo::of<Param<I>>(), &detail::Boxing<Param<I>>::convert,
             [](torch::nn::AnyValue& value) -> c10::optional<c10::IValue> {
               if (auto* typed = value.try_get<Param<I>>()) {
                 return detail::Boxing<Param<I>>::box(*typed);
@@ -170,8 +198,8 @@ class Slot final : public detail::SlotBase {
 /// to(), train(), save/load and clone() see it as before) and returns a binding to assign to the
 /// Slot member:  `mlp = fusion::register_slot(*this, "mlp", MLP(cfg));`
 template <typename Holder>
-detail::SlotBinding<Holder> register_slot(torch::nn::Module& parent, std::string name,
-                                          Holder holder) {
+[[nodiscard]] detail::SlotBinding<Holder> register_slot(torch::nn::Module& parent, std::string name,
+                                                        Holder holder) {
   if (name.empty() || name.find('.') != std::string::npos) {
     detail::fail(
         "fusion::register_slot: invalid child name '{}': it must be non-empty and "

@@ -19,12 +19,29 @@ struct NullaryImpl : torch::nn::Module {
 };
 TORCH_MODULE(Nullary);
 
+struct TakesRvalueImpl : torch::nn::Module {
+  torch::Tensor forward(torch::Tensor&& x) { return x; }
+};
+TORCH_MODULE(TakesRvalue);
+
 struct FineImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x) { return x; }
 };
 TORCH_MODULE(Fine);
 
+struct ParentImpl : torch::nn::Module {
+  ParentImpl() {
+#if FUSION_CASE == 5
+    fusion::register_slot(*this, "fine", Fine());  // forgot `fine =`
+#else
+    fine = fusion::register_slot(*this, "fine", Fine());
+#endif
+  }
+  fusion::Slot<Fine> fine{nullptr};
+};
+
 int main() {
+  ParentImpl parent;
 #if FUSION_CASE == 0
   fusion::Slot<Fine> slot;
   fusion::Slot<Overloaded, torch::Tensor(const torch::Tensor&)> named;
@@ -34,6 +51,8 @@ int main() {
   fusion::Slot<Overloaded> slot;
 #elif FUSION_CASE == 3
   fusion::Slot<Nullary> slot;
+#elif FUSION_CASE == 4
+  fusion::Slot<TakesRvalue> slot;
 #endif
   return 0;
 }

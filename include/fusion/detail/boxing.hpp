@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <typeindex>
@@ -21,8 +22,59 @@
 namespace fusion::detail {
 
 template <typename T>
+std::string type_name();
+
+/// Type names as users write them in a forward() signature: `int64_t`, not `long`;
+/// `std::string`, not `std::__cxx11::basic_string<...>`. Other types fall back to the demangled
+/// name.
+template <typename T, typename = void>
+struct TypeName {
+  static std::string get() { return c10::demangle(typeid(T).name()); }
+};
+#define FUSION_TYPE_NAME(type, text)          \
+  template <>                                 \
+  struct TypeName<type> {                     \
+    static std::string get() { return text; } \
+  };
+FUSION_TYPE_NAME(at::Tensor, "torch::Tensor")
+FUSION_TYPE_NAME(std::int64_t, "int64_t")
+FUSION_TYPE_NAME(std::int32_t, "int32_t")
+FUSION_TYPE_NAME(std::int16_t, "int16_t")
+FUSION_TYPE_NAME(std::int8_t, "int8_t")
+FUSION_TYPE_NAME(std::uint64_t, "uint64_t")
+FUSION_TYPE_NAME(std::uint32_t, "uint32_t")
+FUSION_TYPE_NAME(std::uint8_t, "uint8_t")
+FUSION_TYPE_NAME(std::string, "std::string")
+#undef FUSION_TYPE_NAME
+template <typename T>
+struct TypeName<c10::optional<T>> {
+  static std::string get() { return "c10::optional<" + type_name<T>() + ">"; }
+};
+template <typename T>
+struct TypeName<std::optional<T>,
+                std::enable_if_t<!std::is_same_v<std::optional<T>, c10::optional<T>>>> {
+  static std::string get() { return "std::optional<" + type_name<T>() + ">"; }
+};
+template <typename T>
+struct TypeName<std::vector<T>> {
+  static std::string get() { return "std::vector<" + type_name<T>() + ">"; }
+};
+template <typename T>
+struct TypeName<c10::ArrayRef<T>> {
+  static std::string get() { return "c10::ArrayRef<" + type_name<T>() + ">"; }
+};
+template <typename... Ts>
+struct TypeName<std::tuple<Ts...>> {
+  static std::string get() {
+    std::string names;
+    ((names += (names.empty() ? "" : ", ") + type_name<Ts>()), ...);
+    return "std::tuple<" + names + ">";
+  }
+};
+
+template <typename T>
 std::string type_name() {
-  return c10::demangle(typeid(T).name());
+  return TypeName<T>::get();
 }
 
 /// Holds a value of a type IValue cannot represent.
@@ -44,6 +96,11 @@ struct Boxing {
     return v.isCapsule() ? dynamic_cast<Box<T>*>(v.toCapsule().get()) : nullptr;
   }
   static bool holds(const c10::IValue& v) { return box_of(v) != nullptr; }
+  /// `v` as this type would take it, converting as C++ would (an int where a double is expected),
+  /// or nullopt: how a ModuleSpec default is checked and stored.
+  static c10::optional<c10::IValue> convert(const c10::IValue& v) {
+    return holds(v) ? c10::optional<c10::IValue>(v) : c10::nullopt;
+  }
   /// The argument to pass to forward(): a reference that lives as long as `v`.
   static const T& arg(const c10::IValue& v) {
     Box<T>* box = box_of(v);
@@ -59,6 +116,9 @@ template <>
 struct Boxing<at::Tensor> {
   static c10::IValue box(at::Tensor v) { return c10::IValue(std::move(v)); }
   static bool holds(const c10::IValue& v) { return v.isTensor(); }
+  static c10::optional<c10::IValue> convert(const c10::IValue& v) {
+    return holds(v) ? c10::optional<c10::IValue>(v) : c10::nullopt;
+  }
   static const at::Tensor& arg(const c10::IValue& v) { return v.toTensor(); }
   static at::Tensor take(c10::IValue&& v) { return std::move(v).toTensor(); }
 };
@@ -83,6 +143,13 @@ struct Boxing<T, std::enable_if_t<std::is_arithmetic_v<T>>> {
       return v.isDouble();
     }
   }
+  static c10::optional<c10::IValue> convert(const c10::IValue& v) {
+    if (holds(v)) return v;
+    if constexpr (std::is_floating_point_v<T>) {
+      if (v.isInt()) return c10::IValue(static_cast<double>(v.toInt()));
+    }
+    return c10::nullopt;
+  }
   static T arg(const c10::IValue& v) {
     if constexpr (std::is_same_v<T, bool>) {
       return v.toBool();
@@ -99,24 +166,45 @@ template <>
 struct Boxing<std::string> {
   static c10::IValue box(std::string v) { return c10::IValue(std::move(v)); }
   static bool holds(const c10::IValue& v) { return v.isString(); }
+  static c10::optional<c10::IValue> convert(const c10::IValue& v) {
+    return holds(v) ? c10::optional<c10::IValue>(v) : c10::nullopt;
+  }
   static const std::string& arg(const c10::IValue& v) { return v.toStringRef(); }
   static std::string take(c10::IValue&& v) { return v.toStringRef(); }
 };
 
-template <typename T>
-struct Boxing<c10::optional<T>> {
-  static c10::IValue box(c10::optional<T> v) {
+template <typename Optional, typename T>
+struct OptionalBoxing {
+  static c10::IValue box(Optional v) {
     return v.has_value() ? Boxing<T>::box(std::move(*v)) : c10::IValue();
   }
   static bool holds(const c10::IValue& v) { return v.isNone() || Boxing<T>::holds(v); }
-  static c10::optional<T> arg(const c10::IValue& v) {
-    if (v.isNone()) return c10::nullopt;
-    return c10::optional<T>(Boxing<T>::arg(v));
+  static c10::optional<c10::IValue> convert(const c10::IValue& v) {
+    return v.isNone() ? c10::optional<c10::IValue>(v) : Boxing<T>::convert(v);
   }
-  static c10::optional<T> take(c10::IValue&& v) {
-    if (v.isNone()) return c10::nullopt;
-    return c10::optional<T>(Boxing<T>::take(std::move(v)));
+  static Optional arg(const c10::IValue& v) {
+    if (v.isNone()) return Optional();
+    return Optional(Boxing<T>::arg(v));
   }
+  static Optional take(c10::IValue&& v) {
+    if (v.isNone()) return Optional();
+    return Optional(Boxing<T>::take(std::move(v)));
+  }
+};
+template <typename T>
+struct Boxing<c10::optional<T>> : OptionalBoxing<c10::optional<T>, T> {};
+// On LibTorch 2.x c10::optional is std::optional; on 1.13 they are two types, and both work.
+template <typename T>
+struct Boxing<std::optional<T>,
+              std::enable_if_t<!std::is_same_v<std::optional<T>, c10::optional<T>>>>
+    : OptionalBoxing<std::optional<T>, T> {};
+
+/// `c10::nullopt` / `std::nullopt` (a ModuleSpec default): None.
+template <typename T>
+struct Boxing<
+    T, std::enable_if_t<std::is_same_v<T, c10::nullopt_t> || std::is_same_v<T, std::nullopt_t>>> {
+  static c10::IValue box(T) { return c10::IValue(); }
+  static bool holds(const c10::IValue& v) { return v.isNone(); }
 };
 
 /// An ArrayRef is a view: box a copy of the elements and hand out a view of that copy.
@@ -125,16 +213,22 @@ struct Boxing<c10::ArrayRef<T>> {
   using Owner = Boxing<std::vector<T>>;
   static c10::IValue box(c10::ArrayRef<T> v) { return Owner::box(v.vec()); }
   static bool holds(const c10::IValue& v) { return Owner::holds(v); }
+  static c10::optional<c10::IValue> convert(const c10::IValue& v) { return Owner::convert(v); }
   static c10::ArrayRef<T> arg(const c10::IValue& v) { return Owner::arg(v); }
 };
 
 /// A value can stand where an optional of its type is expected.
-template <typename T>
+template <typename T, typename = void>
 struct optional_target {
   using type = void;
 };
 template <typename T>
 struct optional_target<c10::optional<T>> {
+  using type = T;
+};
+template <typename T>
+struct optional_target<std::optional<T>,
+                       std::enable_if_t<!std::is_same_v<std::optional<T>, c10::optional<T>>>> {
   using type = T;
 };
 

@@ -11,16 +11,37 @@
 #include <vector>
 
 #include <ATen/core/ivalue.h>
+#include <c10/core/AutogradState.h>
+#include <c10/core/InferenceMode.h>
 
 namespace fusion::detail {
+
+/// The thread-local autograd mode a member was called in. The replay runs each member in its own
+/// mode: a parent may call one member under NoGradGuard (a frozen norm) and the next one with
+/// gradients, and replaying both in the last member's mode would change the gradients.
+struct Mode {
+  bool grad = true;
+  bool inference = false;
+
+  static Mode current() noexcept {
+    const c10::AutogradState& state = c10::AutogradState::get_tls_state();  // one TLS read
+    return {state.get_grad_mode(), state.get_inference_mode()};
+  }
+  bool operator==(const Mode& other) const noexcept {
+    return grad == other.grad && inference == other.inference;
+  }
+};
 
 /// What one thread holds for one chain during a pass.
 struct Capture {
   std::uint64_t owner = 0;  // uid of the chain this state belongs to
   std::size_t next = 0;     // how many members have been called in the current pass
-  std::vector<std::vector<c10::IValue>> args;     // call arguments, per member
+  // Per member: its call arguments; during the replay, the full argument list it was called with
+  // (later members may be wired to these inputs).
+  std::vector<std::vector<c10::IValue>> args;
   std::vector<std::vector<c10::IValue>> outputs;  // replay outputs, per member
-  std::vector<c10::IValue> scratch;               // the full argument list of the member replayed
+  std::vector<Mode> modes;                        // the mode each member was called in
+  std::vector<c10::IValue> scratch;               // the argument list being assembled
 
   /// Drops every captured value (so tensors are freed at once) but keeps the capacity.
   void clear() noexcept {
@@ -72,6 +93,7 @@ inline Capture& capture_for(std::size_t index, std::uint64_t uid, std::size_t me
     capture.owner = uid;
     capture.args.resize(members);
     capture.outputs.resize(members);
+    capture.modes.resize(members);
   }
   return capture;
 }

@@ -33,7 +33,8 @@ class SlotBase;
 /// One forward() parameter, as fuse-time checks and the replay see it.
 struct ParamInfo {
   TypeInfo type;
-  bool (*holds)(const c10::IValue&);  // whether a box can be passed as this parameter
+  // A spec default converted to this parameter's type as C++ would, or nullopt if it cannot be.
+  c10::optional<c10::IValue> (*convert)(const c10::IValue&);
   c10::optional<c10::IValue> (*from_any)(
       torch::nn::AnyValue&);  // a FORWARD_HAS_DEFAULT_ARGS default
 };
@@ -41,12 +42,13 @@ struct ParamInfo {
 struct SignatureInfo {
   std::vector<ParamInfo> params;
   std::vector<TypeInfo> outputs;  // one per tuple element, else one
+  bool has_placeholder = true;    // whether the Slot can stand in for its result as a collector
 };
 
 /// What a fused Slot calls instead of its module.
 class Dispatch {
  public:
-  explicit Dispatch(bool collects) : collects(collects) {}
+  explicit Dispatch(bool is_collector) : collects(is_collector) {}
   virtual ~Dispatch() = default;
   /// Takes the boxed call arguments (moving from them). A collector returns nullptr and the Slot
   /// returns a placeholder; the fused module returns the last member's boxed outputs.
@@ -125,15 +127,22 @@ class SlotBase {
 
 /// Where one parameter of a member comes from during replay.
 struct Source {
-  int producer = -1;      // member whose output feeds this parameter, -1 if none
-  int output = 0;         // which of its outputs
-  bool last_use = false;  // the producer's output is moved, not copied, into its last consumer
-  c10::optional<c10::IValue> fallback;  // default, used when neither wired nor passed
+  enum class Kind : std::uint8_t {
+    call,    // the member's own call argument, else `fallback`
+    output,  // output `index` of earlier member `member`
+    input,   // the value earlier member `member` received as parameter `index`
+  };
+  Kind kind = Kind::call;
+  int member = -1;
+  int index = 0;
+  bool last_use = false;                // the value is moved, not copied, into its last consumer
+  c10::optional<c10::IValue> fallback;  // default, used when the call passed no argument
 };
 
 struct Member {
   SlotBase* slot = nullptr;  // null once the Slot was destroyed
   std::vector<Source> sources;
+  bool inputs_read_later = false;  // a later member is wired to one of this member's inputs
 };
 
 class Chain {
@@ -143,8 +152,10 @@ class Chain {
   Chain(const Chain&) = delete;
   Chain& operator=(const Chain&) = delete;
 
+  /// Paths are relative to the root given to fuse_modules; fused_chains re-roots them.
   const FusedChain& info() const noexcept { return info_; }
   std::size_t size() const noexcept { return members_.size(); }
+  const SlotBase* member_slot(std::size_t i) const noexcept { return members_[i].slot; }
   bool attached() const noexcept { return attached_; }
 
   /// Makes the member Slots own `self` and dispatch to it. Cannot fail.
@@ -185,6 +196,8 @@ class Chain {
   }
 
  private:
+  void resolve_args(Capture& capture, std::size_t i) const;
+
   FusedChain info_;
   std::vector<Member> members_;
   std::vector<std::unique_ptr<Dispatch>> roles_;
@@ -193,7 +206,8 @@ class Chain {
   bool attached_ = false;
 };
 
-/// Members 0..n-2: stores the call arguments for the replay; the Slot returns a placeholder.
+/// Members 0..n-2: stores the call arguments and mode for the replay; the Slot returns a
+/// placeholder.
 class RegistryCollector final : public Dispatch {
  public:
   RegistryCollector(const Chain& chain, std::size_t index)
@@ -211,6 +225,7 @@ class RegistryCollector final : public Dispatch {
     }
     auto& stored = capture.args[index_];
     stored.assign(std::make_move_iterator(args), std::make_move_iterator(args + count));
+    capture.modes[index_] = Mode::current();
     capture.next = index_ + 1;
     return nullptr;
   }
@@ -256,6 +271,7 @@ class FusedModule final : public Dispatch {
     }
     auto& stored = capture.args[last];
     stored.assign(std::make_move_iterator(args), std::make_move_iterator(args + count));
+    capture.modes[last] = Mode::current();
     return chain_.replay(capture);
   }
 
@@ -271,6 +287,46 @@ inline Chain::Chain(FusedChain info, std::vector<Member> members)
   roles_.push_back(std::make_unique<FusedModule>(*this));
 }
 
+/// Replaces member i's call arguments in `capture.args[i]` by its full argument list.
+inline void Chain::resolve_args(Capture& capture, std::size_t i) const {
+  const Member& member = members_[i];
+  auto& call_args = capture.args[i];
+  auto& args = capture.scratch;
+  args.clear();
+  for (std::size_t p = 0; p < member.sources.size(); ++p) {
+    const Source& source = member.sources[p];
+    switch (source.kind) {
+      case Source::Kind::output:
+      case Source::Kind::input: {
+        auto& from = source.kind == Source::Kind::output ? capture.outputs[source.member]
+                                                         : capture.args[source.member];
+        c10::IValue& value = from[source.index];
+        args.push_back(source.last_use ? std::move(value) : value);
+        break;
+      }
+      case Source::Kind::call:
+        if (p < call_args.size()) {
+          args.push_back(std::move(call_args[p]));
+        } else if (source.fallback.has_value()) {
+          args.push_back(*source.fallback);
+        } else {
+          fail_call(capture,
+                    fmt::format(
+                        "parameter #{} ({}) of '{}' has no value: no earlier member provides it, "
+                        "the call passed {} argument(s), and it has no default the library can "
+                        "see (a C++ default argument is invisible to it). Give the default in the "
+                        "spec, ModuleSpec{{inputs, outputs, {{{{{}, fusion::box(value)}}}}}}, or "
+                        "with FORWARD_HAS_DEFAULT_ARGS",
+                        p, member.slot->signature().params[p].type.name, info_.paths[i],
+                        call_args.size(), p));
+        }
+        break;
+    }
+  }
+  std::swap(call_args, args);
+  args.clear();
+}
+
 inline std::vector<c10::IValue>* Chain::replay(Capture& capture) const {
   struct ClearOnThrow {
     Capture& capture;
@@ -279,36 +335,31 @@ inline std::vector<c10::IValue>* Chain::replay(Capture& capture) const {
     }
   } guard{capture};
 
+  const Mode mode = capture.modes.back();  // the fused module's: the mode the replay runs in
   for (std::size_t i = 0; i < members_.size(); ++i) {
     const Member& member = members_[i];
     if (member.slot == nullptr) {
       fail_call(capture, fmt::format("the Slot of member '{}' was destroyed", info_.paths[i]));
     }
-    auto& call_args = capture.args[i];
-    auto& args = capture.scratch;
-    args.clear();
-    for (std::size_t p = 0; p < member.sources.size(); ++p) {
-      const Source& source = member.sources[p];
-      if (source.producer >= 0) {
-        c10::IValue& produced = capture.outputs[source.producer][source.output];
-        args.push_back(source.last_use ? std::move(produced) : produced);
-      } else if (p < call_args.size()) {
-        args.push_back(std::move(call_args[p]));
-      } else if (source.fallback.has_value()) {
-        args.push_back(*source.fallback);
-      } else {
-        fail_call(capture, fmt::format("parameter #{} of '{}' has no value: no earlier member "
-                                       "outputs it, the call passed {} argument(s) and it has no "
-                                       "default",
-                                       p, info_.paths[i], call_args.size()));
-      }
-    }
-    call_args.clear();
+    resolve_args(capture, i);
+    auto& args = capture.args[i];
     capture.outputs[i].clear();
-    member.slot->call_boxed(args.data(), capture.outputs[i]);
-    args.clear();
+    const Mode& own = capture.modes[i];
+    if (own == mode) {
+      member.slot->call_boxed(args.data(), capture.outputs[i]);
+    } else {
+      // Its own mode, as the parent called it (InferenceMode(false) also turns grad mode on).
+      c10::InferenceMode inference(own.inference);
+      c10::AutoGradMode grad(own.grad);
+      member.slot->call_boxed(args.data(), capture.outputs[i]);
+    }
+    if (!member.inputs_read_later) args.clear();
   }
-  for (std::size_t i = 0; i + 1 < members_.size(); ++i) capture.outputs[i].clear();
+  for (std::size_t i = 0; i + 1 < members_.size(); ++i) {
+    capture.outputs[i].clear();
+    capture.args[i].clear();
+  }
+  capture.args.back().clear();
   capture.next = 0;
   return &capture.outputs.back();
 }

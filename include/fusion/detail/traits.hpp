@@ -24,6 +24,7 @@ struct signature_of<R(Params...)> {
   static constexpr bool has_mutable_reference_param =
       ((std::is_lvalue_reference_v<Params> && !std::is_const_v<std::remove_reference_t<Params>>) ||
        ...);
+  static constexpr bool has_rvalue_reference_param = (std::is_rvalue_reference_v<Params> || ...);
 };
 template <typename R, typename... Params>
 struct signature_of<R(Params...) noexcept> : signature_of<R(Params...)> {};
@@ -71,6 +72,10 @@ struct checked_signature : Signature {
   static_assert(!Signature::has_mutable_reference_param,
                 "fusion::Slot: forward() takes a non-const lvalue reference (for example Tensor&): "
                 "a fused replay would write into a copy. Take the parameter by value or const&");
+  static_assert(!Signature::has_rvalue_reference_param,
+                "fusion::Slot: forward() takes an rvalue reference (for example Tensor&&): a fused "
+                "replay passes captured values that later members may still read, so it cannot "
+                "hand them over as rvalues. Take the parameter by value or const&");
   static_assert(!std::is_void_v<typename Signature::result>,
                 "fusion::Slot: forward() returns void, so it has no output to wire into the next "
                 "member of a chain");

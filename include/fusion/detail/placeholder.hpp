@@ -1,0 +1,80 @@
+// The stand-in a collector returns for a result that only the replay computes.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/core/TensorImpl.h>
+#include <c10/util/Optional.h>
+#include <c10/util/SmallVector.h>
+
+namespace fusion::detail {
+
+/// A tensor with `like`'s shape, dtype and device that shares no memory with it: one element of
+/// this thread's stand-in storage for that dtype and device, expanded (all strides 0). A parent
+/// may read its metadata and pass it on to the next member. Anything else is not replayed; an
+/// in-place write on it fails in ATen ("more than one element of the written-to tensor refers to
+/// a single memory location") instead of silently writing into the caller's tensor, and floating
+/// stand-ins read as NaN, so arithmetic on one shows. Cheap because it is on every fused call: the
+/// view is built directly, as at::detail::make_tensor lets extensions do (through the dispatcher,
+/// `expand` cost ~500 ns a call), and reused on the next call when nobody kept it.
+inline at::Tensor stand_in(const at::Tensor& like) {
+  if (!like.defined()) return like;
+  if (like.layout() != at::kStrided || like.is_quantized()) return at::empty_like(like);
+  struct StandIns {
+    at::Tensor scalar;  // the one element every stand-in of this dtype and device views
+    at::Tensor last;    // the last stand-in made, reused once nothing else holds it
+  };
+  thread_local std::vector<StandIns> cache;  // one entry per (dtype, device) this thread has seen
+  StandIns* entry = nullptr;
+  for (StandIns& candidate : cache) {
+    if (candidate.scalar.scalar_type() == like.scalar_type() &&
+        candidate.scalar.device() == like.device()) {
+      entry = &candidate;
+      break;
+    }
+  }
+  if (entry == nullptr) {
+    c10::InferenceMode normal(false);  // an ordinary tensor, usable in and out of InferenceMode
+    const bool floating =
+        at::isFloatingType(like.scalar_type()) || at::isComplexType(like.scalar_type());
+    cache.push_back({at::full({}, floating ? std::numeric_limits<double>::quiet_NaN() : 0.0,
+                              like.options().requires_grad(false)),
+                     at::Tensor()});
+    entry = &cache.back();
+  }
+  // The last stand-in, if only this cache holds it and nothing changed it (a parent may have
+  // called a metadata-changing op such as unsqueeze_ or requires_grad_ on it).
+  at::Tensor& last = entry->last;
+  if (last.defined() && last.use_count() == 1 && last.sizes() == like.sizes() &&
+      !last.requires_grad() && last.storage_offset() == 0 &&
+      last.unsafeGetTensorImpl()->storage().data() == entry->scalar.data_ptr() &&
+      std::all_of(last.strides().begin(), last.strides().end(),
+                  [](int64_t stride) { return stride == 0; })) {
+    return last;
+  }
+  at::Tensor view = at::detail::make_tensor<c10::TensorImpl>(
+      c10::TensorImpl::VIEW, c10::Storage(entry->scalar.storage()), entry->scalar.key_set(),
+      entry->scalar.dtype());
+  const c10::SmallVector<int64_t, 8> strides(static_cast<std::size_t>(like.dim()), 0);
+  view.unsafeGetTensorImpl()->set_sizes_and_strides(like.sizes(), strides);
+  if (!last.defined() || last.use_count() == 1) last = view;
+  return view;
+}
+
+/// Values other than tensors are copies already: nothing of the caller's can be written through.
+template <typename T>
+T stand_in(const T& value) {
+  return value;
+}
+template <typename T>
+c10::optional<T> stand_in(const c10::optional<T>& value) {
+  return value.has_value() ? c10::optional<T>(stand_in(*value)) : value;
+}
+
+}  // namespace fusion::detail
