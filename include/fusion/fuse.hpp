@@ -15,6 +15,7 @@
 #include "fusion/detail/sites.hpp"
 #include "fusion/error.hpp"
 #include "fusion/fused_chain.hpp"
+#include "fusion/kernel.hpp"
 #include "fusion/match.hpp"
 #include "fusion/pattern.hpp"
 #include "fusion/slot.hpp"
@@ -43,7 +44,7 @@ std::vector<FusedChain> fuse_modules(Root& root, const std::vector<std::string>&
   std::vector<FusedChain> infos;
   for (const auto& chain : chains) {
     detail::Chain::fuse(chain);
-    infos.push_back(chain->info());
+    infos.push_back(detail::with_kernel(chain->info(), *chain));
   }
   return infos;
 }
@@ -89,7 +90,8 @@ std::vector<FusedChain> fused_chains(Root& root) {
   return infos;
 }
 
-/// A readable account of the fused chains under `root`: members, their wiring and roles.
+/// A readable account of the fused chains under `root`: members, their wiring and roles, and each
+/// kernel with its counters and the memory its prepared state holds.
 template <typename Root>
 std::string report(Root& root) {
   const auto chains = fused_chains(root);
@@ -99,6 +101,15 @@ std::string report(Root& root) {
     const FusedChain& chain = chains[c];
     fmt::format_to(std::back_inserter(text), "[{}] {}  (binding {})\n", c, to_string(chain),
                    detail::describe_names(chain.binding));
+    if (!chain.kernel.empty()) {
+      const KernelStats& k = chain.stats;
+      fmt::format_to(
+          std::back_inserter(text),
+          "    kernel {}: {} run(s); replays: device {}, training {}, grad {}, modes {}; "
+          "{} prepare(s); state {} B own, {} B shared with the model\n",
+          chain.kernel, k.runs, k.replays_device, k.replays_training, k.replays_grad,
+          k.replays_modes, k.prepares, k.state_bytes, k.shared_state_bytes);
+    }
     for (std::size_t m = 0; m < chain.paths.size(); ++m) {
       fmt::format_to(std::back_inserter(text), "    {:<14} {}: ({}) -> ({})\n",
                      m + 1 == chain.paths.size() ? "FusedModule" : "Collector", chain.paths[m],

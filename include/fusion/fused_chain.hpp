@@ -2,6 +2,7 @@
 // it.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -12,12 +13,26 @@
 
 namespace fusion {
 
+/// What a chain's kernel did since it was attached (see use_kernel).
+struct KernelStats {
+  std::uint64_t runs = 0;              // calls the kernel computed
+  std::uint64_t replays_device = 0;    // replayed: no implementation for the inputs' device
+  std::uint64_t replays_training = 0;  // replayed: a member in training mode
+  std::uint64_t replays_grad = 0;      // replayed: gradients needed, the kernel has no autograd
+  std::uint64_t replays_modes = 0;     // replayed: members called in different autograd modes
+  std::uint64_t prepares = 0;          // times its state was (re)built from the members' tensors
+  std::uint64_t state_bytes = 0;       // bytes the prepared state holds beyond the model's tensors
+  std::uint64_t shared_state_bytes = 0;  // bytes of it that the model's tensors share
+};
+
 struct FusedChain {
   std::vector<std::string> paths;     // member paths, relative to the root of the call that
                                       // returned this (fuse_modules, fused_chains, verify)
   std::vector<std::string> patterns;  // the pattern each member matched, as given to fuse_modules
   std::vector<ModuleSpec> specs;      // the spec each member was fused with, same order
   std::vector<std::string> binding;   // the values the patterns' wildcards took for this chain
+  std::string kernel;                 // the kernel attached, or empty: the chain replays
+  KernelStats stats;                  // with a kernel: what it did
 };
 
 /// One line: "layers.0.norm -> layers.0.mlp".

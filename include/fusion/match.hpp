@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 
 #include "fusion/detail/chain.hpp"
+#include "fusion/detail/kernel.hpp"
 #include "fusion/detail/sites.hpp"
 #include "fusion/detail/wiring.hpp"
 #include "fusion/error.hpp"
@@ -21,9 +22,17 @@
 
 namespace fusion {
 
+/// What a chain does when its kernel does not apply to a call (wrong device, training mode,
+/// gradients needed): replay the members and count why, or throw a FusionError saying why.
+enum class KernelPolicy { fallback, strict };
+
 struct FuseOptions {
   /// Skip bindings that some pattern lacks (a layer without the module) instead of failing.
   bool skip_incomplete_chains = false;
+  /// A registered kernel (see register_kernel) to run in place of the replay; empty: replay.
+  /// With a kernel, a chain may have a single member: "replace this module's forward".
+  std::string kernel = {};
+  KernelPolicy policy = KernelPolicy::fallback;
 };
 
 namespace detail {
@@ -73,9 +82,9 @@ struct Matches {
 
 inline Matches match(torch::nn::Module& root, const std::vector<std::string>& patterns,
                      const FuseOptions& options) {
-  if (patterns.size() < 2) {
-    fail("fusion::fuse_modules: a chain needs at least 2 patterns, got {} {}", patterns.size(),
-         describe_names(patterns));
+  if (patterns.empty() || (patterns.size() < 2 && options.kernel.empty())) {
+    fail("fusion::fuse_modules: a chain needs at least 2 patterns (or 1 with a kernel), got {} {}",
+         patterns.size(), describe_names(patterns));
   }
   std::vector<Pattern> parsed;
   for (const std::string& text : patterns) parsed.emplace_back(text);
@@ -172,8 +181,8 @@ inline Matches match(torch::nn::Module& root, const std::vector<std::string>& pa
   return found;
 }
 
-/// Builds (but does not switch on) the chains fuse_modules would fuse; throws if any spec does
-/// not fit.
+/// Builds (but does not switch on) the chains fuse_modules would fuse, with their kernel bound;
+/// throws if any spec or the kernel does not fit.
 inline std::vector<std::shared_ptr<Chain>> plan(torch::nn::Module& root,
                                                 const std::vector<std::string>& patterns,
                                                 const std::vector<ModuleSpec>& specs,
@@ -183,17 +192,28 @@ inline std::vector<std::shared_ptr<Chain>> plan(torch::nn::Module& root,
          patterns.size(), specs.size());
   }
   Matches found = match(root, patterns, options);
+  const std::uint64_t origin = CaptureIndexPool::next_uid();  // chains of one call share it
   std::vector<std::shared_ptr<Chain>> built;
   for (std::size_t c = 0; c < found.members.size(); ++c) {
     std::vector<Member> members;
-    FusedChain info{{}, patterns, specs, found.bindings[c]};
+    FusedChain info;
+    info.patterns = patterns;
+    info.specs = specs;
+    info.binding = found.bindings[c];
     for (std::size_t p = 0; p < patterns.size(); ++p) {
       members.push_back(
           {found.members[c][p]->slot, plan_member(found.members[c], specs, patterns, p)});
       info.paths.push_back(found.members[c][p]->path);
     }
     mark_last_uses(members);
-    built.push_back(std::make_shared<Chain>(std::move(info), std::move(members)));
+    auto chain = std::make_shared<Chain>(std::move(info), std::move(members));
+    if (!options.kernel.empty()) {
+      chain->set_kernel(bind_kernel(*chain, chain->info().paths, options.kernel,
+                                    options.policy == KernelPolicy::strict));
+    }
+    chain->set_origin(origin, found.members.size());
+    chain->set_options({options.skip_incomplete_chains});
+    built.push_back(std::move(chain));
   }
   return built;
 }
@@ -221,7 +241,9 @@ std::vector<FusedChain> match_chains(Root& root, const std::vector<std::string>&
   detail::Matches found = detail::match(detail::module_of(root), patterns, options);
   std::vector<FusedChain> infos;
   for (std::size_t c = 0; c < found.members.size(); ++c) {
-    FusedChain info{{}, patterns, {}, found.bindings[c]};
+    FusedChain info;
+    info.patterns = patterns;
+    info.binding = found.bindings[c];
     for (const detail::Site* member : found.members[c]) info.paths.push_back(member->path);
     infos.push_back(std::move(info));
   }

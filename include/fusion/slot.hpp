@@ -10,6 +10,8 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <typeindex>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -99,6 +101,10 @@ class Slot final : public detail::SlotBase {
   torch::nn::Module* module() const noexcept override {
     return holder_.is_empty() ? nullptr : holder_.ptr().get();
   }
+  void* impl() const noexcept override {
+    return holder_.is_empty() ? nullptr : holder_.ptr().get();
+  }
+  std::type_index impl_type() const noexcept override { return typeid(Impl); }
   const detail::SignatureInfo& signature() const override {
     static const detail::SignatureInfo info{params_info(std::make_index_sequence<arity>{}),
                                             detail::output_types<Result>::get(), has_placeholder()};

@@ -49,6 +49,7 @@ struct ChainCheck {
   double max_grad_diff = 0;  // over every gradient compared; inf if one exists on one side only
   std::string worst_gradient;  // the parameter or input where max_grad_diff was found
   std::string error;           // what the fused run threw, if it threw
+  bool kernel_ran = false;     // with a kernel (chain.kernel): whether it computed the fused run
   bool ok = false;
 };
 
@@ -65,8 +66,13 @@ struct VerifyReport {
   std::string to_string() const {
     std::string text;
     for (const ChainCheck& check : chains) {
-      fmt::format_to(std::back_inserter(text), "{} [{}]: ", check.ok ? "ok  " : "FAIL",
+      fmt::format_to(std::back_inserter(text), "{} [{}]", check.ok ? "ok  " : "FAIL",
                      fusion::to_string(check.chain));
+      if (!check.chain.kernel.empty()) {
+        fmt::format_to(std::back_inserter(text), " kernel '{}'{}", check.chain.kernel,
+                       check.kernel_ran ? "" : " (did not run: replayed)");
+      }
+      text += ": ";
       if (!check.error.empty()) {
         fmt::format_to(std::back_inserter(text), "threw: {}\n", check.error);
         continue;
@@ -315,6 +321,10 @@ RunOutcome run_once(Run& run, SavedState& state, bool gradients) {
 /// compares the gradient of every parameter under `root` (and of `options.inputs`): a chain that
 /// changes only gradients fails too. Run it under NoGradGuard to compare results only.
 ///
+/// A chain with a kernel is checked with its kernel when the kernel applies to the run (the
+/// report says when it replayed instead): run under NoGradGuard or InferenceMode to check a
+/// kernel registered without autograd.
+///
 /// Each run starts from the state verify found, and verify leaves it so: parameter and buffer
 /// values (BatchNorm statistics move in training mode), gradients, the default random generators,
 /// and the fusion state, also when `run` throws. It holds a copy of the parameters and buffers
@@ -355,6 +365,9 @@ VerifyReport verify(Root& root, Run&& run, const VerifyOptions& options) {
     chain->attach();
     try {
       const detail::RunOutcome fused = detail::run_once(run, state, options.gradients);
+      if (const auto& kernel = chain->kernel()) {
+        check.kernel_ran = kernel->stats().runs > check.chain.stats.runs;
+      }
       check.max_abs_diff = detail::max_abs_diff(reference.result, fused.result);
       const auto& names = state.gradient_names();
       const bool compare = !reference.gradients.empty() || !fused.gradients.empty();

@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <typeindex>
 #include <utility>
 #include <vector>
 
@@ -99,6 +100,9 @@ class SlotBase {
   std::size_t member_index() const noexcept { return member_index_; }
 
   virtual torch::nn::Module* module() const noexcept = 0;
+  /// The module as its own type (`Impl*`), for kernels, whose type impl_type() names.
+  virtual void* impl() const noexcept = 0;
+  virtual std::type_index impl_type() const noexcept = 0;
   virtual const SignatureInfo& signature() const = 0;
   /// Calls the original forward() with every parameter boxed in `args`; appends the outputs.
   virtual void call_boxed(c10::IValue* args, std::vector<c10::IValue>& outputs) = 0;
@@ -145,6 +149,31 @@ struct Member {
   bool inputs_read_later = false;  // a later member is wired to one of this member's inputs
 };
 
+/// The options a chain was fused with, kept so that plan_of can reproduce them.
+struct FuseOptionsRecord {
+  bool skip_incomplete_chains = false;
+};
+
+/// What a chain with a kernel attached calls before replaying (implemented in detail/kernel.hpp).
+class KernelRunner {
+ public:
+  virtual ~KernelRunner() = default;
+  /// The last member's outputs computed by the kernel, or nullptr: the kernel does not apply to
+  /// this call, and the chain replays.
+  virtual std::vector<c10::IValue>* try_run(const Chain& chain, Capture& capture) = 0;
+  virtual const std::string& name() const noexcept = 0;
+  virtual bool strict() const noexcept = 0;
+  /// Makes the next call rebuild the kernel's prepared state.
+  virtual void invalidate() noexcept = 0;
+  virtual KernelStats stats() const = 0;
+};
+
+/// A parameter of a member that no earlier member feeds: what a kernel takes besides the modules.
+struct FreeInput {
+  std::size_t member;
+  std::size_t param;
+};
+
 class Chain {
  public:
   Chain(FusedChain info, std::vector<Member> members);
@@ -157,6 +186,31 @@ class Chain {
   std::size_t size() const noexcept { return members_.size(); }
   const SlotBase* member_slot(std::size_t i) const noexcept { return members_[i].slot; }
   bool attached() const noexcept { return attached_; }
+  /// Every parameter no earlier member feeds (a call argument, else a default), in member and
+  /// parameter order.
+  const std::vector<FreeInput>& free_inputs() const noexcept { return free_inputs_; }
+  /// The value free input `input` has in this pass: the call argument, else the default.
+  const c10::IValue& free_input(Capture& capture, const FreeInput& input) const;
+  /// Whether every member's Slot is alive (a destroyed one cannot be run).
+  bool complete() const noexcept {
+    for (const Member& member : members_) {
+      if (member.slot == nullptr) return false;
+    }
+    return true;
+  }
+
+  /// The kernel, if one is attached. Set only while no thread runs the model (like fusing).
+  const std::shared_ptr<KernelRunner>& kernel() const noexcept { return kernel_; }
+  void set_kernel(std::shared_ptr<KernelRunner> kernel) noexcept { kernel_ = std::move(kernel); }
+  /// The fuse_modules call (or plan rule) that built this chain, and how many chains it built.
+  std::uint64_t origin() const noexcept { return origin_; }
+  std::size_t origin_size() const noexcept { return origin_size_; }
+  void set_origin(std::uint64_t origin, std::size_t size) noexcept {
+    origin_ = origin;
+    origin_size_ = size;
+  }
+  const FuseOptionsRecord& options() const noexcept { return options_; }
+  void set_options(FuseOptionsRecord options) noexcept { options_ = options; }
 
   /// Makes the member Slots own `self` and dispatch to it. Cannot fail.
   static void fuse(const std::shared_ptr<Chain>& self) noexcept {
@@ -197,10 +251,16 @@ class Chain {
 
  private:
   void resolve_args(Capture& capture, std::size_t i) const;
+  std::string missing_value(std::size_t member, std::size_t param, std::size_t passed) const;
 
   FusedChain info_;
   std::vector<Member> members_;
+  std::vector<FreeInput> free_inputs_;
   std::vector<std::unique_ptr<Dispatch>> roles_;
+  std::shared_ptr<KernelRunner> kernel_;
+  std::uint64_t origin_ = 0;
+  std::size_t origin_size_ = 0;
+  FuseOptionsRecord options_;
   std::uint64_t uid_ = CaptureIndexPool::next_uid();
   std::size_t capture_index_ = CaptureIndexPool::instance().acquire();
   bool attached_ = false;
@@ -272,6 +332,9 @@ class FusedModule final : public Dispatch {
     auto& stored = capture.args[last];
     stored.assign(std::make_move_iterator(args), std::make_move_iterator(args + count));
     capture.modes[last] = Mode::current();
+    if (const auto& kernel = chain_.kernel()) {
+      if (std::vector<c10::IValue>* outputs = kernel->try_run(chain_, capture)) return outputs;
+    }
     return chain_.replay(capture);
   }
 
@@ -285,6 +348,30 @@ inline Chain::Chain(FusedChain info, std::vector<Member> members)
     roles_.push_back(std::make_unique<RegistryCollector>(*this, i));
   }
   roles_.push_back(std::make_unique<FusedModule>(*this));
+  for (std::size_t i = 0; i < members_.size(); ++i) {
+    for (std::size_t p = 0; p < members_[i].sources.size(); ++p) {
+      if (members_[i].sources[p].kind == Source::Kind::call) free_inputs_.push_back({i, p});
+    }
+  }
+}
+
+inline const c10::IValue& Chain::free_input(Capture& capture, const FreeInput& input) const {
+  const auto& call_args = capture.args[input.member];
+  if (input.param < call_args.size()) return call_args[input.param];
+  const Source& source = members_[input.member].sources[input.param];
+  if (source.fallback.has_value()) return *source.fallback;
+  fail_call(capture, missing_value(input.member, input.param, call_args.size()));
+}
+
+inline std::string Chain::missing_value(std::size_t member, std::size_t param,
+                                        std::size_t passed) const {
+  return fmt::format(
+      "parameter #{} ({}) of '{}' has no value: no earlier member provides it, the call passed "
+      "{} argument(s), and it has no default the library can see (a C++ default argument is "
+      "invisible to it). Give the default in the spec, ModuleSpec{{inputs, outputs, "
+      "{{{{{}, fusion::box(value)}}}}}}, or with FORWARD_HAS_DEFAULT_ARGS",
+      param, members_[member].slot->signature().params[param].type.name, info_.paths[member],
+      passed, param);
 }
 
 /// Replaces member i's call arguments in `capture.args[i]` by its full argument list.
@@ -310,15 +397,7 @@ inline void Chain::resolve_args(Capture& capture, std::size_t i) const {
         } else if (source.fallback.has_value()) {
           args.push_back(*source.fallback);
         } else {
-          fail_call(capture,
-                    fmt::format(
-                        "parameter #{} ({}) of '{}' has no value: no earlier member provides it, "
-                        "the call passed {} argument(s), and it has no default the library can "
-                        "see (a C++ default argument is invisible to it). Give the default in the "
-                        "spec, ModuleSpec{{inputs, outputs, {{{{{}, fusion::box(value)}}}}}}, or "
-                        "with FORWARD_HAS_DEFAULT_ARGS",
-                        p, member.slot->signature().params[p].type.name, info_.paths[i],
-                        call_args.size(), p));
+          fail_call(capture, missing_value(i, p, call_args.size()));
         }
         break;
     }

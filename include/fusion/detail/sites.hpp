@@ -64,6 +64,15 @@ inline std::vector<std::shared_ptr<Chain>> chains_under(const std::vector<Site>&
   return chains;
 }
 
+/// `info` with the name and counters of `chain`'s kernel, if it has one.
+inline FusedChain with_kernel(FusedChain info, const Chain& chain) {
+  if (const auto& kernel = chain.kernel()) {
+    info.kernel = kernel->name();
+    info.stats = kernel->stats();
+  }
+  return info;
+}
+
 /// A chain's description with member paths relative to the root that `sites` were collected
 /// from. A member outside that root keeps the path it had under the root it was fused through,
 /// marked "(outside) ".
@@ -80,7 +89,7 @@ inline FusedChain info_under(const Chain& chain, const std::vector<Site>& sites)
     }
     info.paths[m] = std::move(path);
   }
-  return info;
+  return with_kernel(std::move(info), chain);
 }
 
 inline std::string describe_names(const std::vector<std::string>& names) {

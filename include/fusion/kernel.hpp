@@ -1,0 +1,108 @@
+// fusion::register_kernel / use_kernel: run a fused kernel in place of a chain's replay.
+//
+// A kernel is a typed C++ callable over the chain's modules and its free inputs (every parameter
+// that no earlier member feeds: a call argument, else a default), returning the last member's
+// result:
+//
+//   struct RMSNormMLP {
+//     struct State { torch::Tensor gate_up, down; };          // optional: derived tensors
+//     State prepare(RMSNormImpl& norm, MLPImpl& mlp) const;   // runs under NoGradGuard
+//     torch::Tensor operator()(const State& s, RMSNormImpl& norm, MLPImpl& mlp,
+//                              const torch::Tensor& hidden_states) const;
+//   };
+//   fusion::register_kernel("qwen3.rmsnorm_mlp", RMSNormMLP{});
+//   fusion::use_kernel(model, {"model.layers.*.mlp"}, "qwen3.rmsnorm_mlp");
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "fusion/detail/chain.hpp"
+#include "fusion/detail/kernel.hpp"
+#include "fusion/detail/sites.hpp"
+#include "fusion/error.hpp"
+#include "fusion/match.hpp"
+#include "fusion/pattern.hpp"
+
+namespace fusion {
+
+/// Registers `kernel` under `name` for the device types, modes and gradients `options` allows.
+/// Call it once per implementation: one name may have a CPU and a CUDA implementation, which
+/// must take the same modules and inputs and return the same result. The kernel's operator() is
+/// called from every thread that runs the model, at once: it must be thread-safe (const).
+///
+/// `prepare`, when the kernel has one, builds its state from the member modules under
+/// NoGradGuard: once, and again before any call that finds a member's parameter or buffer changed
+/// (an in-place write such as an optimizer step, `torch::load`, `to()`), never otherwise. A State
+/// with `std::vector<torch::Tensor> tensors() const` has its memory shown by `report`.
+template <typename Kernel>
+void register_kernel(const std::string& name, Kernel kernel, KernelOptions options = {}) {
+  detail::KernelRegistry::instance().add(name, std::make_shared<const detail::TypedKernel<Kernel>>(
+                                                   std::move(kernel), std::move(options)));
+}
+
+/// The names of the registered kernels, sorted.
+inline std::vector<std::string> registered_kernels() {
+  return detail::KernelRegistry::instance().names();
+}
+
+/// Attaches kernel `kernel` to every fused chain under `root` with a member whose path matches
+/// one of `patterns`, replacing any kernel they had; an empty name returns them to the replay.
+/// Checks first (the kernel is registered, its module types, free inputs and result fit every
+/// selected chain, the patterns select a chain) and throws FusionError, changing nothing, on the
+/// first misfit. Returns how many chains. Do not call it while another thread runs the model.
+template <typename Root>
+std::size_t use_kernel(Root& root, const std::vector<std::string>& patterns,
+                       const std::string& kernel, KernelPolicy policy = KernelPolicy::fallback) {
+  std::vector<Pattern> parsed;
+  for (const std::string& text : patterns) parsed.emplace_back(text);
+  const auto sites = detail::sites_under(detail::module_of(root));
+  std::set<const detail::Chain*> selected;
+  for (const auto& site : sites) {
+    if (site.slot == nullptr || !site.slot->is_fused()) continue;
+    for (const Pattern& pattern : parsed) {
+      if (pattern.match(site.path)) selected.insert(site.slot->chain().get());
+    }
+  }
+  std::vector<std::pair<std::shared_ptr<detail::Chain>, std::shared_ptr<detail::KernelRunner>>>
+      changes;
+  for (const auto& chain : detail::chains_under(sites)) {
+    if (selected.count(chain.get()) == 0) continue;
+    std::shared_ptr<detail::KernelRunner> runner;
+    if (!kernel.empty()) {
+      runner = detail::bind_kernel(*chain, detail::info_under(*chain, sites).paths, kernel,
+                                   policy == KernelPolicy::strict);
+    } else if (chain->size() < 2) {
+      detail::fail(
+          "fusion::use_kernel: chain [{}] has a single member, which only a kernel justifies; "
+          "unfuse it instead of removing its kernel",
+          to_string(detail::info_under(*chain, sites)));
+    }
+    changes.emplace_back(chain, std::move(runner));
+  }
+  if (changes.empty()) {
+    detail::fail("fusion::use_kernel: patterns {} select no fused chain under the root",
+                 detail::describe_names(patterns));
+  }
+  for (auto& [chain, runner] : changes) chain->set_kernel(std::move(runner));
+  return changes.size();
+}
+
+/// Makes every kernel under `root` rebuild its prepared state on its next call. The state is
+/// rebuilt by itself after any change a tensor's data pointer, version, dtype or device shows
+/// (`torch::load`, `to()`, in-place ops, Adam) and after any call in training mode or with
+/// gradients (so after every training step, even SGD's, which writes through `.data()` and moves
+/// no version). Call this after writes neither shows: `p.data().copy_(...)` or raw pointers
+/// outside a training step.
+template <typename Root>
+void refresh_kernels(Root& root) {
+  for (const auto& chain : detail::chains_under(detail::sites_under(detail::module_of(root)))) {
+    if (chain->kernel()) chain->kernel()->invalidate();
+  }
+}
+
+}  // namespace fusion
