@@ -1,8 +1,10 @@
 // qwen3_fusion: load a Qwen3 causal LM (or build a tiny random one), fuse
 // post_attention_layernorm+mlp and input_layernorm+self_attn in every layer, and check that the
-// fused model gives the original logits, then that the unfused one does again.
+// fused model gives the original logits, then that the unfused one does again; then run both
+// chains with their fused kernels (kernels.hpp) and check their logits within a tolerance.
 //
 //   qwen3_fusion [--model-dir DIR] [--input-ids 1,2,3] [--generate N] [--save-logits FILE]
+//                [--save-kernel-logits FILE] [--folded]
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -14,6 +16,7 @@
 #include <fmt/ranges.h>
 
 #include "checkpoint.hpp"
+#include "kernels.hpp"
 #include "npy.hpp"
 #include "qwen3.hpp"
 
@@ -24,6 +27,8 @@ struct Options {
   std::vector<int64_t> input_ids{1, 2, 3, 4, 5, 6, 7, 8};
   int64_t generate = 0;
   std::string save_logits;
+  std::string save_kernel_logits;
+  bool folded = false;
 };
 
 std::vector<int64_t> parse_ids(const std::string& text) {
@@ -56,10 +61,15 @@ Options parse(int argc, char** argv) {
       options.generate = std::stoll(value());
     } else if (arg == "--save-logits") {
       options.save_logits = value();
+    } else if (arg == "--save-kernel-logits") {
+      options.save_kernel_logits = value();
+    } else if (arg == "--folded") {
+      options.folded = true;
     } else {
       throw std::invalid_argument("unknown option " + arg +
                                   "\nusage: qwen3_fusion [--model-dir DIR] [--input-ids 1,2,3] "
-                                  "[--generate N] [--save-logits FILE]");
+                                  "[--generate N] [--save-logits FILE] [--save-kernel-logits FILE] "
+                                  "[--folded]");
     }
   }
   return options;
@@ -132,6 +142,31 @@ int main(int argc, char** argv) try {
   const double unfused_diff = max_diff(model(ids), original);
   std::cout << "Max diff unfused vs original: " << unfused_diff << "\n";
   ok = ok && unfused_diff == 0;
+
+  // Kernels compute with other ops (one GEMM for gate and up, raw loops), so their logits differ
+  // by rounding: within 1e-4 of the largest logit in float32, 5e-2 in bf16/f16.
+  qwen3::fuse_with_kernels(model, options.folded);
+  const auto with_kernels = model(ids);
+  const double scale = std::max(1.0, original.abs().max().item<double>());
+  const double tolerance = (original.scalar_type() == torch::kFloat32 ? 1e-4 : 5e-2) * scale;
+  const double kernel_diff = max_diff(with_kernels, original);
+  std::cout << fmt::format("Max diff with kernels vs original: {:g} (tolerance {:g})\n",
+                           kernel_diff, tolerance);
+  ok = ok && kernel_diff <= tolerance;
+  if (!options.save_kernel_logits.empty()) {
+    npy::save_float32(options.save_kernel_logits, with_kernels[0]);
+    std::cout << "Saved kernel logits [" << with_kernels.size(1) << ", " << with_kernels.size(2)
+              << "] to " << options.save_kernel_logits << "\n";
+  }
+  if (options.generate > 0) {
+    const auto generated = model->generate(ids, options.generate);
+    const bool same = torch::equal(generated, original_generated);
+    std::cout << fmt::format("Generated ids (kernels):  [{}]  {}\n",
+                             fmt::join(new_ids(generated, ids.size(1)), ", "),
+                             same ? "identical" : "DIFFERENT");
+    ok = ok && same;
+  }
+  std::cout << fusion::report(model);
   std::cout << (ok ? "OK\n" : "FAILED\n");
   return ok ? 0 : 1;
 } catch (const std::exception& e) {

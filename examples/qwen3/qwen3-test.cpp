@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "checkpoint.hpp"
+#include "kernels.hpp"
 #include "npy.hpp"
 #include "qwen3.hpp"
 
@@ -130,6 +131,83 @@ TEST_CASE("fused logits and generated ids are identical for both chains") {
 
   CHECK(fusion::unfuse_modules(model) == 8);
   CHECK(torch::equal(model(prompt), original));
+}
+
+// Kernels compute with other ops than the modules: logits within 1e-4 of the largest logit in
+// float32, 5e-2 in bf16 (its 8-bit mantissa rounds between steps differently).
+double kernel_tolerance(const torch::Tensor& logits) {
+  const double scale = std::max(1.0, logits.abs().max().item<double>());
+  return (logits.scalar_type() == torch::kFloat32 ? 1e-4 : 5e-2) * scale;
+}
+
+void require_within_kernel_tolerance(const torch::Tensor& got, const torch::Tensor& expected) {
+  REQUIRE(got.sizes() == expected.sizes());
+  REQUIRE(got.dtype() == expected.dtype());
+  const double diff =
+      (got.to(torch::kFloat64) - expected.to(torch::kFloat64)).abs().max().item<double>();
+  INFO("max abs diff " << diff << ", tolerance " << kernel_tolerance(expected));
+  REQUIRE(diff <= kernel_tolerance(expected));
+}
+
+TEST_CASE("Qwen3 kernels match the unfused model, in float32 and bf16, and generate the same ids") {
+  torch::NoGradGuard no_grad;
+  const bool folded = GENERATE(false, true);
+  INFO((folded ? "folded" : "default (no weight copy)"));
+  auto model = random_model(3);
+  const auto prompt = ids({1, 2, 3, 4, 5, 6, 7, 8});
+  const auto original = model(prompt);
+  const auto original_ids = model->generate(prompt, 10);
+
+  qwen3::fuse_with_kernels(model, folded);
+  require_within_kernel_tolerance(model(prompt), original);
+  CHECK(torch::equal(model->generate(prompt, 10), original_ids));  // with the KV cache
+  for (const auto& chain : fusion::fused_chains(model)) {
+    INFO(fusion::to_string(chain) << " " << chain.kernel);
+    CHECK(chain.stats.runs > 0);
+    CHECK(chain.stats.prepares == 1);
+    CHECK(chain.stats.replays_device + chain.stats.replays_training + chain.stats.replays_grad ==
+          0);
+    // The default keeps no copy of a weight: its state is the model's own storage.
+    CHECK((chain.stats.state_bytes > 0) == folded);
+    CHECK((chain.stats.shared_state_bytes > 0) == !folded);
+  }
+  if (!folded) {
+    auto& mlp = *model->model->layers->at<qwen3::DecoderLayerImpl>(0).mlp;
+    CHECK(mlp.gate_proj->weight.storage().is_alias_of(mlp.up_proj->weight.storage()));
+  }
+  {
+    const auto report = fusion::verify(
+        model, [&] { return model(prompt); }, kernel_tolerance(original));
+    INFO(report.to_string());
+    CHECK(report.ok());
+    for (const auto& check : report.chains) CHECK(check.kernel_ran);
+  }
+
+  // bf16: to() swaps every tensor; the kernels prepare again and still match.
+  model->to(torch::kBFloat16);
+  fusion::use_kernel(model, {"**"}, "");
+  const auto bf16_original = model(prompt);
+  fusion::unfuse_modules(model);
+  qwen3::fuse_with_kernels(model, folded);
+  require_within_kernel_tolerance(model(prompt), bf16_original);
+}
+
+TEST_CASE("a checkpoint loaded into a kernel-equipped model reaches its kernels") {
+  torch::NoGradGuard no_grad;
+  const bool folded = GENERATE(false, true);
+  const fs::path dir = scratch(folded ? "kernel-load-folded" : "kernel-load");
+  auto source = random_model(11);
+  qwen3::save_pretrained(*source, source->config, dir);
+  const auto prompt = ids({3, 1, 4, 1, 5});
+  const auto expected = source(prompt);
+
+  auto model = random_model(12);
+  qwen3::fuse_with_kernels(model, folded);
+  const auto before = model(prompt);  // prepared from the old weights
+  qwen3::load_weights(*model, dir);
+  const auto after = model(prompt);
+  require_within_kernel_tolerance(after, expected);
+  CHECK_FALSE(torch::allclose(before, after));
 }
 
 TEST_CASE("a fused model saves with torch::save and loads into an unfused one") {

@@ -121,10 +121,21 @@ struct AttentionImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& hidden_states,
                         const PositionEmbeddings& position_embeddings,
                         const c10::optional<torch::Tensor>& attention_mask, KVCache* cache) {
-    const auto b = hidden_states.size(0), s = hidden_states.size(1);
-    auto q = q_norm(q_proj(hidden_states).view({b, s, -1, head_dim})).transpose(1, 2);
-    auto k = k_norm(k_proj(hidden_states).view({b, s, -1, head_dim})).transpose(1, 2);
-    auto v = v_proj(hidden_states).view({b, s, -1, head_dim}).transpose(1, 2);
+    return attend(q_proj(hidden_states), k_proj(hidden_states), v_proj(hidden_states),
+                  hidden_states.size(0), hidden_states.size(1), position_embeddings, attention_mask,
+                  cache);
+  }
+
+  /// Everything after the q, k and v projections ([batch * seq or batch, seq, heads * head_dim]):
+  /// per-head q/k norms, rotary embedding, cache, attention, o_proj. Kernels that compute the
+  /// projections their own way (one GEMM) continue here.
+  torch::Tensor attend(const torch::Tensor& q_lin, const torch::Tensor& k_lin,
+                       const torch::Tensor& v_lin, int64_t b, int64_t s,
+                       const PositionEmbeddings& position_embeddings,
+                       const c10::optional<torch::Tensor>& attention_mask, KVCache* cache) {
+    auto q = q_norm(q_lin.view({b, s, -1, head_dim})).transpose(1, 2);
+    auto k = k_norm(k_lin.view({b, s, -1, head_dim})).transpose(1, 2);
+    auto v = v_lin.view({b, s, -1, head_dim}).transpose(1, 2);
 
     const auto cos = position_embeddings.cos.unsqueeze(1),
                sin = position_embeddings.sin.unsqueeze(1);

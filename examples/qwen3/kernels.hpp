@@ -1,0 +1,214 @@
+// Fused kernels for Qwen3's two chains, written through fusion's public kernel API as a user would:
+//
+//   qwen3.rmsnorm_mlp        post_attention_layernorm + mlp: RMSNorm in one pass over the rows,
+//                            gate and up as one GEMM, SiLU(gate) * up in one pass, then down.
+//   qwen3.rmsnorm_attention  input_layernorm + self_attn: RMSNorm in one pass, q, k and v as one
+//                            GEMM, then the attention's own q/k norms, RoPE, cache, attention.
+//
+// By default they keep no second copy of any weight: prepare() moves gate and up (q, k and v)
+// into one storage and re-points the module's parameters at views of it (`set_data`), so the
+// model, its optimizer and the kernel read the same bytes. The ".folded" variants instead copy the
+// weights with the norm's weight folded into their columns (one multiply less per call, one copy
+// of those weights more).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/torch.h>
+#include <fusion/fusion.hpp>
+
+#include "qwen3.hpp"
+
+namespace qwen3 {
+namespace kernels {
+
+/// `parts` (row-major 2-D weights of one dtype and device, same column count) as views of one
+/// storage, stacked along dim 0. If they already are such views, in order, that storage is
+/// returned as is; else it is allocated once, the values moved there, and each tensor re-pointed
+/// at its slice. Runs under NoGradGuard (prepare does).
+inline torch::Tensor stack_in_place(const std::vector<torch::Tensor>& parts) {
+  bool adjacent = true;
+  int64_t rows = 0;
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    const auto& part = parts[i];
+    adjacent = adjacent && part.is_contiguous() && part.storage().is_alias_of(parts[0].storage()) &&
+               part.storage_offset() == parts[0].storage_offset() + rows * part.size(1);
+    rows += part.size(0);
+  }
+  const int64_t cols = parts[0].size(1);
+  if (adjacent) {
+    return torch::empty({0}, parts[0].options())
+        .set_(parts[0].storage(), parts[0].storage_offset(), {rows, cols}, {cols, 1});
+  }
+  auto stacked = torch::cat(parts);
+  int64_t offset = 0;
+  for (auto part : parts) {
+    const int64_t n = part.size(0);
+    part.set_data(stacked.narrow(0, offset, n));
+    offset += n;
+  }
+  return stacked;
+}
+
+/// RMSNorm of the rows of `x` ([rows, dim], float32, contiguous) into `out`, times `weight` when
+/// given, as Qwen3RMSNorm computes it in float32: weight * (x * rsqrt(mean(x^2) + eps)). One pass
+/// per row instead of the module's eight tensor ops; eight partial sums keep the loop fast without
+/// -ffast-math.
+inline void rmsnorm_rows(const float* x, const float* weight, float* out, int64_t rows, int64_t dim,
+                         float eps) {
+  at::parallel_for(0, rows, /*grain_size=*/std::max<int64_t>(1, 16384 / dim),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       const float* row = x + r * dim;
+                       float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                       int64_t i = 0;
+                       for (; i + 8 <= dim; i += 8) {
+                         for (int k = 0; k < 8; ++k) partial[k] += row[i + k] * row[i + k];
+                       }
+                       float sum = 0;
+                       for (; i < dim; ++i) sum += row[i] * row[i];
+                       for (float p : partial) sum += p;
+                       const float scale = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
+                       float* o = out + r * dim;
+                       if (weight != nullptr) {
+                         for (int64_t j = 0; j < dim; ++j) o[j] = weight[j] * (row[j] * scale);
+                       } else {
+                         for (int64_t j = 0; j < dim; ++j) o[j] = row[j] * scale;
+                       }
+                     }
+                   });
+}
+
+/// The chain's input normalised, as [rows, hidden]: the fast pass for float32, the module's own
+/// ops otherwise (bf16 and f16 round between its steps, and that rounding is the reference).
+/// With `fold`, the norm's weight is left out (it was folded into the next GEMM's columns).
+inline torch::Tensor normalise(const torch::Tensor& x, RMSNormImpl& norm, bool fold) {
+  const int64_t dim = x.size(-1);
+  if (x.scalar_type() == torch::kFloat32 && x.device().is_cpu() &&
+      norm.weight.scalar_type() == torch::kFloat32) {
+    const auto input = x.contiguous();
+    auto out = torch::empty({input.numel() / dim, dim}, input.options());
+    rmsnorm_rows(input.data_ptr<float>(), fold ? nullptr : norm.weight.data_ptr<float>(),
+                 out.data_ptr<float>(), out.size(0), dim, static_cast<float>(norm.eps));
+    return out;
+  }
+  if (!fold) return norm.forward(x).reshape({-1, dim});
+  auto xf = x.to(torch::kFloat32);
+  xf = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + norm.eps);
+  return xf.to(x.scalar_type()).reshape({-1, dim});
+}
+
+/// SiLU(gate) * up for gate_up = [rows, 2 * inter], into a new [rows, inter].
+inline torch::Tensor silu_mul(const torch::Tensor& gate_up, int64_t inter) {
+  const int64_t rows = gate_up.size(0);
+  if (gate_up.scalar_type() == torch::kFloat32 && gate_up.device().is_cpu() &&
+      rows * inter <= 32768) {
+    // Small: one pass over raw data beats two dispatched, vectorised ops.
+    auto out = torch::empty({rows, inter}, gate_up.options());
+    const float* in = gate_up.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* g = in + r * 2 * inter;
+      const float* u = g + inter;
+      float* dst = o + r * inter;
+      for (int64_t i = 0; i < inter; ++i) dst[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+    return out;
+  }
+  auto parts = gate_up.chunk(2, -1);
+  return torch::silu(parts[0]).mul_(parts[1]);
+}
+
+struct RMSNormMLP {
+  bool fold = false;
+
+  struct State {
+    torch::Tensor gate_up;  // [2 * inter, hidden]; shares the model's storage unless folded
+    std::vector<torch::Tensor> tensors() const { return {gate_up}; }
+  };
+
+  State prepare(RMSNormImpl& norm, MLPImpl& mlp) const {
+    const auto& gate = mlp.gate_proj->weight;
+    const auto& up = mlp.up_proj->weight;
+    if (fold) return {torch::cat({gate, up}) * norm.weight};
+    return {stack_in_place({gate, up})};
+  }
+
+  torch::Tensor operator()(const State& state, RMSNormImpl& norm, MLPImpl& mlp,
+                           const torch::Tensor& hidden_states) const {
+    const auto normed = normalise(hidden_states, norm, fold);
+    const auto gate_up = at::linear(normed, state.gate_up);
+    const auto act = silu_mul(gate_up, state.gate_up.size(0) / 2);
+    auto out = at::linear(act, mlp.down_proj->weight, mlp.down_proj->bias);
+    return out.view(hidden_states.sizes());
+  }
+};
+
+struct RMSNormAttention {
+  bool fold = false;
+
+  struct State {
+    torch::Tensor qkv_weight;  // [(heads + 2 * kv_heads) * head_dim, hidden]
+    torch::Tensor qkv_bias;    // undefined without attention_bias
+    std::vector<torch::Tensor> tensors() const { return {qkv_weight, qkv_bias}; }
+  };
+
+  State prepare(RMSNormImpl& norm, AttentionImpl& attn) const {
+    State state;
+    const std::vector<torch::Tensor> weights{attn.q_proj->weight, attn.k_proj->weight,
+                                             attn.v_proj->weight};
+    state.qkv_weight = fold ? torch::cat(weights) * norm.weight : stack_in_place(weights);
+    if (attn.q_proj->bias.defined()) {
+      state.qkv_bias = torch::cat({attn.q_proj->bias, attn.k_proj->bias, attn.v_proj->bias});
+    }
+    return state;
+  }
+
+  torch::Tensor operator()(const State& state, RMSNormImpl& norm, AttentionImpl& attn,
+                           const torch::Tensor& hidden_states,
+                           const PositionEmbeddings& position_embeddings,
+                           const c10::optional<torch::Tensor>& attention_mask,
+                           KVCache* cache) const {
+    const auto normed = normalise(hidden_states, norm, fold);
+    const auto qkv = at::linear(normed, state.qkv_weight, state.qkv_bias);
+    const int64_t q_size = attn.num_heads * attn.head_dim;
+    const int64_t kv_size = attn.num_kv_heads * attn.head_dim;
+    return attn.attend(qkv.narrow(-1, 0, q_size), qkv.narrow(-1, q_size, kv_size),
+                       qkv.narrow(-1, q_size + kv_size, kv_size), hidden_states.size(0),
+                       hidden_states.size(1), position_embeddings, attention_mask, cache);
+  }
+};
+
+}  // namespace kernels
+
+/// Registers qwen3.rmsnorm_mlp, qwen3.rmsnorm_attention and their ".folded" variants (CPU and,
+/// as the ops are ATen's, CUDA; eval mode, no autograd). Safe to call more than once.
+inline void register_kernels() {
+  static const bool registered = [] {
+    const fusion::KernelOptions options{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
+    fusion::register_kernel("qwen3.rmsnorm_mlp", kernels::RMSNormMLP{false}, options);
+    fusion::register_kernel("qwen3.rmsnorm_mlp.folded", kernels::RMSNormMLP{true}, options);
+    fusion::register_kernel("qwen3.rmsnorm_attention", kernels::RMSNormAttention{false}, options);
+    fusion::register_kernel("qwen3.rmsnorm_attention.folded", kernels::RMSNormAttention{true},
+                            options);
+    return true;
+  }();
+  (void)registered;
+}
+
+/// Fuses both chains of every layer with their kernels (`folded`: the copying variants).
+template <typename Root>
+void fuse_with_kernels(Root& model, bool folded = false) {
+  register_kernels();
+  const std::string suffix = folded ? ".folded" : "";
+  fusion::FuseOptions mlp, attention;
+  mlp.kernel = "qwen3.rmsnorm_mlp" + suffix;
+  attention.kernel = "qwen3.rmsnorm_attention" + suffix;
+  fusion::fuse_modules(model, mlp_patterns(), mlp_specs(), mlp);
+  fusion::fuse_modules(model, attention_patterns(), attention_specs(), attention);
+}
+
+}  // namespace qwen3
