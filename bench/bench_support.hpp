@@ -5,10 +5,15 @@
 #pragma once
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
+#include <fstream>
+#include <functional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
@@ -31,30 +36,46 @@ inline void share_parameters(torch::nn::Module& copy, const torch::nn::Module& s
   for (auto& item : copy.named_parameters()) item.value().set_data(from[item.key()]);
 }
 
-/// Times `original()` and `fused()` back to back in every iteration, alternating which goes first,
-/// so that machine noise hits both alike. Reports each one's mean time in `unit` (counters
-/// original_<unit>, fused_<unit>) and the fused overhead in percent.
+/// Times every entry of `runs` once per iteration, rotating which goes first, so that machine
+/// noise hits them alike. Reports each one's mean time in `unit` (counter <name>_<unit>) and its
+/// ratio to the first entry (counter <name>_x).
+inline void time_rotating(benchmark::State& state,
+                          const std::vector<std::pair<std::string, std::function<void()>>>& runs,
+                          const std::string& unit, double per_second) {
+  using Clock = std::chrono::steady_clock;
+  std::vector<double> seconds(runs.size(), 0.0);
+  std::size_t first = 0;
+  for (auto _ : state) {
+    for (std::size_t k = 0; k < runs.size(); ++k) {
+      const std::size_t i = (first + k) % runs.size();
+      const auto start = Clock::now();
+      runs[i].second();
+      seconds[i] += std::chrono::duration<double>(Clock::now() - start).count();
+    }
+    first = (first + 1) % runs.size();
+  }
+  const double n = static_cast<double>(state.iterations());
+  for (std::size_t i = 0; i < runs.size(); ++i) {
+    state.counters[runs[i].first + "_" + unit] = per_second * seconds[i] / n;
+    if (i > 0) state.counters[runs[i].first + "_x"] = seconds[i] / seconds[0];
+  }
+}
+
+/// Times `original()` and `fused()` with time_rotating; also reports the fused overhead in percent.
 template <typename Original, typename Fused>
 void time_interleaved(benchmark::State& state, Original&& original, Fused&& fused,
                       const std::string& unit, double per_second) {
-  using Clock = std::chrono::steady_clock;
-  auto timed = [](auto& run) {
-    const auto start = Clock::now();
-    run();
-    return std::chrono::duration<double>(Clock::now() - start).count();
-  };
-  double original_s = 0, fused_s = 0;
-  bool original_first = true;
-  for (auto _ : state) {
-    if (original_first) original_s += timed(original);
-    fused_s += timed(fused);
-    if (!original_first) original_s += timed(original);
-    original_first = !original_first;
-  }
-  const double n = static_cast<double>(state.iterations());
-  state.counters["original_" + unit] = per_second * original_s / n;
-  state.counters["fused_" + unit] = per_second * fused_s / n;
-  state.counters["overhead_pct"] = 100.0 * (fused_s / original_s - 1.0);
+  time_rotating(state, {{"original", original}, {"fused", fused}}, unit, per_second);
+  state.counters["overhead_pct"] = 100.0 * (state.counters["fused_x"] - 1.0);
+  state.counters.erase("fused_x");
+}
+
+/// This process's resident memory in bytes (Linux), for memory comparisons.
+inline double resident_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  double pages = 0, resident = 0;
+  statm >> pages >> resident;
+  return resident * static_cast<double>(::sysconf(_SC_PAGESIZE));
 }
 
 /// BENCHMARK_MAIN with the BLAS context recorded.

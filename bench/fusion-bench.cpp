@@ -81,6 +81,76 @@ void BM_SmallPairFusedVsOriginal(benchmark::State& state) {
 }
 BENCHMARK(BM_SmallPairFusedVsOriginal);
 
+// Kernel dispatch: the per-call applicability and staleness checks. A module whose forward
+// returns its input but that holds 4 parameters, so that a pair has 8 source tensors to stamp.
+struct HoldsFourImpl : torch::nn::Module {
+  HoldsFourImpl() {
+    for (const char* name : {"a", "b", "c", "d"}) register_parameter(name, torch::ones({1}));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return x; }
+};
+TORCH_MODULE(HoldsFour);
+
+struct FourPairImpl : torch::nn::Module {
+  FourPairImpl() {
+    first = fusion::register_slot(*this, "first", HoldsFour());
+    second = fusion::register_slot(*this, "second", HoldsFour());
+  }
+  fusion::Slot<HoldsFour> first, second;
+};
+
+struct TrivialIdentityKernel {
+  torch::Tensor operator()(torch::nn::IdentityImpl&, torch::nn::IdentityImpl&,
+                           const torch::Tensor& x) const {
+    return x;
+  }
+};
+struct TrivialStatefulKernel {  // with prepare: every call checks the 8 stamps
+  struct State {};
+  State prepare(HoldsFourImpl&, HoldsFourImpl&) const { return {}; }
+  torch::Tensor operator()(const State&, HoldsFourImpl&, HoldsFourImpl&,
+                           const torch::Tensor& x) const {
+    return x;
+  }
+};
+
+/// The same chain replaying and with a trivial kernel, interleaved: kernel_ns - replay_ns is
+/// what choosing and checking the kernel costs beyond calling the members (counter checks_ns).
+template <typename Pair, typename Kernel>
+void kernel_vs_replay(benchmark::State& state, const std::string& name, Kernel kernel) {
+  static const bool registered = [&] {
+    fusion::register_kernel(name, kernel);
+    return true;
+  }();
+  (void)registered;
+  torch::NoGradGuard no_grad;
+  auto replay = std::make_shared<Pair>(), with_kernel = std::make_shared<Pair>();
+  replay->eval();
+  with_kernel->eval();
+  fusion::fuse_modules(*replay, {"first", "second"}, kSpecs);
+  fusion::FuseOptions options;
+  options.kernel = name;
+  fusion::fuse_modules(*with_kernel, {"first", "second"}, kSpecs, options);
+  const auto x = torch::ones({1});
+  time_rotating(
+      state,
+      {{"replay", [&] { benchmark::DoNotOptimize(replay->second(replay->first(x))); }},
+       {"kernel", [&] { benchmark::DoNotOptimize(with_kernel->second(with_kernel->first(x))); }}},
+      "ns", 1e9);
+  state.counters["checks_ns"] = state.counters["kernel_ns"] - state.counters["replay_ns"];
+  if (fusion::fused_chains(*with_kernel)[0].stats.runs == 0) state.SkipWithError("no kernel run");
+}
+
+void BM_KernelDispatchIdentityPair(benchmark::State& state) {
+  kernel_vs_replay<PairImpl>(state, "bench.identity", TrivialIdentityKernel{});
+}
+BENCHMARK(BM_KernelDispatchIdentityPair);
+
+void BM_KernelDispatch8Sources(benchmark::State& state) {
+  kernel_vs_replay<FourPairImpl>(state, "bench.stateful", TrivialStatefulKernel{});
+}
+BENCHMARK(BM_KernelDispatch8Sources);
+
 }  // namespace
 
 FUSION_BENCHMARK_MAIN();

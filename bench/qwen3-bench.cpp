@@ -1,19 +1,21 @@
-// A full Qwen3 forward (hidden 512, intermediate 1536, 4 layers, 8/4 heads, head_dim 64, vocab
-// 4096) at 16 and 128 tokens: the original model vs a model with both chains of every layer fused
-// (replay), computing with the very same weight tensors. Each iteration runs both, alternating
-// which goes first, so that machine noise hits both alike; the counters give each one's mean time
-// and the fused overhead in percent.
+// Qwen3 with fusion: the full forward (hidden 512, intermediate 1536, 4 layers, 8/4 heads,
+// head_dim 64, vocab 4096), original vs replay and vs kernels; and the norm + MLP chain alone at
+// hidden 64 and 512 with 1, 16 and 128 tokens, in five variants. Every benchmark times its
+// variants in one run on the very same weights, rotating which goes first, so that machine noise
+// hits them alike; counters give each variant's mean time and its ratio (_x) to the first.
 //
 //   build/bench/qwen3_bench
-//   OMP_WAIT_POLICY=PASSIVE build/bench/qwen3_bench
+//   OMP_NUM_THREADS=2 build/bench/qwen3_bench
 #include <benchmark/benchmark.h>
+#include <malloc.h>
 
 #include "bench_support.hpp"
+#include "kernels.hpp"
 #include "qwen3.hpp"
 
 namespace {
 
-qwen3::ForCausalLM bench_model() {
+qwen3::Config bench_config() {
   qwen3::Config c;
   c.vocab_size = 4096;
   c.hidden_size = 512;
@@ -22,10 +24,18 @@ qwen3::ForCausalLM bench_model() {
   c.num_attention_heads = 8;
   c.num_key_value_heads = 4;
   c.head_dim = 64;
-  qwen3::ForCausalLM model(c);
+  return c;
+}
+
+qwen3::ForCausalLM bench_model() {
+  qwen3::ForCausalLM model(bench_config());
   qwen3::init_random(*model, 0);
   model->eval();
   return model;
+}
+
+double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a - b).abs().max().item<double>();
 }
 
 void BM_Qwen3ForwardFusedVsOriginal(benchmark::State& state) {
@@ -47,6 +57,170 @@ BENCHMARK(BM_Qwen3ForwardFusedVsOriginal)
     ->Arg(128)
     ->Unit(benchmark::kMillisecond)
     ->MinTime(5.0);
+
+/// Original vs both chains of every layer with kernels (default: no weight copy; folded), for
+/// `tokens` new tokens after `cached` tokens in the KV cache (0: a prompt forward).
+void BM_Qwen3ForwardKernels(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  const int64_t tokens = state.range(0), cached = state.range(1);
+  // Separate models with the same weights (see BM_NormMLPChain on sharing); the resident memory
+  // each adds, once built and (for the kernel-equipped ones) fused and prepared.
+  // A fixed mmap threshold: glibc's adaptive one would serve a later model from freed heap memory,
+  // and its resident growth would read as zero.
+  ::mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+  auto resident_of = [](auto make) {
+    const double before = resident_bytes();
+    auto model = make();
+    return std::make_pair(model, resident_bytes() - before);
+  };
+  const auto ids1 = torch::zeros({1, 1}, torch::kInt64);
+  // (pairs, not structured bindings: C++17 lambdas cannot capture those)
+  const auto made_original = resident_of([] { return bench_model(); });
+  const auto made_kernels = resident_of([&] {
+    auto model = bench_model();
+    qwen3::fuse_with_kernels(model, /*folded=*/false);
+    model(ids1);
+    return model;
+  });
+  const auto made_folded = resident_of([&] {
+    auto model = bench_model();
+    qwen3::fuse_with_kernels(model, /*folded=*/true);
+    model(ids1);
+    return model;
+  });
+  auto original = made_original.first, kernels = made_kernels.first, folded = made_folded.first;
+  const double original_bytes = made_original.second, kernels_bytes = made_kernels.second,
+               folded_bytes = made_folded.second;
+
+  torch::manual_seed(1);
+  const auto prompt = torch::randint(0, 4096, {1, cached}, torch::kInt64);
+  const auto ids = torch::randint(0, 4096, {1, tokens}, torch::kInt64);
+  qwen3::KVCache base;
+  if (cached > 0) original->forward(prompt, &base);
+  auto run = [&](qwen3::ForCausalLM model) {
+    qwen3::KVCache cache = base;  // tensor handles: the base cache is never written
+    return model->forward(ids, cached > 0 ? &cache : nullptr);
+  };
+  const auto expected = run(original);
+  const double diff = std::max(max_diff(run(kernels), expected), max_diff(run(folded), expected));
+  if (diff > 1e-3) state.SkipWithError("kernel logits differ");
+
+  time_rotating(state,
+                {{"original", [&] { benchmark::DoNotOptimize(run(original)); }},
+                 {"kernels", [&] { benchmark::DoNotOptimize(run(kernels)); }},
+                 {"folded", [&] { benchmark::DoNotOptimize(run(folded)); }}},
+                "ms", 1e3);
+  std::uint64_t own = 0, folded_own = 0;
+  for (const auto& chain : fusion::fused_chains(kernels)) own += chain.stats.state_bytes;
+  for (const auto& chain : fusion::fused_chains(folded)) folded_own += chain.stats.state_bytes;
+  state.counters["original_rss_MiB"] = original_bytes / (1 << 20);
+  state.counters["kernels_rss_MiB"] = kernels_bytes / (1 << 20);
+  state.counters["folded_rss_MiB"] = folded_bytes / (1 << 20);
+  state.counters["kernels_state_MiB"] = static_cast<double>(own) / (1 << 20);
+  state.counters["folded_state_MiB"] = static_cast<double>(folded_own) / (1 << 20);
+  state.counters["max_diff"] = diff;
+}
+BENCHMARK(BM_Qwen3ForwardKernels)
+    ->ArgNames({"tokens", "cached"})
+    ->Args({1, 64})
+    ->Args({16, 0})
+    ->Args({128, 0})
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(5.0);
+
+/// What bounds the forward: the same model's GEMMs alone (q/k/v, o, gate/up, down per layer, and
+/// lm_head) at the forward's shapes, beside the original forward.
+void BM_Qwen3GemmShare(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  const int64_t tokens = state.range(0);
+  auto model = bench_model();
+  const auto ids = torch::randint(0, 4096, {1, tokens}, torch::kInt64);
+  std::vector<torch::Tensor> weights;
+  for (const auto& item : model->named_parameters()) {
+    if (item.value().dim() == 2 && item.key().find("embed") == std::string::npos) {
+      weights.push_back(item.value());
+    }
+  }
+  const auto h = torch::randn({tokens, 512});
+  const auto act = torch::randn({tokens, 1536});
+  time_rotating(state,
+                {{"forward", [&] { benchmark::DoNotOptimize(model(ids)); }},
+                 {"gemms",
+                  [&] {
+                    for (const auto& w : weights) {
+                      benchmark::DoNotOptimize(torch::linear(w.size(1) == 512 ? h : act, w));
+                    }
+                  }}},
+                "ms", 1e3);
+}
+BENCHMARK(BM_Qwen3GemmShare)->Arg(1)->Arg(16)->Arg(128)->Unit(benchmark::kMillisecond);
+
+/// The norm + MLP chain of one layer, as a parent calls it.
+struct NormMLPImpl : torch::nn::Module {
+  explicit NormMLPImpl(const qwen3::Config& c) {
+    norm = fusion::register_slot(*this, "norm", qwen3::RMSNorm(c.hidden_size, c.rms_norm_eps));
+    mlp = fusion::register_slot(*this, "mlp", qwen3::MLP(c));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return mlp(norm(x)); }
+  fusion::Slot<qwen3::RMSNorm> norm;
+  fusion::Slot<qwen3::MLP> mlp;
+};
+
+std::shared_ptr<NormMLPImpl> norm_mlp(const qwen3::Config& c) {
+  torch::manual_seed(0);
+  auto module = std::make_shared<NormMLPImpl>(c);
+  torch::NoGradGuard no_grad;
+  for (auto& p : module->parameters()) p.normal_(0.0, 0.08);
+  module->norm->weight.uniform_(0.8, 1.2);
+  module->eval();
+  return module;
+}
+
+/// unfused pair, replay, a naive ATen fusion (gate and up concatenated, silu(g).mul_(u)), the
+/// kernel (no weight copy) and the folded kernel, at hidden = range(0), tokens = range(1).
+void BM_NormMLPChain(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  qwen3::Config c;
+  c.hidden_size = state.range(0);
+  c.intermediate_size = 3 * c.hidden_size;
+  // Each variant has its own copy of the same weights: shared weights would be warm in cache for
+  // whichever variant runs right after another that read them, a bias at hidden 512.
+  auto unfused = norm_mlp(c), replay = norm_mlp(c), kernel = norm_mlp(c), folded = norm_mlp(c),
+       plain = norm_mlp(c);
+  const std::vector<fusion::ModuleSpec> specs{fusion::ModuleSpec{{"x"}, {"x"}},
+                                              fusion::ModuleSpec{{"x"}, {"x"}}};
+  qwen3::register_kernels();
+  fusion::fuse_modules(*replay, {"norm", "mlp"}, specs);
+  fusion::FuseOptions options;
+  options.kernel = "qwen3.rmsnorm_mlp";
+  fusion::fuse_modules(*kernel, {"norm", "mlp"}, specs, options);
+  options.kernel = "qwen3.rmsnorm_mlp.folded";
+  fusion::fuse_modules(*folded, {"norm", "mlp"}, specs, options);
+  const auto gate_up = torch::cat({plain->mlp->gate_proj->weight, plain->mlp->up_proj->weight});
+  auto naive = [&](const torch::Tensor& x) {
+    auto parts = torch::linear(plain->norm->forward(x), gate_up).chunk(2, -1);
+    return plain->mlp->down_proj(torch::silu(parts[0]).mul_(parts[1]));
+  };
+  const auto x = torch::randn({1, state.range(1), c.hidden_size});
+  const auto expected = unfused->forward(x);
+  const double diff =
+      std::max({max_diff(kernel->forward(x), expected), max_diff(folded->forward(x), expected),
+                max_diff(naive(x), expected)});
+  if (diff > 1e-4) state.SkipWithError("fused results differ");
+
+  time_rotating(state,
+                {{"unfused", [&] { benchmark::DoNotOptimize(unfused->forward(x)); }},
+                 {"replay", [&] { benchmark::DoNotOptimize(replay->forward(x)); }},
+                 {"naive", [&] { benchmark::DoNotOptimize(naive(x)); }},
+                 {"kernel", [&] { benchmark::DoNotOptimize(kernel->forward(x)); }},
+                 {"folded", [&] { benchmark::DoNotOptimize(folded->forward(x)); }}},
+                "us", 1e6);
+}
+BENCHMARK(BM_NormMLPChain)
+    ->ArgNames({"hidden", "tokens"})
+    ->ArgsProduct({{64, 512}, {1, 16, 128}})
+    ->Unit(benchmark::kMicrosecond)
+    ->MinTime(1.0);
 
 }  // namespace
 

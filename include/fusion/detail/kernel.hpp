@@ -296,14 +296,27 @@ struct TensorStamp {
 
   static TensorStamp of(const at::Tensor& tensor) {
     if (!tensor.defined()) return {};
-    const c10::TensorImpl* impl = tensor.unsafeGetTensorImpl();
+    c10::TensorImpl* impl = tensor.unsafeGetTensorImpl();
     return {impl->has_storage() ? impl->storage().data() : nullptr,
-            tensor.is_inference() ? -1 : static_cast<std::int64_t>(tensor._version()),
+            impl->is_inference() ? -1 : static_cast<std::int64_t>(tensor._version()),
             tensor.scalar_type(), tensor.device()};
   }
-  bool operator==(const TensorStamp& other) const {
-    return data == other.data && version == other.version && dtype == other.dtype &&
-           device == other.device;
+  /// Whether `tensor` still has this stamp. On every call with a prepared state, for every
+  /// member tensor, so read straight from the TensorImpl (bench: BM_KernelDispatch8Sources).
+  bool matches(const at::Tensor& tensor) const {
+    if (!tensor.defined()) return data == nullptr && dtype == c10::ScalarType::Undefined;
+    c10::TensorImpl* impl = tensor.unsafeGetTensorImpl();
+    if (version >= 0) {
+      if (impl->is_inference() ||
+          static_cast<std::int64_t>(impl->version_counter().current_version()) != version) {
+        return false;
+      }
+    } else if (!impl->is_inference()) {
+      return false;
+    }
+    // No device compare: a tensor moved to another device has another data pointer.
+    return (impl->has_storage() ? impl->storage().data() : nullptr) == data &&
+           c10::typeMetaToScalarType(impl->dtype()) == dtype;
   }
 };
 
@@ -332,10 +345,10 @@ class KernelBinding final : public KernelRunner {
     stats.replays_grad = replays_[grad].load(std::memory_order_relaxed);
     stats.replays_modes = replays_[modes].load(std::memory_order_relaxed);
     stats.prepares = prepares_.load(std::memory_order_relaxed);
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (prepared_ != nullptr) {
-      stats.state_bytes = prepared_->own_bytes;
-      stats.shared_state_bytes = prepared_->shared_bytes;
+    std::lock_guard<std::mutex> lock(rebuild_mutex_);
+    if (const Prepared* prepared = current_.load()) {
+      stats.state_bytes = prepared->own_bytes;
+      stats.shared_state_bytes = prepared->shared_bytes;
     }
     return stats;
   }
@@ -387,8 +400,18 @@ class KernelBinding final : public KernelRunner {
     }
     if (needs_grad || chain.member_slot(0)->module()->is_training()) invalidate();
 
-    std::shared_ptr<const Prepared> prepared;
-    if (impl->stateful) prepared = current(*impl, members.data());
+    struct Reading {  // while set, no prepared state this call may use is freed
+      std::atomic<int>* readers;
+      ~Reading() {
+        if (readers != nullptr) readers->fetch_sub(1);
+      }
+    } reading{nullptr};
+    const Prepared* prepared = nullptr;
+    if (impl->stateful) {
+      readers_.fetch_add(1);
+      reading.readers = &readers_;
+      prepared = current(*impl, members.data());
+    }
     struct ClearOnThrow {
       Capture& capture;
       ~ClearOnThrow() {
@@ -433,31 +456,26 @@ class KernelBinding final : public KernelRunner {
   bool fresh(const Prepared& prepared, const KernelImpl& impl) const {
     if (prepared.impl != &impl) return false;
     for (std::size_t s = 0; s < sources_.size(); ++s) {
-      if (!(TensorStamp::of(sources_[s]) == prepared.stamps[s])) return false;
+      if (!prepared.stamps[s].matches(sources_[s])) return false;
     }
     return true;
   }
 
   /// The prepared state for `impl`, rebuilt first if any member tensor changed since it was made.
-  std::shared_ptr<const Prepared> current(const KernelImpl& impl, void* const* members) {
-    std::shared_ptr<const Prepared> prepared;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      prepared = prepared_;
-    }
+  /// The caller counts itself in readers_ first: a state is freed only once replaced and no call
+  /// is reading (checked at the next rebuild, and when the binding goes with its chain).
+  const Prepared* current(const KernelImpl& impl, void* const* members) {
+    const Prepared* prepared = current_.load();
     if (prepared != nullptr && !dirty_.load(std::memory_order_acquire) && fresh(*prepared, impl)) {
       return prepared;
     }
     std::lock_guard<std::mutex> rebuild(rebuild_mutex_);  // one thread prepares, others wait
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      prepared = prepared_;
-    }
+    prepared = current_.load();
     if (prepared != nullptr && !dirty_.exchange(false, std::memory_order_acq_rel) &&
         fresh(*prepared, impl)) {
       return prepared;
     }
-    auto next = std::make_shared<Prepared>();
+    auto next = std::make_unique<Prepared>();
     next->impl = &impl;
     next->state = impl.prepare(members);
     // Stamped after prepare: a prepare that re-points parameters into a fused layout changes
@@ -465,9 +483,13 @@ class KernelBinding final : public KernelRunner {
     for (const at::Tensor& source : sources_) next->stamps.push_back(TensorStamp::of(source));
     measure(impl, *next);
     prepares_.fetch_add(1, std::memory_order_relaxed);
-    std::lock_guard<std::mutex> lock(mutex_);
-    prepared_ = next;
-    return next;
+    const Prepared* fresh_state = next.get();
+    owned_.push_back(std::move(next));
+    current_.store(fresh_state);
+    if (readers_.load() == 1) {  // only this call: every replaced state can go
+      owned_.erase(owned_.begin(), owned_.end() - 1);
+    }
+    return fresh_state;
   }
 
   void measure(const KernelImpl& impl, Prepared& prepared) const {
@@ -491,9 +513,10 @@ class KernelBinding final : public KernelRunner {
   std::atomic<std::uint64_t> runs_{0}, prepares_{0};
   std::atomic<bool> dirty_{false};
   std::atomic<std::uint64_t> replays_[reasons] = {};
-  mutable std::mutex mutex_;  // guards prepared_
-  std::mutex rebuild_mutex_;  // serialises prepare
-  std::shared_ptr<const Prepared> prepared_;
+  mutable std::mutex rebuild_mutex_;  // serialises prepare; guards owned_
+  std::atomic<const Prepared*> current_{nullptr};
+  std::atomic<int> readers_{0};
+  std::vector<std::unique_ptr<Prepared>> owned_;  // current_ last; earlier ones until unread
 };
 
 /// Checks that kernel `name` fits `chain` (member types, free inputs, result) and binds it.
