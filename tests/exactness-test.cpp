@@ -527,14 +527,6 @@ TEST_CASE("match_chains is a dry run of fuse_modules") {
 }
 
 TEST_CASE("patterns with ** and character classes select chains across depths") {
-  struct TwoTowersImpl : torch::nn::Module {
-    TwoTowersImpl() {
-      encoder = register_module("encoder", Stack(2));
-      decoder = register_module("decoder", Stack(3));
-    }
-    torch::Tensor forward(const torch::Tensor& x) { return decoder(encoder(x)); }
-    Stack encoder{nullptr}, decoder{nullptr};
-  };
   torch::manual_seed(27);
   auto model = std::make_shared<TwoTowersImpl>();
   const auto x = torch::randn({2, 16});

@@ -313,14 +313,6 @@ TEST_CASE("chains can be listed, reported and unfused selectively") {
 
 TEST_CASE("members may live under different parents, and incomplete chains can be skipped") {
   torch::manual_seed(9);
-  struct TwoTowersImpl : torch::nn::Module {
-    TwoTowersImpl() {
-      encoder = register_module("encoder", Stack(2));
-      decoder = register_module("decoder", Stack(3));
-    }
-    torch::Tensor forward(const torch::Tensor& x) { return decoder(encoder(x)); }
-    Stack encoder{nullptr}, decoder{nullptr};
-  };
   auto model = std::make_shared<TwoTowersImpl>();
   // encoder.layers.i.mlp with decoder.layers.i.post_attention_layernorm: nonsense as a model, but
   // a fine test of binding across parents. Layer 2 has no encoder half.

@@ -94,6 +94,16 @@ struct StackImpl : torch::nn::Cloneable<StackImpl> {
 };
 TORCH_MODULE(Stack);
 
+/// Two stacks, encoder (2 layers) and decoder (3): chains across parents and depths.
+struct TwoTowersImpl : torch::nn::Module {
+  TwoTowersImpl() {
+    encoder = register_module("encoder", Stack(2));
+    decoder = register_module("decoder", Stack(3));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return decoder(encoder(x)); }
+  Stack encoder{nullptr}, decoder{nullptr};
+};
+
 /// Three members: norm -> linear -> MLP, with a built-in module (torch::nn::Linear) in the middle.
 struct TripleImpl : torch::nn::Module {
   TripleImpl() {

@@ -383,13 +383,13 @@ class KernelBinding final : public KernelRunner {
     }
     if (impl == nullptr) return decline(chain, capture, device);
     c10::SmallVector<void*, 8> members;
+    bool training_mode = false;
     for (std::size_t i = 0; i < chain.size(); ++i) {
       const SlotBase* slot = chain.member_slot(i);
-      if (!impl->options.training && slot->module()->is_training()) {
-        return decline(chain, capture, training);
-      }
+      training_mode = training_mode || slot->module()->is_training();
       members.push_back(slot->impl());
     }
+    if (training_mode && !impl->options.training) return decline(chain, capture, training);
     bool needs_grad = false;
     if (mode.grad && !mode.inference) {
       needs_grad = input_requires_grad;
@@ -398,7 +398,7 @@ class KernelBinding final : public KernelRunner {
       }
       if (needs_grad && !impl->options.autograd) return decline(chain, capture, grad);
     }
-    if (needs_grad || chain.member_slot(0)->module()->is_training()) invalidate();
+    if (needs_grad || training_mode) invalidate();
 
     struct Reading {  // while set, no prepared state this call may use is freed
       std::atomic<int>* readers;
