@@ -4,7 +4,6 @@
 #include <cstddef>
 #include <iterator>
 #include <memory>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -39,14 +38,7 @@ template <typename Root>
 std::vector<FusedChain> fuse_modules(Root& root, const std::vector<std::string>& patterns,
                                      const std::vector<ModuleSpec>& specs,
                                      const FuseOptions& options = {}) {
-  // Everything is checked while planning; switching the chains on cannot fail.
-  const auto chains = detail::plan(detail::module_of(root), patterns, specs, options);
-  std::vector<FusedChain> infos;
-  for (const auto& chain : chains) {
-    detail::Chain::fuse(chain);
-    infos.push_back(detail::with_kernel(chain->info(), *chain));
-  }
-  return infos;
+  return detail::fuse_all(detail::plan(detail::module_of(root), patterns, specs, options));
 }
 
 /// Puts the original modules back in every fused chain under `root`. Returns how many chains.
@@ -60,23 +52,10 @@ std::size_t unfuse_modules(Root& root) {
 /// Unfuses only the chains with a member whose path under `root` matches one of `patterns`.
 template <typename Root>
 std::size_t unfuse_modules(Root& root, const std::vector<std::string>& patterns) {
-  std::vector<Pattern> parsed;
-  for (const std::string& text : patterns) parsed.emplace_back(text);
-  auto sites = detail::sites_under(detail::module_of(root));
-  std::set<const detail::Chain*> selected;
-  for (const auto& site : sites) {
-    if (site.slot == nullptr || !site.slot->is_fused()) continue;
-    for (const Pattern& pattern : parsed) {
-      if (pattern.match(site.path)) selected.insert(site.slot->chain().get());
-    }
-  }
-  std::size_t count = 0;
-  for (auto& chain : detail::chains_under(sites)) {
-    if (selected.count(chain.get()) == 0) continue;
-    detail::Chain::unfuse(chain);
-    ++count;
-  }
-  return count;
+  const auto chains =
+      detail::chains_matching(detail::sites_under(detail::module_of(root)), patterns);
+  for (const auto& chain : chains) detail::Chain::unfuse(chain);
+  return chains.size();
 }
 
 /// The fused chains with a member under `root`, in module order, with paths relative to `root`.

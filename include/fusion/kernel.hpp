@@ -16,7 +16,6 @@
 
 #include <cstddef>
 #include <memory>
-#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -58,20 +57,10 @@ inline std::vector<std::string> registered_kernels() {
 template <typename Root>
 std::size_t use_kernel(Root& root, const std::vector<std::string>& patterns,
                        const std::string& kernel, KernelPolicy policy = KernelPolicy::fallback) {
-  std::vector<Pattern> parsed;
-  for (const std::string& text : patterns) parsed.emplace_back(text);
   const auto sites = detail::sites_under(detail::module_of(root));
-  std::set<const detail::Chain*> selected;
-  for (const auto& site : sites) {
-    if (site.slot == nullptr || !site.slot->is_fused()) continue;
-    for (const Pattern& pattern : parsed) {
-      if (pattern.match(site.path)) selected.insert(site.slot->chain().get());
-    }
-  }
   std::vector<std::pair<std::shared_ptr<detail::Chain>, std::shared_ptr<detail::KernelRunner>>>
       changes;
-  for (const auto& chain : detail::chains_under(sites)) {
-    if (selected.count(chain.get()) == 0) continue;
+  for (const auto& chain : detail::chains_matching(sites, patterns)) {
     std::shared_ptr<detail::KernelRunner> runner;
     if (!kernel.empty()) {
       runner = detail::bind_kernel(*chain, detail::info_under(*chain, sites).paths, kernel,

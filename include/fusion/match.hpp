@@ -218,6 +218,16 @@ inline std::vector<std::shared_ptr<Chain>> plan(torch::nn::Module& root,
   return built;
 }
 
+/// Switches on chains that plan() built and checked (this cannot fail); describes them.
+inline std::vector<FusedChain> fuse_all(const std::vector<std::shared_ptr<Chain>>& chains) {
+  std::vector<FusedChain> infos;
+  for (const auto& chain : chains) {
+    Chain::fuse(chain);
+    infos.push_back(with_kernel(chain->info(), *chain));
+  }
+  return infos;
+}
+
 }  // namespace detail
 
 /// A dry run of fuse_modules: the chains it would fuse under `root`, in module order, after every

@@ -52,12 +52,7 @@ std::vector<FusedChain> fuse_modules(Root& root, const Plan& plan) {
       chains.push_back(std::move(chain));
     }
   }
-  std::vector<FusedChain> infos;
-  for (const auto& chain : chains) {
-    detail::Chain::fuse(chain);
-    infos.push_back(detail::with_kernel(chain->info(), *chain));
-  }
-  return infos;
+  return detail::fuse_all(chains);
 }
 
 /// The plan in force under `root`: one rule per fuse_modules call (or plan rule) and kernel,

@@ -189,7 +189,8 @@ class Chain {
   /// Every parameter no earlier member feeds (a call argument, else a default), in member and
   /// parameter order.
   const std::vector<FreeInput>& free_inputs() const noexcept { return free_inputs_; }
-  /// The value free input `input` has in this pass: the call argument, else the default.
+  /// The value free input `input` has in this pass: the call argument, else the default; with
+  /// neither, a FusionError saying how to give the default.
   const c10::IValue& free_input(Capture& capture, const FreeInput& input) const;
   /// Whether every member's Slot is alive (a destroyed one cannot be run).
   bool complete() const noexcept {
@@ -251,7 +252,6 @@ class Chain {
 
  private:
   void resolve_args(Capture& capture, std::size_t i) const;
-  std::string missing_value(std::size_t member, std::size_t param, std::size_t passed) const;
 
   FusedChain info_;
   std::vector<Member> members_;
@@ -360,18 +360,15 @@ inline const c10::IValue& Chain::free_input(Capture& capture, const FreeInput& i
   if (input.param < call_args.size()) return call_args[input.param];
   const Source& source = members_[input.member].sources[input.param];
   if (source.fallback.has_value()) return *source.fallback;
-  fail_call(capture, missing_value(input.member, input.param, call_args.size()));
-}
-
-inline std::string Chain::missing_value(std::size_t member, std::size_t param,
-                                        std::size_t passed) const {
-  return fmt::format(
-      "parameter #{} ({}) of '{}' has no value: no earlier member provides it, the call passed "
-      "{} argument(s), and it has no default the library can see (a C++ default argument is "
-      "invisible to it). Give the default in the spec, ModuleSpec{{inputs, outputs, "
-      "{{{{{}, fusion::box(value)}}}}}}, or with FORWARD_HAS_DEFAULT_ARGS",
-      param, members_[member].slot->signature().params[param].type.name, info_.paths[member],
-      passed, param);
+  fail_call(capture,
+            fmt::format(
+                "parameter #{} ({}) of '{}' has no value: no earlier member provides it, the call "
+                "passed {} argument(s), and it has no default the library can see (a C++ default "
+                "argument is invisible to it). Give the default in the spec, "
+                "ModuleSpec{{inputs, outputs, {{{{{}, fusion::box(value)}}}}}}, or with "
+                "FORWARD_HAS_DEFAULT_ARGS",
+                input.param, members_[input.member].slot->signature().params[input.param].type.name,
+                info_.paths[input.member], call_args.size(), input.param));
 }
 
 /// Replaces member i's call arguments in `capture.args[i]` by its full argument list.
@@ -394,10 +391,8 @@ inline void Chain::resolve_args(Capture& capture, std::size_t i) const {
       case Source::Kind::call:
         if (p < call_args.size()) {
           args.push_back(std::move(call_args[p]));
-        } else if (source.fallback.has_value()) {
-          args.push_back(*source.fallback);
         } else {
-          fail_call(capture, missing_value(i, p, call_args.size()));
+          args.push_back(free_input(capture, {i, p}));  // the default, or a FusionError
         }
         break;
     }

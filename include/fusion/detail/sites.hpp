@@ -14,6 +14,7 @@
 
 #include "fusion/detail/chain.hpp"
 #include "fusion/fused_chain.hpp"
+#include "fusion/pattern.hpp"
 
 namespace fusion::detail {
 
@@ -60,6 +61,26 @@ inline std::vector<std::shared_ptr<Chain>> chains_under(const std::vector<Site>&
         seen.insert(site.slot->chain().get()).second) {
       chains.push_back(site.slot->chain());
     }
+  }
+  return chains;
+}
+
+/// The fused chains under `root` (as `sites`) with a member whose path matches one of
+/// `patterns`, in module order.
+inline std::vector<std::shared_ptr<Chain>> chains_matching(
+    const std::vector<Site>& sites, const std::vector<std::string>& patterns) {
+  std::vector<Pattern> parsed;
+  for (const std::string& text : patterns) parsed.emplace_back(text);
+  std::set<const Chain*> selected;
+  for (const Site& site : sites) {
+    if (site.slot == nullptr || !site.slot->is_fused()) continue;
+    for (const Pattern& pattern : parsed) {
+      if (pattern.match(site.path)) selected.insert(site.slot->chain().get());
+    }
+  }
+  std::vector<std::shared_ptr<Chain>> chains;
+  for (auto& chain : chains_under(sites)) {
+    if (selected.count(chain.get()) != 0) chains.push_back(std::move(chain));
   }
   return chains;
 }
