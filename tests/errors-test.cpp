@@ -1,12 +1,12 @@
 // Misuse gets a FusionError that names the culprit, and a failed fuse leaves the model as it was.
-#include <catch2/catch.hpp>
+#include "catch_compat.hpp"
 
 #include <thread>
 
 #include "models.hpp"
 
 using namespace models;
-using Catch::Contains;
+using fusion_test::Contains;
 
 namespace {
 
@@ -73,7 +73,7 @@ TEST_CASE("bad fuse requests throw a FusionError naming the culprit and change n
                    const std::vector<fusion::ModuleSpec>& specs, const std::string& message) {
     INFO("expecting: " << message);
     CHECK_THROWS_MATCHES(fusion::fuse_modules(model, patterns, specs), fusion::FusionError,
-                         Catch::Matchers::Predicate<fusion::FusionError>(
+                         fusion_test::Predicate<fusion::FusionError>(
                              [&](const fusion::FusionError& e) {
                                return std::string(e.what()).find(message) != std::string::npos;
                              },
@@ -221,7 +221,7 @@ TEST_CASE("a parameter the call leaves to a C++ default needs a default the libr
                        {fusion::ModuleSpec{{"x"}, {"x"}}, fusion::ModuleSpec{{"x"}, {"x"}}});
   CHECK_THROWS_MATCHES(
       model(x), fusion::FusionError,
-      Catch::Matchers::Predicate<fusion::FusionError>(
+      fusion_test::Predicate<fusion::FusionError>(
           [](const fusion::FusionError& e) {
             const std::string what = e.what();
             return what.find(

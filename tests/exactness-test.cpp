@@ -1,7 +1,7 @@
 // What a fused chain must keep exact beyond plain outputs: per-member autograd modes, placeholders
 // that cannot write into the caller's tensors, wiring from earlier inputs, spec defaults, and a
 // verify that compares any result and gradients without changing the model.
-#include <catch2/catch.hpp>
+#include "catch_compat.hpp"
 
 #include <map>
 #include <optional>
@@ -10,7 +10,7 @@
 #include "models.hpp"
 
 using namespace models;
-using Catch::Contains;
+using fusion_test::Contains;
 
 namespace {
 
@@ -188,6 +188,40 @@ struct BiasedChainImpl : torch::nn::Module {
   fusion::Slot<Biased> biased;
 };
 TORCH_MODULE(BiasedChain);
+
+/// std::optional parameters and results: on LibTorch 1.13 a different type from c10::optional,
+/// on 2.x the same one.
+struct MaybeScaleImpl : torch::nn::Module {
+  std::optional<torch::Tensor> forward(std::optional<torch::Tensor> x,
+                                       std::optional<double> scale = std::nullopt) {
+    if (!x.has_value()) return std::nullopt;
+    return *x * scale.value_or(2.0);
+  }
+};
+TORCH_MODULE(MaybeScale);
+struct MaybeAddImpl : torch::nn::Module {
+  torch::Tensor forward(const std::optional<torch::Tensor>& x,
+                        const std::optional<torch::Tensor>& bias) {
+    if (!bias.has_value()) return x.value();
+    return x.value() + bias.value();
+  }
+};
+TORCH_MODULE(MaybeAdd);
+struct MaybeChainImpl : torch::nn::Module {
+  MaybeChainImpl() {
+    scale = fusion::register_slot(*this, "scale", MaybeScale());
+    add = fusion::register_slot(*this, "add", MaybeAdd());
+  }
+  torch::Tensor forward(const torch::Tensor& x, std::optional<torch::Tensor> bias = std::nullopt,
+                        bool write_into_placeholder = false) {
+    auto h = scale(std::optional<torch::Tensor>(x));
+    if (write_into_placeholder) h->add_(1);
+    return add(h, std::move(bias));
+  }
+  fusion::Slot<MaybeScale> scale;
+  fusion::Slot<MaybeAdd> add;
+};
+TORCH_MODULE(MaybeChain);
 
 /// Training-mode state: BatchNorm statistics and dropout draws.
 struct NormDropImpl : torch::nn::Module {
@@ -409,6 +443,34 @@ TEST_CASE("spec defaults: None for an optional, and numbers converted as C++ con
                "std::optional<double> there"));
 }
 
+TEST_CASE("std::optional parameters, defaults and results work as c10::optional does") {
+  torch::manual_seed(27);
+  MaybeChain model;
+  const auto x = torch::randn({2, 16});
+  const auto bias = torch::randn({2, 16});
+  const auto original = model(x);
+  const auto with_bias = model(x, bias);
+  const auto copy = x.clone();
+  fusion::fuse_modules(model, {"scale", "add"},
+                       {fusion::ModuleSpec{{"x"}, {"x"}, {{1, fusion::box(std::nullopt)}}},
+                        fusion::ModuleSpec{{"x", "bias"}, {"y"}}});
+  CHECK(torch::equal(model(x), original));
+  CHECK(torch::equal(model(x, bias), with_bias));
+  // The placeholder inside a std::optional shares no memory with the caller's tensor either.
+  CHECK_THROWS_WITH(model(x, bias, true), Contains("single memory location"));
+  CHECK(torch::equal(x, copy));
+  const auto report = fusion::report(model);
+  CHECK_THAT(report, Contains("scale -> add"));
+  // A std::optional default of the wrong kind names the type as written.
+  fusion::unfuse_modules(model);
+  CHECK_THROWS_WITH(
+      fusion::fuse_modules(model, {"scale", "add"},
+                           {fusion::ModuleSpec{{"x"}, {"x"}, {{1, fusion::box(true)}}},
+                            fusion::ModuleSpec{{"x", "bias"}, {"y"}}}),
+      Contains("std::optional<double>"));
+  CHECK(torch::equal(model(x), original));
+}
+
 TEST_CASE("verify compares results of any shape: vectors, pairs, lists, maps, nested") {
   torch::manual_seed(25);
   Stack model(2);
@@ -608,6 +670,9 @@ TEST_CASE("messages name types as they are written") {
       fusion::fuse_modules(model, {"mix", "tagged"},
                            {fusion::ModuleSpec{{"a", "b", "c", "d", "e", "f"}, {"x"}},
                             fusion::ModuleSpec{{"x", "tag"}, {"x"}}}),
-      Contains("names 6 inputs [a, b, c, d, e, f] but forward() takes 5 parameter(s) "
-               "(torch::Tensor, c10::optional<torch::Tensor>, int64_t, double, bool)"));
+      Contains(std::string("names 6 inputs [a, b, c, d, e, f] but forward() takes 5 "
+                           "parameter(s) (torch::Tensor, ") +
+               // c10::optional is std::optional from LibTorch 2.0 on: named as users write it.
+               (std::is_same_v<c10::optional<int>, std::optional<int>> ? "std" : "c10") +
+               "::optional<torch::Tensor>, int64_t, double, bool)"));
 }

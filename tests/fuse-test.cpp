@@ -1,5 +1,5 @@
 // Fused chains compute exactly what the original modules compute: outputs, gradients, state.
-#include <catch2/catch.hpp>
+#include "catch_compat.hpp"
 
 #include <atomic>
 #include <cstdio>
@@ -8,6 +8,7 @@
 #include "models.hpp"
 
 using namespace models;
+using fusion_test::Contains;
 
 namespace {
 
@@ -294,10 +295,10 @@ TEST_CASE("chains can be listed, reported and unfused selectively") {
   CHECK(chains[2].specs[1].outputs == std::vector<std::string>{"hidden_states"});
 
   const std::string text = fusion::report(model);
-  CHECK_THAT(text, Catch::StartsWith("3 fused chains"));
-  CHECK_THAT(text, Catch::Contains("[1] layers.1.post_attention_layernorm -> layers.1.mlp"));
+  CHECK_THAT(text, fusion_test::StartsWith("3 fused chains"));
+  CHECK_THAT(text, Contains("[1] layers.1.post_attention_layernorm -> layers.1.mlp"));
   CHECK_THAT(text,
-             Catch::Contains("FusedModule    layers.1.mlp: (hidden_states) -> (hidden_states)"));
+             Contains("FusedModule    layers.1.mlp: (hidden_states) -> (hidden_states)"));
 
   // From a sub-root: the chains under it, with paths relative to it.
   REQUIRE(fusion::fused_chains(model->block(1)).size() == 1);
@@ -318,7 +319,7 @@ TEST_CASE("members may live under different parents, and incomplete chains can b
   // a fine test of binding across parents. Layer 2 has no encoder half.
   CHECK_THROWS_WITH(
       fusion::fuse_modules(*model, {"encoder.layers.*.mlp", "decoder.layers.*.mlp"}, block_specs()),
-      Catch::Contains("incomplete chain for binding [2]"));
+      Contains("incomplete chain for binding [2]"));
   const auto chains = fusion::fuse_modules(*model, {"encoder.layers.*.mlp", "decoder.layers.*.mlp"},
                                            block_specs(), fusion::FuseOptions{true});
   REQUIRE(chains.size() == 2);

@@ -1,6 +1,6 @@
 // Kernels: typed, checked when attached, run per call when they apply (else the chain replays and
 // counts why), prepared state never stale, safe across threads, reproducible through plans.
-#include <catch2/catch.hpp>
+#include "catch_compat.hpp"
 
 #include <atomic>
 #include <cstdio>
@@ -9,7 +9,7 @@
 #include "models.hpp"
 
 using namespace models;
-using Catch::Contains;
+using fusion_test::Contains;
 
 namespace {
 
@@ -131,7 +131,7 @@ TEST_CASE("a kernel runs instead of the replay and matches the unfused model") {
   CHECK(stats.shared_state_bytes == 0);
   const auto text = fusion::report(model);
   CHECK_THAT(text, Contains("kernel test.norm_mlp: 2 run(s); replays: device 0, training 0, grad "
-                            "0, modes 0; 1 prepare(s); state 4096 B own, 0 B shared"));
+                            "0, modes 0, declined 0; 1 prepare(s); state 4096 B own, 0 B shared"));
 
   // use_kernel with no kernel returns to the replay, bit-identical again.
   CHECK(fusion::use_kernel(model, {"layers.*.mlp"}, "") == 3);
@@ -446,4 +446,26 @@ TEST_CASE("a plan reproduces the fusion of a model on its clone") {
   CHECK_THROWS_WITH(fusion::fuse_modules(other, overlapping),
                     Contains("'layers.0.mlp' is taken by rule #0 and by rule #1"));
   CHECK(fusion::fused_chains(other).empty());
+}
+
+TEST_CASE("kernels dispatch by device: a CUDA kernel runs on CUDA (skipped without CUDA)") {
+  if (!torch::cuda::is_available()) {
+    WARN("CUDA is not available in this LibTorch build or machine: CUDA case skipped");
+    return;
+  }
+  register_test_kernels();
+  torch::manual_seed(31);
+  Stack model(1);
+  model->eval();
+  model->to(torch::kCUDA);
+  const auto x = torch::randn({2, 16}, torch::kCUDA);
+  torch::NoGradGuard no_grad;
+  const auto original = model(x);
+  fusion::fuse_modules(model, block_patterns(), block_specs(), with_kernel("test.cuda_only"));
+  require_close(model(x), original);
+  CHECK(stats_of(model).runs == 1);
+  // Back on the CPU the same chain replays (and counts why), with its weights moved along.
+  model->to(torch::kCPU);
+  require_close(model(x.cpu()), original.cpu());
+  CHECK(stats_of(model).replays_device == 1);
 }

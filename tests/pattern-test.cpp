@@ -1,4 +1,4 @@
-#include <catch2/catch.hpp>
+#include "catch_compat.hpp"
 
 #include <fusion/pattern.hpp>
 
@@ -6,6 +6,7 @@
 #include <vector>
 
 using fusion::Pattern;
+using fusion_test::Contains;
 using Binding = std::vector<std::string>;
 
 TEST_CASE("a whole-segment * matches exactly one segment and binds it") {
@@ -41,7 +42,7 @@ TEST_CASE("malformed patterns are rejected with the pattern named") {
     CHECK_THROWS_AS(Pattern(bad), fusion::FusionError);
   }
   CHECK_THROWS_WITH(Pattern("layers..mlp"),
-                    Catch::Contains("'layers..mlp'") && Catch::Contains("empty segment"));
+                    Contains("'layers..mlp'") && Contains("empty segment"));
 }
 
 TEST_CASE("** as a whole segment matches any number of segments, none included") {
@@ -83,10 +84,10 @@ TEST_CASE("character classes match one character of a set, a range, or outside i
 }
 
 TEST_CASE("** among other characters and unclosed classes are malformed") {
-  CHECK_THROWS_WITH(Pattern("layers.a**.mlp"), Catch::Contains("'**' must be a whole segment"));
-  CHECK_THROWS_WITH(Pattern("***.mlp"), Catch::Contains("'**' must be a whole segment"));
-  CHECK_THROWS_WITH(Pattern("layers.[0-3.mlp"), Catch::Contains("unclosed '['"));
-  CHECK_THROWS_WITH(Pattern("layers.[!].mlp"), Catch::Contains("unclosed '['"));
+  CHECK_THROWS_WITH(Pattern("layers.a**.mlp"), Contains("'**' must be a whole segment"));
+  CHECK_THROWS_WITH(Pattern("***.mlp"), Contains("'**' must be a whole segment"));
+  CHECK_THROWS_WITH(Pattern("layers.[0-3.mlp"), Contains("unclosed '['"));
+  CHECK_THROWS_WITH(Pattern("layers.[!].mlp"), Contains("unclosed '['"));
 }
 
 TEST_CASE("prefix is the pattern of the first segments") {

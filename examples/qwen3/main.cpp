@@ -4,8 +4,14 @@
 // chains with their fused kernels (kernels.hpp) and check their logits within a tolerance.
 //
 //   qwen3_fusion [--model-dir DIR] [--input-ids 1,2,3] [--generate N] [--save-logits FILE]
-//                [--save-kernel-logits FILE] [--folded]
+//                [--save-kernel-logits FILE] [--folded] [--expect FILE]
+//
+// Generation is greedy and stops at the model directory's eos ids (generation_config.json, else
+// config.json). --expect FILE (written by transformers/make_models.py) sets the prompt and the
+// number of new tokens, and checks the original logits against transformers' (within 1e-4 of the
+// largest logit) and every generated sequence against transformers' ids.
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -29,6 +35,7 @@ struct Options {
   std::string save_logits;
   std::string save_kernel_logits;
   bool folded = false;
+  std::string expect;
 };
 
 std::vector<int64_t> parse_ids(const std::string& text) {
@@ -65,11 +72,13 @@ Options parse(int argc, char** argv) {
       options.save_kernel_logits = value();
     } else if (arg == "--folded") {
       options.folded = true;
+    } else if (arg == "--expect") {
+      options.expect = value();
     } else {
       throw std::invalid_argument("unknown option " + arg +
                                   "\nusage: qwen3_fusion [--model-dir DIR] [--input-ids 1,2,3] "
                                   "[--generate N] [--save-logits FILE] [--save-kernel-logits FILE] "
-                                  "[--folded]");
+                                  "[--folded] [--expect FILE]");
     }
   }
   return options;
@@ -91,27 +100,84 @@ double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>();
 }
 
+/// What another implementation computed for the same model (transformers/make_models.py).
+struct Expected {
+  torch::Tensor logits;  // [seq, vocab], float32
+  torch::Tensor ids;     // [1, prompt + generated]
+};
+
+Expected read_expected(const std::string& path, Options& options) {
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error("cannot open " + path);
+  const auto j = nlohmann::json::parse(in);
+  options.input_ids = j.at("input_ids").get<std::vector<int64_t>>();
+  options.generate = j.at("max_new_tokens").get<int64_t>();
+  const auto shape = j.at("logits").at("shape").get<std::vector<int64_t>>();
+  const auto file =
+      std::filesystem::path(path).parent_path() / j.at("logits").at("file").get<std::string>();
+  auto logits = torch::empty(shape, torch::kFloat32);
+  std::ifstream data(file, std::ios::binary);
+  data.read(static_cast<char*>(logits.data_ptr()), static_cast<std::streamsize>(logits.nbytes()));
+  if (!data || data.peek() != EOF)
+    throw std::runtime_error(file.string() + ": not " +
+                             fmt::format("[{}] float32", fmt::join(shape, ", ")));
+  return {logits, torch::tensor(j.at("generated_ids").get<std::vector<int64_t>>()).unsqueeze(0)};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
-  const Options options = parse(argc, argv);
+  Options options = parse(argc, argv);
   torch::NoGradGuard no_grad;
+  c10::optional<Expected> expected;
+  if (!options.expect.empty()) expected = read_expected(options.expect, options);
   qwen3::ForCausalLM model{nullptr};
+  qwen3::GenerationConfig generation;
   if (options.model_dir.empty()) {
     model = tiny_model();
     std::cout << "Model: tiny random Qwen3 (hidden 64, 4 layers, vocab 1000, seed 2024)\n";
   } else {
-    model = qwen3::ForCausalLM(qwen3::load_config(options.model_dir));
+    const auto config = qwen3::load_config(options.model_dir);
+    model = qwen3::ForCausalLM(config);
     qwen3::load_weights(*model, options.model_dir);
-    std::cout << "Model: " << options.model_dir << "\n";
+    generation = qwen3::load_generation_config(options.model_dir);
+    std::cout << fmt::format("Model: {} (stored as {}, rope {}, eos ids [{}])\n", options.model_dir,
+                             config.dtype, config.rope_scaling.type,
+                             fmt::join(generation.eos_token_ids, ", "));
   }
   model->eval();
   const auto ids = torch::tensor(options.input_ids, torch::kInt64).unsqueeze(0);
   std::cout << fmt::format("Input ids: [{}]\n", fmt::join(options.input_ids, ", "));
+  const auto generate = [&] {
+    return model->generate(ids, options.generate, generation.eos_token_ids,
+                           generation.pad_token_id);
+  };
 
   const auto original = model(ids);
+  bool ok = true;
+  if (expected) {
+    const double scale = std::max(1.0, expected->logits.abs().max().item<double>());
+    const double diff = max_diff(original[0], expected->logits);
+    std::cout << fmt::format("Max diff original vs transformers: {:g} (tolerance {:g})\n", diff,
+                             1e-4 * scale);
+    ok = diff <= 1e-4 * scale;
+  }
   torch::Tensor original_generated;
-  if (options.generate > 0) original_generated = model->generate(ids, options.generate);
+  if (options.generate > 0) {
+    original_generated = generate();
+    const int64_t produced = original_generated.size(1) - ids.size(1);
+    if (produced < options.generate) {
+      std::cout << fmt::format("Generation stopped at an eos id after {} of {} new tokens\n",
+                               produced, options.generate);
+    }
+    if (expected) {
+      const bool same = torch::equal(original_generated, expected->ids);
+      std::cout << fmt::format("Generated ids (transformers): [{}]  {}\n",
+                               fmt::join(new_ids(expected->ids, ids.size(1)), ", "),
+                               same ? "identical" : "DIFFERENT");
+      ok = ok && same;
+    }
+  }
 
   fusion::fuse_modules(model, qwen3::mlp_patterns(), qwen3::mlp_specs());
   fusion::fuse_modules(model, qwen3::attention_patterns(), qwen3::attention_specs());
@@ -120,14 +186,14 @@ int main(int argc, char** argv) try {
   const auto fused = model(ids);
   const double fused_diff = max_diff(fused, original);
   std::cout << "Max diff fused vs original: " << fused_diff << "\n";
-  bool ok = fused_diff == 0;
+  ok = ok && fused_diff == 0;
   if (!options.save_logits.empty()) {
     npy::save_float32(options.save_logits, fused[0]);
     std::cout << "Saved fused logits [" << fused.size(1) << ", " << fused.size(2) << "] to "
               << options.save_logits << "\n";
   }
   if (options.generate > 0) {
-    const auto generated = model->generate(ids, options.generate);
+    const auto generated = generate();
     const bool same = torch::equal(generated, original_generated);
     const auto prompt = ids.size(1);
     std::cout << fmt::format("Generated ids (original): [{}]\n",
@@ -159,7 +225,7 @@ int main(int argc, char** argv) try {
               << "] to " << options.save_kernel_logits << "\n";
   }
   if (options.generate > 0) {
-    const auto generated = model->generate(ids, options.generate);
+    const auto generated = generate();
     const bool same = torch::equal(generated, original_generated);
     std::cout << fmt::format("Generated ids (kernels):  [{}]  {}\n",
                              fmt::join(new_ids(generated, ids.size(1)), ", "),

@@ -1,5 +1,5 @@
 // The Qwen3 port: checkpoint loading and saving, and fused == original for both chains.
-#include <catch2/catch.hpp>
+#include "catch_compat.hpp"
 
 #include <atomic>
 #include <filesystem>
@@ -12,7 +12,8 @@
 #include "qwen3.hpp"
 
 namespace fs = std::filesystem;
-using Catch::Contains;
+using fusion_test::Approx;
+using fusion_test::Contains;
 
 namespace {
 
@@ -263,6 +264,21 @@ TEST_CASE("checkpoints round-trip through save_pretrained and load") {
   qwen3::load_weights(*loaded, dir);
   CHECK(torch::equal(loaded(prompt), original));
 
+  SECTION("RoPE scaling round-trips") {
+    auto scaled = model->config;
+    scaled.rope_scaling.type = "yarn";
+    scaled.rope_scaling.factor = 4.0;
+    scaled.rope_scaling.original_max_position_embeddings = 32;
+    scaled.rope_scaling.mscale = 0.7;
+    const auto yarn_dir = scratch("yarn");
+    qwen3::save_pretrained(*model, scaled, yarn_dir);
+    const auto back = qwen3::load_config(yarn_dir);
+    CHECK(back.rope_scaling.type == "yarn");
+    CHECK(back.rope_scaling.factor == 4.0);
+    CHECK(back.rope_scaling.original_max_position_embeddings == 32);
+    CHECK(back.rope_scaling.mscale == 0.7);
+    CHECK_FALSE(back.rope_scaling.mscale_all_dim.has_value());
+  }
   SECTION("a fused model loads the same way") {
     qwen3::ForCausalLM fused(config);
     fusion::fuse_modules(fused, qwen3::mlp_patterns(), qwen3::mlp_specs());
@@ -375,7 +391,7 @@ TEST_CASE("loader errors name the file and key, and leave the model untouched") 
         dir / "model.safetensors",
         R"({"model.norm.weight": {"dtype": "I8", "shape": [64], "data_offsets": [0, 64]}})",
         std::string(64, '\0'));
-    fails_with(dir, "tensor 'model.norm.weight' has dtype I8, not one of F32, F16, BF16");
+    fails_with(dir, "tensor 'model.norm.weight' has dtype I8, not one of BF16, F16, F32, F64, I64");
   }
   SECTION("missing and unexpected keys") {
     const auto dir = scratch("keys");
@@ -408,6 +424,117 @@ TEST_CASE("loader errors name the file and key, and leave the model untouched") 
     fails_with(dir, "model-00002-of-00002.safetensors");
   }
   CHECK(same_parameters(*model, before));
+}
+
+/// A config.json as transformers writes it for a small model, with `extra` merged in.
+fs::path config_dir(const std::string& name, const nlohmann::json& extra) {
+  nlohmann::json j{{"architectures", {"Qwen3ForCausalLM"}},
+                   {"model_type", "qwen3"},
+                   {"vocab_size", 256},
+                   {"hidden_size", 64},
+                   {"intermediate_size", 128},
+                   {"num_hidden_layers", 2},
+                   {"num_attention_heads", 4},
+                   {"num_key_value_heads", 2},
+                   {"head_dim", 16},
+                   {"max_position_embeddings", 128}};
+  j.merge_patch(extra);
+  const auto dir = scratch(name);
+  write_file(dir / "config.json", j.dump());
+  return dir;
+}
+
+TEST_CASE("configs load as transformers 4 and 5 write them, RoPE scaling included") {
+  SECTION("transformers 5: rope_parameters and dtype") {
+    const auto c = qwen3::load_config(
+        config_dir("v5", {{"rope_parameters", {{"rope_type", "default"}, {"rope_theta", 50000.0}}},
+                          {"dtype", "bfloat16"}}));
+    CHECK(c.rope_theta == 50000.0);
+    CHECK(c.rope_scaling.type == "default");
+    CHECK(c.dtype == "bfloat16");
+  }
+  SECTION("transformers 4: rope_theta, rope_scaling and torch_dtype") {
+    const auto c = qwen3::load_config(config_dir(
+        "v4", {{"rope_theta", 1e6},
+               {"rope_scaling",
+                {{"type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 32}}},
+               {"torch_dtype", "float16"}}));
+    CHECK(c.rope_theta == 1e6);
+    CHECK(c.rope_scaling.type == "yarn");
+    CHECK(c.rope_scaling.factor == 4.0);
+    CHECK(c.rope_scaling.original_max_position_embeddings == 32);
+    CHECK(c.dtype == "float16");
+  }
+  SECTION("no RoPE field at all: transformers' default theta") {
+    CHECK(qwen3::load_config(config_dir("bare", nlohmann::json::object())).rope_theta == 10000.0);
+  }
+  SECTION("linear scaling divides the frequencies; yarn keeps the fastest ones") {
+    qwen3::Config c;
+    c.rope_theta = 50000.0;
+    const auto plain = qwen3::rope_frequencies(c).first;
+    c.rope_scaling.type = "linear";
+    c.rope_scaling.factor = 3.0;
+    CHECK(torch::allclose(qwen3::rope_frequencies(c).first, plain / 3.0));
+    c.rope_scaling.type = "yarn";
+    c.rope_scaling.factor = 4.0;
+    c.rope_scaling.original_max_position_embeddings = 32;
+    const auto [yarn, attention] = qwen3::rope_frequencies(c);
+    CHECK(yarn[0].item<float>() == plain[0].item<float>());
+    CHECK(yarn[-1].item<float>() == Approx(plain[-1].item<float>() / 4.0));
+    CHECK(attention == Approx(0.1 * std::log(4.0) + 1.0));
+  }
+}
+
+TEST_CASE("config fields that would change the computation are refused, naming field and value") {
+  const auto refused = [](const nlohmann::json& extra, const std::string& message) {
+    INFO(extra.dump());
+    CHECK_THROWS_WITH(qwen3::load_config(config_dir("refused", extra)), Contains(message));
+  };
+  refused({{"model_type", "qwen2"}}, "model_type = \"qwen2\" is not supported");
+  refused({{"architectures", {"Qwen3MoeForCausalLM"}}},
+          "architectures = [\"Qwen3MoeForCausalLM\"]");
+  refused({{"hidden_act", "gelu"}}, "hidden_act = \"gelu\" is not supported");
+  refused({{"rope_parameters", {{"rope_type", "dynamic"}, {"factor", 2.0}}}},
+          "rope type 'dynamic' is not implemented");
+  refused({{"rope_scaling", {{"rope_type", "longrope"}}}}, "rope type 'longrope'");
+  refused({{"rope_parameters", {{"rope_type", "linear"}, {"factor", 2.0}, {"low_freq_factor", 1}}}},
+          "rope parameter 'low_freq_factor' (1) is not supported for rope type 'linear'");
+  refused({{"layer_types", {"full_attention", "sliding_attention"}}},
+          "layer_types = [\"full_attention\",\"sliding_attention\"] is not supported");
+  refused({{"use_sliding_window", true}, {"max_window_layers", 1}},
+          "use_sliding_window = true is not supported");
+  refused({{"partial_rotary_factor", 0.5}}, "partial_rotary_factor = 0.5");
+  // Sliding windows switched on but covering no layer change nothing: accepted, as transformers.
+  CHECK_NOTHROW(qwen3::load_config(
+      config_dir("window", {{"use_sliding_window", true}, {"max_window_layers", 28}})));
+}
+
+TEST_CASE("generation stops at the eos ids of generation_config.json, as transformers does") {
+  torch::NoGradGuard no_grad;
+  auto model = random_model(9);
+  const auto prompt = ids({11, 12, 13, 14});
+  const auto free_run = model->generate(prompt, 8);
+  const int64_t eos = free_run[0][prompt.size(1) + 2].item<int64_t>();
+  const auto stopped = model->generate(prompt, 8, {eos});
+  // Stops at the first eos (the third new token, or earlier if it came before), keeping it.
+  REQUIRE(stopped.size(1) <= prompt.size(1) + 3);
+  CHECK(stopped[0][-1].item<int64_t>() == eos);
+  CHECK(torch::equal(stopped, free_run.slice(1, 0, stopped.size(1))));
+  SECTION("a finished row of a batch is padded until every row has finished") {
+    const auto batch = torch::cat({prompt, ids({20, 21, 22, 23})}, 0);
+    const auto rows = model->generate(batch, 8, {eos}, /*pad_token_id=*/1);
+    CHECK(torch::equal(rows[0].slice(0, 0, stopped.size(1)), stopped[0]));
+    REQUIRE(rows.size(1) > stopped.size(1));  // the second row ran on
+    CHECK((rows[0].slice(0, stopped.size(1)) == 1).all().item<bool>());
+  }
+  SECTION("the ids come from generation_config.json, else config.json") {
+    const auto dir = config_dir("eos", {{"eos_token_id", 5}, {"pad_token_id", 0}});
+    CHECK(qwen3::load_generation_config(dir).eos_token_ids == std::vector<int64_t>{5});
+    write_file(dir / "generation_config.json", R"({"eos_token_id": [7, 8]})");
+    const auto g = qwen3::load_generation_config(dir);
+    CHECK(g.eos_token_ids == std::vector<int64_t>{7, 8});
+    CHECK(g.pad_token_id == 0);
+  }
 }
 
 TEST_CASE("input ids outside the vocabulary are a clear error") {

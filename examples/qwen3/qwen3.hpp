@@ -3,6 +3,7 @@
 // ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight", ...).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -14,6 +15,18 @@
 
 namespace qwen3 {
 
+/// RoPE scaling (transformers' `rope_parameters`, formerly `rope_scaling`), as transformers'
+/// modeling_rope_utils computes it. load_config refuses the types not implemented here.
+struct RopeScaling {
+  std::string type = "default";  // "default", "linear" or "yarn"
+  double factor = 1.0;           // linear and yarn: how much longer the context is made
+  // yarn only
+  int64_t original_max_position_embeddings = 32768;
+  c10::optional<double> attention_factor, mscale, mscale_all_dim;
+  double beta_fast = 32.0, beta_slow = 1.0;
+  bool truncate = true;
+};
+
 struct Config {
   int64_t vocab_size = 1000;
   int64_t hidden_size = 64;
@@ -23,10 +36,52 @@ struct Config {
   int64_t num_key_value_heads = 4;
   int64_t head_dim = 16;
   double rope_theta = 1e6;
+  RopeScaling rope_scaling;
+  int64_t max_position_embeddings = 32768;
   double rms_norm_eps = 1e-6;
   bool tie_word_embeddings = false;
   bool attention_bias = false;
+  std::string dtype = "float32";  // the checkpoint's (`dtype`, formerly `torch_dtype`)
 };
+
+/// Inverse frequencies [head_dim / 2] and the factor cos and sin are scaled by, for `c`'s RoPE.
+inline std::pair<torch::Tensor, double> rope_frequencies(const Config& c) {
+  const int64_t d = c.head_dim;
+  const double base = c.rope_theta;
+  const auto exponents = torch::arange(0, d, 2, torch::kInt64).to(torch::kFloat32) / d;
+  const auto inv_freq = 1.0 / torch::pow(base, exponents);
+  const RopeScaling& r = c.rope_scaling;
+  if (r.type == "default") return {inv_freq, 1.0};
+  if (r.type == "linear") return {inv_freq / r.factor, 1.0};
+  // yarn: interpolate the low frequencies, keep the high ones, blend linearly in between.
+  const auto mscale = [](double scale, double m) {
+    return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0;
+  };
+  double attention = 0;
+  if (r.attention_factor.has_value()) {
+    attention = *r.attention_factor;
+  } else if (r.mscale.value_or(0) != 0 && r.mscale_all_dim.value_or(0) != 0) {
+    attention = mscale(r.factor, *r.mscale) / mscale(r.factor, *r.mscale_all_dim);
+  } else {
+    attention = mscale(r.factor, 1.0);
+  }
+  const auto original = static_cast<double>(r.original_max_position_embeddings);
+  const auto correction_dim = [&](double rotations) {
+    return (d * std::log(original / (rotations * 2 * M_PI))) / (2 * std::log(base));
+  };
+  double low = correction_dim(r.beta_fast), high = correction_dim(r.beta_slow);
+  if (r.truncate) {
+    low = std::floor(low);
+    high = std::ceil(high);
+  }
+  low = std::max(low, 0.0);
+  high = std::min(high, static_cast<double>(d - 1));
+  if (low == high) high += 0.001;  // as transformers: no division by zero
+  const auto ramp = ((torch::arange(d / 2, torch::kFloat32) - low) / (high - low)).clamp(0, 1);
+  const auto extrapolation = 1 - ramp;
+  const auto interpolated = inv_freq / r.factor;
+  return {interpolated * (1 - extrapolation) + inv_freq * extrapolation, attention};
+}
 
 /// The per-layer keys and values of the tokens seen so far. Passed through forward() as a plain
 /// pointer: a user type that fused chains carry in a capsule.
@@ -211,16 +266,15 @@ struct ModelImpl : torch::nn::Module {
 
   /// Rotary cos/sin in float32 for positions [batch, seq], cast to the hidden dtype.
   PositionEmbeddings rotary(const torch::Tensor& positions, torch::ScalarType dtype) const {
-    const auto d = config.head_dim;
-    const auto inv_freq =
-        1.0 / torch::pow(config.rope_theta,
-                         torch::arange(0, d, 2, torch::kInt64).to(torch::kFloat32) / d);
+    const auto& [inv_freq, scale] = frequencies;
     const auto freqs = positions.unsqueeze(-1) * inv_freq;  // [batch, seq, d/2]
     const auto emb = torch::cat({freqs, freqs}, -1);
-    return {emb.cos().to(dtype), emb.sin().to(dtype)};
+    if (scale == 1.0) return {emb.cos().to(dtype), emb.sin().to(dtype)};
+    return {(emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)};
   }
 
   Config config;
+  std::pair<torch::Tensor, double> frequencies = rope_frequencies(config);
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
   fusion::Slot<RMSNorm> norm;
@@ -250,17 +304,31 @@ struct ForCausalLMImpl : torch::nn::Module {
     return config.tie_word_embeddings ? torch::linear(h, model->embed_tokens->weight) : lm_head(h);
   }
 
-  /// Greedy decoding: the prompt's ids followed by max_new_tokens generated ids, [batch, seq +
-  /// new].
-  torch::Tensor generate(const torch::Tensor& input_ids, int64_t max_new_tokens) {
+  /// Greedy decoding as transformers' generate(do_sample=False): the prompt's ids followed by up
+  /// to max_new_tokens generated ids, [batch, seq + new]. Generation stops once every row has
+  /// produced one of `eos_token_ids` (kept in the output); a row that finished early is padded
+  /// with `pad_token_id` (default: the first eos id).
+  torch::Tensor generate(const torch::Tensor& input_ids, int64_t max_new_tokens,
+                         const std::vector<int64_t>& eos_token_ids = {},
+                         c10::optional<int64_t> pad_token_id = c10::nullopt) {
     torch::NoGradGuard no_grad;
     KVCache cache;
     auto ids = input_ids;
     auto next_input = input_ids;
+    const auto eos = torch::tensor(eos_token_ids, torch::kInt64);
+    const int64_t pad = pad_token_id.value_or(eos_token_ids.empty() ? 0 : eos_token_ids[0]);
+    auto unfinished = torch::ones({input_ids.size(0), 1}, torch::kBool);
     for (int64_t i = 0; i < max_new_tokens; ++i) {
       auto logits = forward(next_input, &cache);
       next_input = logits.select(1, -1).argmax(-1, /*keepdim=*/true);
+      if (eos_token_ids.empty()) {
+        ids = torch::cat({ids, next_input}, 1);
+        continue;
+      }
+      next_input = torch::where(unfinished, next_input, torch::full_like(next_input, pad));
       ids = torch::cat({ids, next_input}, 1);
+      unfinished = unfinished & ~torch::isin(next_input, eos);
+      if (!unfinished.any().item<bool>()) break;
     }
     return ids;
   }

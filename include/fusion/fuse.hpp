@@ -82,12 +82,13 @@ std::string report(Root& root) {
                    detail::describe_names(chain.binding));
     if (!chain.kernel.empty()) {
       const KernelStats& k = chain.stats;
-      fmt::format_to(
-          std::back_inserter(text),
-          "    kernel {}: {} run(s); replays: device {}, training {}, grad {}, modes {}; "
-          "{} prepare(s); state {} B own, {} B shared with the model\n",
-          chain.kernel, k.runs, k.replays_device, k.replays_training, k.replays_grad,
-          k.replays_modes, k.prepares, k.state_bytes, k.shared_state_bytes);
+      fmt::format_to(std::back_inserter(text),
+                     "    kernel {}: {} run(s); replays: device {}, training {}, grad {}, modes "
+                     "{}, declined {}; "
+                     "{} prepare(s); state {} B own, {} B shared with the model\n",
+                     chain.kernel, k.runs, k.replays_device, k.replays_training, k.replays_grad,
+                     k.replays_modes, k.replays_declined, k.prepares, k.state_bytes,
+                     k.shared_state_bytes);
     }
     for (std::size_t m = 0; m < chain.paths.size(); ++m) {
       fmt::format_to(std::back_inserter(text), "    {:<14} {}: ({}) -> ({})\n",

@@ -20,6 +20,7 @@ struct KernelStats {
   std::uint64_t replays_training = 0;  // replayed: a member in training mode
   std::uint64_t replays_grad = 0;      // replayed: gradients needed, the kernel has no autograd
   std::uint64_t replays_modes = 0;     // replayed: members called in different autograd modes
+  std::uint64_t replays_declined = 0;  // replayed: the kernel's applies() said no
   std::uint64_t prepares = 0;          // times its state was (re)built from the members' tensors
   std::uint64_t state_bytes = 0;       // bytes the prepared state holds beyond the model's tensors
   std::uint64_t shared_state_bytes = 0;  // bytes of it that the model's tensors share

@@ -13,6 +13,7 @@
 #include "fusion/match.hpp"
 #include "fusion/pattern.hpp"
 #include "fusion/plan.hpp"
+#include "fusion/sequential.hpp"
 #include "fusion/slot.hpp"
 #include "fusion/spec.hpp"
 #include "fusion/verify.hpp"

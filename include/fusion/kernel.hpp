@@ -7,6 +7,7 @@
 //   struct RMSNormMLP {
 //     struct State { torch::Tensor gate_up, down; };          // optional: derived tensors
 //     State prepare(RMSNormImpl& norm, MLPImpl& mlp) const;   // runs under NoGradGuard
+//     bool applies(RMSNormImpl& norm, MLPImpl& mlp) const;    // optional: false replays
 //     torch::Tensor operator()(const State& s, RMSNormImpl& norm, MLPImpl& mlp,
 //                              const torch::Tensor& hidden_states) const;
 //   };
@@ -38,6 +39,10 @@ namespace fusion {
 /// NoGradGuard: once, and again before any call that finds a member's parameter or buffer changed
 /// (an in-place write such as an optimizer step, `torch::load`, `to()`), never otherwise. A State
 /// with `std::vector<torch::Tensor> tensors() const` has its memory shown by `report`.
+///
+/// `applies`, when the kernel has one, is asked on every call that the options allow, after the
+/// device and mode checks: a configuration the kernel cannot compute (a BatchNorm without running
+/// statistics, say) returns false, and the chain replays, counted as `replays_declined`.
 template <typename Kernel>
 void register_kernel(const std::string& name, Kernel kernel, KernelOptions options = {}) {
   detail::KernelRegistry::instance().add(name, std::make_shared<const detail::TypedKernel<Kernel>>(

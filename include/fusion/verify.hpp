@@ -224,7 +224,9 @@ class SavedState {
     for (const auto& tensor : root.buffers()) save_value(tensor);
     generators_.push_back(at::detail::getDefaultCPUGenerator());
     if (torch::cuda::is_available()) {
-      for (std::size_t d = 0; d < torch::cuda::device_count(); ++d) {
+      // device_count() is size_t in LibTorch 1.13, c10::DeviceIndex in 2.x.
+      const auto devices = static_cast<std::size_t>(torch::cuda::device_count());
+      for (std::size_t d = 0; d < devices; ++d) {
         generators_.push_back(at::globalContext().defaultGenerator(
             at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(d))));
       }

@@ -48,7 +48,11 @@ FUSION_TYPE_NAME(std::string, "std::string")
 #undef FUSION_TYPE_NAME
 template <typename T>
 struct TypeName<c10::optional<T>> {
-  static std::string get() { return "c10::optional<" + type_name<T>() + ">"; }
+  // On LibTorch 2.x c10::optional is an alias of std::optional, the name users write there.
+  static std::string get() {
+    constexpr bool is_std = std::is_same_v<std::optional<T>, c10::optional<T>>;
+    return (is_std ? "std::optional<" : "c10::optional<") + type_name<T>() + ">";
+  }
 };
 template <typename T>
 struct TypeName<std::optional<T>,

@@ -59,9 +59,12 @@ class KernelImpl {
                    std::vector<c10::IValue>& outputs) const = 0;
   /// The tensors a state holds, when its type says (a `tensors()` member), for the memory report.
   virtual std::vector<at::Tensor> state_tensors(const void* state) const = 0;
+  /// The kernel's own per-call verdict on the modules (its `applies`), when it has one.
+  virtual bool applies(void* const* modules) const = 0;
 
   KernelOptions options;
   bool stateful = false;                   // has a prepare(), whose state is kept fresh
+  bool checks_applies = false;             // has an applies(), asked on every call
   std::vector<std::type_index> modules{};  // the Impl type of each member, in order
   std::vector<std::string> module_names;
   std::vector<TypeInfo> inputs;   // the free inputs, in order
@@ -91,6 +94,10 @@ template <typename K, typename = void>
 struct has_call : std::false_type {};
 template <typename K>
 struct has_call<K, std::void_t<decltype(&K::operator())>> : std::true_type {};
+template <typename K, typename = void>
+struct has_applies : std::false_type {};
+template <typename K>
+struct has_applies<K, std::void_t<decltype(&K::applies)>> : std::true_type {};
 template <typename S, typename = void>
 struct has_tensors : std::false_type {};
 template <typename S>
@@ -148,8 +155,10 @@ class TypedKernel final : public KernelImpl {
                     "be `const State&`, State being what prepare() returns");
       check_prepare_modules(std::make_index_sequence<module_count>{});
     }
+    if constexpr (has_applies<K>::value) check_applies(std::make_index_sequence<module_count>{});
     options = std::move(kernel_options);
     stateful = has_state;
+    checks_applies = has_applies<K>::value;
     fill_modules(std::make_index_sequence<module_count>{});
     fill_inputs(std::make_index_sequence<input_count>{});
     outputs = output_types<std::decay_t<Result>>::get();
@@ -169,6 +178,14 @@ class TypedKernel final : public KernelImpl {
              std::make_index_sequence<input_count>{});
   }
 
+  bool applies(void* const* members) const override {
+    if constexpr (has_applies<K>::value) {
+      return applies_impl(members, std::make_index_sequence<module_count>{});
+    } else {
+      return true;
+    }
+  }
+
   std::vector<at::Tensor> state_tensors(const void* state) const override {
     if constexpr (has_state) {
       if constexpr (has_tensors<State>::value) {
@@ -179,6 +196,19 @@ class TypedKernel final : public KernelImpl {
   }
 
  private:
+  template <std::size_t... I>
+  static void check_applies(std::index_sequence<I...>) {
+    using Signature = signature_of<decltype(&K::applies)>;
+    static_assert(std::is_same_v<typename Signature::result, bool> &&
+                      std::is_same_v<typename Signature::params,
+                                     std::tuple<std::tuple_element_t<first_module + I, Params>...>>,
+                  "fusion::register_kernel: applies() must be `bool applies(Members&...) const`, "
+                  "taking the member modules as operator() does");
+  }
+  template <std::size_t... I>
+  bool applies_impl(void* const* members, std::index_sequence<I...>) const {
+    return kernel_.applies(*static_cast<Module<I>*>(members[I])...);
+  }
   template <std::size_t... I>
   static void check_prepare_modules(std::index_sequence<I...>) {
     using PrepareParams = typename Prepare<K>::Signature::params;
@@ -344,6 +374,7 @@ class KernelBinding final : public KernelRunner {
     stats.replays_training = replays_[training].load(std::memory_order_relaxed);
     stats.replays_grad = replays_[grad].load(std::memory_order_relaxed);
     stats.replays_modes = replays_[modes].load(std::memory_order_relaxed);
+    stats.replays_declined = replays_[declined].load(std::memory_order_relaxed);
     stats.prepares = prepares_.load(std::memory_order_relaxed);
     std::lock_guard<std::mutex> lock(rebuild_mutex_);
     if (const Prepared* prepared = current_.load()) {
@@ -390,6 +421,9 @@ class KernelBinding final : public KernelRunner {
       members.push_back(slot->impl());
     }
     if (training_mode && !impl->options.training) return decline(chain, capture, training);
+    if (impl->checks_applies && !impl->applies(members.data())) {
+      return decline(chain, capture, declined);
+    }
     bool needs_grad = false;
     if (mode.grad && !mode.inference) {
       needs_grad = input_requires_grad;
@@ -429,7 +463,7 @@ class KernelBinding final : public KernelRunner {
   }
 
  private:
-  enum Reason { device, training, grad, modes, reasons };
+  enum Reason { device, training, grad, modes, declined, reasons };
 
   struct Prepared {
     const KernelImpl* impl = nullptr;
@@ -446,7 +480,8 @@ class KernelBinding final : public KernelRunner {
           "no implementation for the inputs' device",
           "a member is in training mode and the kernel is not registered for training",
           "gradients are needed and the kernel is not registered with autograd",
-          "the members were called in different autograd modes"};
+          "the members were called in different autograd modes",
+          "the kernel declined these modules (its applies() returned false)"};
       chain.fail_call(capture, fmt::format("kernel '{}' does not apply (strict policy): {}", name_,
                                            why[reason]));
     }

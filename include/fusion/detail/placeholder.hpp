@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -75,6 +77,13 @@ T stand_in(const T& value) {
 template <typename T>
 c10::optional<T> stand_in(const c10::optional<T>& value) {
   return value.has_value() ? c10::optional<T>(stand_in(*value)) : value;
+}
+// On LibTorch 1.13 std::optional is another type, whose tensor must not be copied either; on 2.x
+// it is c10::optional and this overload drops out.
+template <typename T,
+          typename = std::enable_if_t<!std::is_same_v<std::optional<T>, c10::optional<T>>>>
+std::optional<T> stand_in(const std::optional<T>& value) {
+  return value.has_value() ? std::optional<T>(stand_in(*value)) : value;
 }
 
 }  // namespace fusion::detail

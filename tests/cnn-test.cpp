@@ -1,0 +1,333 @@
+// fusion::Sequential and the built-in folding kernels (conv+bn(+relu), linear+bn,
+// layernorm+linear).
+#include "catch_compat.hpp"
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <fusion/fusion.hpp>
+#include <fusion/kernels/batch_norm_folding.hpp>
+
+using fusion_test::Contains;
+
+namespace {
+
+namespace nn = torch::nn;
+
+// Folded kernels compute with other weights than the modules: compared within this tolerance,
+// relative to the largest output (float32).
+constexpr double kRelativeTolerance = 1e-5;
+
+void require_close(const torch::Tensor& got, const torch::Tensor& expected) {
+  REQUIRE(got.sizes() == expected.sizes());
+  REQUIRE(got.dtype() == expected.dtype());
+  const double scale = std::max(1.0, expected.abs().max().item<double>());
+  const double diff = (got - expected).abs().max().item<double>();
+  INFO("max abs diff " << diff << ", largest output " << scale);
+  REQUIRE(diff <= kRelativeTolerance * scale);
+}
+
+/// Random affine parameters and running statistics, so folding has something to fold.
+void randomize_batch_norm(nn::Module& bn) {
+  torch::NoGradGuard no_grad;
+  for (auto& item : bn.named_parameters()) item.value().uniform_(0.5, 1.5);
+  for (auto& item : bn.named_buffers()) {
+    if (item.key() == "running_mean") item.value().normal_(0, 0.5);
+    if (item.key() == "running_var") item.value().uniform_(0.5, 2.0);
+  }
+}
+
+fusion::ModuleSpec tensor_spec() { return fusion::ModuleSpec{{"x"}, {"x"}}; }
+std::vector<fusion::ModuleSpec> specs(std::size_t n) {
+  return std::vector<fusion::ModuleSpec>(n, tensor_spec());
+}
+fusion::FuseOptions kernel(const std::string& name) {
+  fusion::FuseOptions options;
+  options.kernel = name;
+  return options;
+}
+fusion::KernelStats stats_of(fusion::SequentialImpl& model) {
+  return fusion::fused_chains(model).at(0).stats;
+}
+
+/// A block as CNNs write it: named children, some in a fusion::Sequential.
+struct StemImpl : nn::Cloneable<StemImpl> {
+  StemImpl() { reset(); }
+  void reset() override {
+    conv = fusion::register_slot(*this, "conv", nn::Conv2d(nn::Conv2dOptions(3, 8, 3).bias(false)));
+    bn = fusion::register_slot(*this, "bn", nn::BatchNorm2d(8));
+    features = register_module("features",
+                               fusion::Sequential(nn::Conv2d(nn::Conv2dOptions(8, 8, 3).padding(1)),
+                                                  nn::BatchNorm2d(8), nn::ReLU()));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return features->forward(bn(conv(x))); }
+  fusion::Slot<nn::Conv2d> conv;
+  fusion::Slot<nn::BatchNorm2d> bn;
+  fusion::Sequential features{nullptr};
+};
+TORCH_MODULE(Stem);
+
+}  // namespace
+
+TEST_CASE("fusion::Sequential has torch::nn::Sequential's names, archives and results") {
+  torch::manual_seed(40);
+  fusion::Sequential ours(nn::Linear(4, 8), nn::ReLU(), nn::Linear(8, 2));
+  nn::Sequential theirs(nn::Linear(4, 8), nn::ReLU(), nn::Linear(8, 2));
+  CHECK(ours->size() == 3);
+  CHECK(ours->named_parameters().keys() == theirs->named_parameters().keys());
+  // An archive of one loads into the other, both ways.
+  std::stringstream archive;
+  torch::save(ours, archive);
+  torch::load(theirs, archive);
+  const auto x = torch::randn({5, 4});
+  CHECK(torch::equal(ours->forward(x), theirs->forward(x)));
+  torch::manual_seed(41);
+  nn::Sequential other(nn::Linear(4, 8), nn::ReLU(), nn::Linear(8, 2));
+  std::stringstream back;
+  torch::save(other, back);
+  torch::load(ours, back);
+  CHECK(torch::equal(ours->forward(x), other->forward(x)));
+
+  SECTION("indexing, iteration and push_back work as torch::nn::Sequential's") {
+    CHECK(ours[0]->name() == "torch::nn::LinearImpl");
+    CHECK(ours->ptr<nn::LinearImpl>(2)->options.out_features() == 2);
+    CHECK(ours->at<nn::LinearImpl>(0).options.in_features() == 4);
+    std::size_t n = 0;
+    for (auto& entry : *ours) n += entry.ptr() != nullptr;
+    CHECK(n == 3);
+    ours->push_back(std::make_shared<nn::TanhImpl>());
+    ours->push_back("last", nn::Linear(2, 2));
+    CHECK(ours->named_children().keys() == std::vector<std::string>{"0", "1", "2", "3", "last"});
+    CHECK(ours->forward(x).sizes() == torch::IntArrayRef{5, 2});
+    CHECK_THROWS_WITH(ours->push_back("last", nn::ReLU()), Contains("'last' exists already"));
+  }
+  SECTION("entries fuse like any Slot: outputs identical, names and archives unchanged") {
+    const auto original = ours->forward(x);
+    fusion::fuse_modules(ours, {"0", "1", "2"}, specs(3));
+    CHECK(torch::equal(ours->forward(x), original));
+    CHECK(ours->named_parameters().keys() == theirs->named_parameters().keys());
+    fusion::unfuse_modules(ours);
+    CHECK(torch::equal(ours->forward(x), original));
+  }
+  SECTION("a wrong argument type is a FusionError naming the entry") {
+    CHECK_THROWS_WITH(ours->forward(int64_t{3}),
+                      Contains("entry #0 (torch::nn::LinearImpl) takes torch::Tensor as argument "
+                               "#0, but was given a long"));
+    CHECK_THROWS_WITH(ours->forward<std::vector<torch::Tensor>>(x),
+                      Contains("the last entry returned a at::Tensor"));
+  }
+}
+
+TEST_CASE("a model holding a fusion::Sequential clones, fused or not") {
+  torch::manual_seed(42);
+  Stem model;
+  model->eval();
+  const auto x = torch::randn({2, 3, 12, 12});
+  torch::NoGradGuard no_grad;
+  const auto original = model(x);
+  auto copy = std::dynamic_pointer_cast<StemImpl>(model->clone());
+  CHECK(torch::equal(copy->forward(x), original));
+  CHECK(copy->features->ptr(0).get() != model->features->ptr(0).get());  // deep
+  // The clone's Sequential calls the clone's own modules, which parameters() lists.
+  torch::nn::init::zeros_(copy->features->ptr<nn::Conv2dImpl>(0)->weight);
+  CHECK_FALSE(torch::equal(copy->forward(x), original));
+  CHECK(torch::equal(model(x), original));
+
+  fusion::kernels::register_builtin_kernels();
+  fusion::fuse_modules(model, {"conv", "bn"}, specs(2), kernel("fusion.conv2d_bn"));
+  fusion::fuse_modules(model, {"features.0", "features.1", "features.2"}, specs(3),
+                       kernel("fusion.conv2d_bn_relu"));
+  require_close(model(x), original);
+  auto fused_copy = std::dynamic_pointer_cast<StemImpl>(model->clone());
+  fusion::fuse_modules(*fused_copy, fusion::plan_of(model));
+  require_close(fused_copy->forward(x), original);
+  CHECK(fusion::fused_chains(*fused_copy).size() == 2);
+}
+
+TEST_CASE("conv + batch norm (+ relu) folding matches the modules, for every convolution shape") {
+  fusion::kernels::register_builtin_kernels();
+  torch::manual_seed(43);
+  struct Case {
+    std::string name;
+    int64_t groups;
+    int64_t stride;
+    int64_t dilation;
+    bool bias;
+    bool affine;
+    bool relu;
+  };
+  const auto kase = GENERATE(
+      Case{"plain", 1, 1, 1, true, true, false}, Case{"no conv bias", 1, 1, 1, false, true, true},
+      Case{"depthwise", 8, 1, 1, false, true, true},
+      Case{"grouped, strided", 2, 2, 1, true, true, false},
+      Case{"dilated", 1, 1, 2, true, false, true}, Case{"no affine", 1, 2, 1, false, false, false});
+  INFO(kase.name);
+  const int64_t dims = GENERATE(1, 2, 3);
+  INFO("Conv" << dims << "d");
+  const int64_t size = dims == 3 ? 7 : 12;
+  std::vector<int64_t> shape{2, 8};
+  shape.insert(shape.end(), dims, size);
+  const auto x = torch::randn(shape);
+
+  fusion::Sequential model;
+  const auto with_options = [&](auto options) {
+    return options.stride(kase.stride)
+        .dilation(kase.dilation)
+        .groups(kase.groups)
+        .padding(1)
+        .bias(kase.bias);
+  };
+  std::string name = "fusion.conv" + std::to_string(dims) + "d_bn";
+  if (dims == 1) {
+    model->push_back(nn::Conv1d(with_options(nn::Conv1dOptions(8, 16, 3))));
+    model->push_back(nn::BatchNorm1d(nn::BatchNorm1dOptions(16).affine(kase.affine)));
+  } else if (dims == 2) {
+    model->push_back(nn::Conv2d(with_options(nn::Conv2dOptions(8, 16, 3))));
+    model->push_back(nn::BatchNorm2d(nn::BatchNorm2dOptions(16).affine(kase.affine)));
+  } else {
+    model->push_back(nn::Conv3d(with_options(nn::Conv3dOptions(8, 16, 3))));
+    model->push_back(nn::BatchNorm3d(nn::BatchNorm3dOptions(16).affine(kase.affine)));
+  }
+  std::vector<std::string> patterns{"0", "1"};
+  if (kase.relu) {
+    model->push_back(nn::ReLU());
+    patterns.push_back("2");
+    name += "_relu";
+  }
+  randomize_batch_norm(*model->ptr(1));
+  model->eval();
+  torch::NoGradGuard no_grad;
+  const auto original = model->forward(x);
+  fusion::fuse_modules(model, patterns, specs(patterns.size()), kernel(name));
+  require_close(model->forward(x), original);
+  CHECK(stats_of(*model).runs == 1);
+  CHECK(stats_of(*model).prepares == 1);
+  model->forward(x);
+  CHECK(stats_of(*model).prepares == 1);  // nothing changed, nothing rebuilt
+}
+
+TEST_CASE("conv + batch norm folding: memory format, padding modes, modes and staleness") {
+  fusion::kernels::register_builtin_kernels();
+  torch::manual_seed(44);
+  fusion::Sequential model(nn::Conv2d(nn::Conv2dOptions(4, 6, 3).padding(1)), nn::BatchNorm2d(6),
+                           nn::ReLU());
+  randomize_batch_norm(*model->ptr(1));
+  model->eval();
+  const auto x = torch::randn({2, 4, 9, 9});
+  torch::NoGradGuard no_grad;
+  const auto original = model->forward(x);
+  fusion::fuse_modules(model, {"0", "1", "2"}, specs(3), kernel("fusion.conv2d_bn_relu"));
+
+  SECTION("channels-last in, channels-last out") {
+    const auto channels_last = x.contiguous(torch::MemoryFormat::ChannelsLast);
+    const auto y = model->forward(channels_last);
+    CHECK(y.is_contiguous(torch::MemoryFormat::ChannelsLast));
+    CHECK_FALSE(y.is_contiguous());
+    require_close(y.contiguous(), original);
+    CHECK(model->forward(x).is_contiguous());
+  }
+  SECTION("training mode replays (batch statistics), eval mode folds again") {
+    model->train();
+    const auto training = model->forward(x);
+    CHECK(stats_of(*model).replays_training == 1);
+    fusion::unfuse_modules(model);
+    randomize_batch_norm(*model->ptr(1));  // the training pass moved the running statistics
+    model->eval();
+    const auto reference = model->forward(x);
+    fusion::fuse_modules(model, {"0", "1", "2"}, specs(3), kernel("fusion.conv2d_bn_relu"));
+    require_close(model->forward(x), reference);
+    CHECK(training.sizes() == reference.sizes());
+  }
+  SECTION("weights and statistics changed after fusing are folded again") {
+    model->forward(x);
+    CHECK(stats_of(*model).prepares == 1);
+    model->ptr<nn::Conv2dImpl>(0)->weight.mul_(0.5);
+    model->ptr<nn::BatchNorm2dImpl>(1)->running_mean.add_(0.25);
+    model->ptr<nn::BatchNorm2dImpl>(1)->running_var.mul_(2.0);
+    const auto fused = model->forward(x);
+    CHECK(stats_of(*model).prepares == 2);
+    fusion::unfuse_modules(model);
+    const auto changed = model->forward(x);
+    CHECK_FALSE(torch::allclose(changed, original));
+    require_close(fused, changed);
+  }
+  SECTION("padding modes and 'same' padding") {
+    for (const auto& options :
+         {nn::Conv2dOptions(4, 6, 3).padding(1).padding_mode(torch::kReflect),
+          nn::Conv2dOptions(4, 6, 3).padding(2).padding_mode(torch::kCircular),
+          nn::Conv2dOptions(4, 6, 3).padding(1).padding_mode(torch::kReplicate),
+          nn::Conv2dOptions(4, 6, 3).padding(torch::kSame),
+          nn::Conv2dOptions(4, 6, 3).padding(torch::kValid)}) {
+      fusion::Sequential padded(nn::Conv2d(options), nn::BatchNorm2d(6));
+      randomize_batch_norm(*padded->ptr(1));
+      padded->eval();
+      const auto reference = padded->forward(x);
+      fusion::fuse_modules(padded, {"0", "1"}, specs(2), kernel("fusion.conv2d_bn"));
+      require_close(padded->forward(x), reference);
+    }
+  }
+  SECTION("a batch norm without running statistics uses batch statistics: the kernel declines") {
+    fusion::Sequential batch_stats(
+        nn::Conv2d(nn::Conv2dOptions(4, 6, 3)),
+        nn::BatchNorm2d(nn::BatchNorm2dOptions(6).track_running_stats(false)));
+    batch_stats->eval();
+    const auto reference = batch_stats->forward(x);
+    fusion::fuse_modules(batch_stats, {"0", "1"}, specs(2), kernel("fusion.conv2d_bn"));
+    CHECK(torch::equal(batch_stats->forward(x), reference));
+    CHECK(stats_of(*batch_stats).replays_declined == 1);
+    CHECK(stats_of(*batch_stats).runs == 0);
+    CHECK_THAT(fusion::report(batch_stats), Contains("declined 1"));
+    fusion::use_kernel(batch_stats, {"1"}, "fusion.conv2d_bn", fusion::KernelPolicy::strict);
+    CHECK_THROWS_WITH(batch_stats->forward(x),
+                      Contains("the kernel declined these modules (its applies() returned false)"));
+  }
+}
+
+TEST_CASE("linear + batch norm and layer norm + linear folding match the modules") {
+  fusion::kernels::register_builtin_kernels();
+  torch::manual_seed(45);
+  torch::NoGradGuard no_grad;
+  SECTION("linear + batch norm 1d") {
+    const bool bias = GENERATE(true, false);
+    fusion::Sequential model(nn::Linear(nn::LinearOptions(6, 5).bias(bias)), nn::BatchNorm1d(5));
+    randomize_batch_norm(*model->ptr(1));
+    model->eval();
+    const auto x = torch::randn({7, 6});
+    const auto original = model->forward(x);
+    fusion::fuse_modules(model, {"0", "1"}, specs(2), kernel("fusion.linear_bn"));
+    require_close(model->forward(x), original);
+    CHECK(stats_of(*model).runs == 1);
+  }
+  SECTION("linear + batch norm 1d on [batch, channels, length] is computed as the modules do") {
+    fusion::Sequential model(nn::Linear(6, 6), nn::BatchNorm1d(6));
+    randomize_batch_norm(*model->ptr(1));
+    model->eval();
+    const auto x = torch::randn({3, 6, 6});
+    const auto original = model->forward(x);
+    fusion::fuse_modules(model, {"0", "1"}, specs(2), kernel("fusion.linear_bn"));
+    CHECK(torch::equal(model->forward(x), original));
+  }
+  SECTION("layer norm + linear, with and without the norm's affine parameters") {
+    const bool affine = GENERATE(true, false);
+    fusion::Sequential model(nn::LayerNorm(nn::LayerNormOptions({6}).elementwise_affine(affine)),
+                             nn::Linear(6, 3));
+    if (affine) {
+      model->ptr<nn::LayerNormImpl>(0)->weight.uniform_(0.5, 1.5);
+      model->ptr<nn::LayerNormImpl>(0)->bias.normal_(0, 0.5);
+    }
+    const auto x = torch::randn({4, 5, 6});
+    const auto original = model->forward(x);
+    fusion::fuse_modules(model, {"0", "1"}, specs(2), kernel("fusion.layernorm_linear"));
+    require_close(model->forward(x), original);
+    CHECK(stats_of(*model).runs == 1);
+  }
+  SECTION("a layer norm over more than the linear's features cannot be folded: it declines") {
+    fusion::Sequential model(nn::LayerNorm(nn::LayerNormOptions({5, 6})), nn::Linear(6, 3));
+    const auto x = torch::randn({4, 5, 6});
+    const auto original = model->forward(x);
+    fusion::fuse_modules(model, {"0", "1"}, specs(2), kernel("fusion.layernorm_linear"));
+    CHECK(torch::equal(model->forward(x), original));
+    CHECK(stats_of(*model).replays_declined == 1);
+  }
+}
