@@ -2,8 +2,10 @@
 // layernorm+linear).
 #include "catch_compat.hpp"
 
+#include <atomic>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <fusion/fusion.hpp>
@@ -226,6 +228,35 @@ TEST_CASE("conv + batch norm folding: memory format, padding modes, modes and st
     CHECK_FALSE(y.is_contiguous());
     require_close(y.contiguous(), original);
     CHECK(model->forward(x).is_contiguous());
+  }
+  SECTION("many input shapes (more than the prepacked cache holds) and threads") {
+    INFO("prepacked oneDNN convolution available: "
+         << fusion::kernels::detail::PrepackedConv2d::available());
+    for (int64_t size = 5;
+         size < 5 + 2 * static_cast<int64_t>(fusion::kernels::detail::PrepackedConv2d::kShapes);
+         ++size) {
+      fusion::unfuse_modules(model);
+      const auto input = torch::randn({1, 4, size, size + 1});
+      const auto reference = model->forward(input);
+      fusion::fuse_modules(model, {"0", "1", "2"}, specs(3), kernel("fusion.conv2d_bn_relu"));
+      require_close(model->forward(input), reference);
+      require_close(model->forward(input), reference);  // from the cache
+    }
+    std::vector<std::thread> threads;
+    std::atomic<int> mismatches{0};
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&] {
+        torch::NoGradGuard thread_no_grad;
+        for (int i = 0; i < 50; ++i) {
+          const auto y = model->forward(x);
+          if ((y - original).abs().max().item<double>() >
+              1e-5 * std::max(1.0, original.abs().max().item<double>()))
+            ++mismatches;
+        }
+      });
+    }
+    for (auto& thread : threads) thread.join();
+    CHECK(mismatches == 0);
   }
   SECTION("training mode replays (batch statistics), eval mode folds again") {
     model->train();

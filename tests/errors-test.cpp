@@ -297,6 +297,24 @@ TEST_CASE("an exception thrown inside a chain does not break the next forward") 
   CHECK(torch::equal(model(x), expected));
 }
 
+TEST_CASE(
+    "captured tensors are released when the replay ends; an aborted pass's by the next call") {
+  torch::manual_seed(16);
+  Stack model(2);
+  fusion::fuse_modules(model, block_patterns(), block_specs());
+  torch::NoGradGuard no_grad;
+  const auto x = torch::randn({2, 16});
+  const auto baseline = x.use_count();
+  model(x);
+  CHECK(x.use_count() == baseline);
+  model->block(0).throw_between = true;  // block 0's collector captures x itself, then the throw
+  CHECK_THROWS_WITH(model(x), Contains("thrown between"));
+  model->block(0).throw_between = false;
+  CHECK(x.use_count() == baseline + 1);  // the aborted pass's capture still holds x ...
+  model(torch::randn({2, 16}));
+  CHECK(x.use_count() == baseline);  // ... until the chain's next call on this thread
+}
+
 TEST_CASE("verify names the chains whose fused outputs differ") {
   torch::manual_seed(14);
   struct MixedImpl : torch::nn::Module {

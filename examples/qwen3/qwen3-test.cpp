@@ -2,6 +2,7 @@
 #include "catch_compat.hpp"
 
 #include <atomic>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -246,6 +247,62 @@ TEST_CASE("fused generation from several threads at once gives identical ids") {
   }
   for (auto& thread : threads) thread.join();
   CHECK(mismatches == 0);
+}
+
+TEST_CASE("stress: 8 threads x 2000 forwards and 8 generating threads on one fused model") {
+  // FUSION_STRESS_FORWARDS lowers the count where each forward is slow (ThreadSanitizer).
+  const char* env = std::getenv("FUSION_STRESS_FORWARDS");
+  const int forwards = env != nullptr ? std::atoi(env) : 2000;
+  constexpr std::size_t kThreads = 8;
+  torch::NoGradGuard no_grad;
+  auto model = random_model(12);
+  std::vector<torch::Tensor> prompts, expected_logits, expected_ids;
+  for (std::size_t t = 0; t < kThreads; ++t) {
+    prompts.push_back(torch::randint(0, 128, {1, static_cast<int64_t>(1 + t)}, torch::kInt64));
+    expected_logits.push_back(model(prompts.back()));
+    expected_ids.push_back(model->generate(prompts.back(), 6));
+  }
+  const bool kernels = GENERATE(false, true);
+  INFO((kernels ? "with kernels" : "replay"));
+  if (kernels) {
+    qwen3::fuse_with_kernels(model, /*folded=*/false);
+  } else {
+    fusion::fuse_modules(model, qwen3::mlp_patterns(), qwen3::mlp_specs());
+    fusion::fuse_modules(model, qwen3::attention_patterns(), qwen3::attention_specs());
+  }
+  std::atomic<int> mismatches{0}, errors{0};
+  std::vector<std::thread> threads;
+  for (std::size_t t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      at::set_num_threads(1);
+      torch::NoGradGuard thread_no_grad;
+      try {
+        for (int i = 0; i < forwards; ++i) {
+          const std::size_t k = (t + static_cast<std::size_t>(i)) % kThreads;
+          const auto logits = model(prompts[k]);
+          const bool same = kernels ? (logits - expected_logits[k]).abs().max().item<double>() <=
+                                          kernel_tolerance(expected_logits[k])
+                                    : torch::equal(logits, expected_logits[k]);
+          if (!same) ++mismatches;
+        }
+        for (int round = 0; round < 3; ++round) {
+          if (!torch::equal(model->generate(prompts[t], 6), expected_ids[t])) ++mismatches;
+        }
+      } catch (...) {
+        ++errors;
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  CHECK(errors == 0);
+  CHECK(mismatches == 0);
+  if (kernels) {
+    for (const auto& chain : fusion::fused_chains(model)) {
+      INFO(fusion::to_string(chain));
+      CHECK(chain.stats.runs >= static_cast<std::uint64_t>(kThreads * forwards));
+      CHECK(chain.stats.prepares == 1);  // nothing changed: never rebuilt, whatever the threads
+    }
+  }
 }
 
 TEST_CASE("checkpoints round-trip through save_pretrained and load") {

@@ -1,0 +1,138 @@
+// CNN fusion: ResNet-18 with the built-in folding kernels against the unfused network, and one
+// conv+bn+relu layer computed four ways (unfused, folded dense, folded channels-last, LibTorch
+// 1.13's prepacked oneDNN convolution with a fused ReLU), every variant timed in one run,
+// rotating which goes first (bench_support.hpp).
+//
+//   build/bench/cnn_bench --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+#include <benchmark/benchmark.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "bench_support.hpp"
+#include "resnet.hpp"
+
+namespace {
+
+double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a - b).abs().max().item<double>();
+}
+
+resnet::ResNet18 model_with(uint64_t seed) {
+  resnet::ResNet18 model;
+  resnet::init_random(*model, seed);
+  model->eval();
+  return model;
+}
+
+/// The whole network, batch x 3 x size x size, contiguous and channels-last.
+void BM_ResNet18Folding(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  const int64_t batch = state.range(0), size = state.range(1);
+  // Separate copies of the same weights: shared ones would be warm in cache for whichever runs
+  // second.
+  auto original = model_with(3), folded = model_with(3);
+  fusion::kernels::register_builtin_kernels();
+  fusion::fuse_modules(folded, resnet::folding_plan());
+  const auto images = torch::randn({batch, 3, size, size});
+  const auto channels_last = images.contiguous(torch::MemoryFormat::ChannelsLast);
+  const auto expected = original(images);
+  const double diff = std::max(max_diff(folded(images), expected),
+                               max_diff(folded(channels_last).contiguous(), expected));
+  if (diff > 1e-3 * std::max(1.0, expected.abs().max().item<double>())) {
+    state.SkipWithError("folded logits differ");
+  }
+  time_rotating(state,
+                {{"original", [&] { benchmark::DoNotOptimize(original(images)); }},
+                 {"folded", [&] { benchmark::DoNotOptimize(folded(images)); }},
+                 {"original_cl", [&] { benchmark::DoNotOptimize(original(channels_last)); }},
+                 {"folded_cl", [&] { benchmark::DoNotOptimize(folded(channels_last)); }}},
+                "ms", 1e3);
+  state.counters["max_diff"] = diff;
+}
+BENCHMARK(BM_ResNet18Folding)
+    ->ArgNames({"batch", "size"})
+    ->Args({1, 224})
+    ->Args({8, 112})
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(3.0);
+
+/// One conv(3x3, pad 1) + bn + relu layer of ResNet-18: channels x size x size, batch 1.
+void BM_ConvBatchNormReLU(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  const int64_t channels = state.range(0), size = state.range(1);
+  namespace nn = torch::nn;
+  fusion::Sequential unfused(nn::Conv2d(nn::Conv2dOptions(channels, channels, 3).padding(1)),
+                             nn::BatchNorm2d(channels), nn::ReLU());
+  {
+    auto& bn = unfused->at<nn::BatchNorm2dImpl>(1);
+    bn.running_mean.normal_(0, 0.2);
+    bn.running_var.uniform_(0.5, 1.5);
+  }
+  unfused->eval();
+  auto folded = std::dynamic_pointer_cast<fusion::SequentialImpl>(unfused->clone());
+  fusion::kernels::register_builtin_kernels();
+  fusion::FuseOptions options;
+  options.kernel = "fusion.conv2d_bn_relu";
+  fusion::fuse_modules(*folded, {"0", "1", "2"},
+                       std::vector<fusion::ModuleSpec>(3, fusion::ModuleSpec{{"x"}, {"x"}}),
+                       options);
+  const auto x = torch::randn({1, channels, size, size});
+  const auto x_cl = x.contiguous(torch::MemoryFormat::ChannelsLast);
+  const auto expected = unfused->forward(x);
+  folded->forward(x);  // prepares the folded weight
+
+  // The prepacked oneDNN op TorchScript's freezing uses on LibTorch 1.13: folded weight and bias,
+  // ReLU as a post-op, packed once for this input shape.
+  const auto& conv = unfused->at<nn::Conv2dImpl>(0);
+  auto [scale, shift] =
+      fusion::kernels::detail::batch_norm_affine(unfused->at<nn::BatchNorm2dImpl>(1));
+  const auto weight = (conv.weight * scale.view({-1, 1, 1, 1}).to(torch::kFloat32)).contiguous();
+  const auto bias = (conv.bias * scale + shift).to(torch::kFloat32);
+  auto& dispatcher = c10::Dispatcher::singleton();
+  auto prepack = dispatcher.findSchema({"mkldnn_prepacked::conv2d_prepack", ""});
+  auto run = dispatcher.findSchema({"mkldnn_prepacked::conv2d_run", ""});
+  c10::IValue context;
+  if (prepack && run) {
+    std::vector<c10::IValue> stack{weight,
+                                   bias,
+                                   std::vector<int64_t>{1, 1},
+                                   std::vector<int64_t>{1, 1},
+                                   std::vector<int64_t>{1, 1},
+                                   int64_t{1},
+                                   x.sizes().vec(),
+                                   std::string("relu")};
+    prepack->callBoxed(&stack);
+    context = stack[0];
+  }
+  const auto prepacked = [&] {
+    std::vector<c10::IValue> stack{x, context};
+    run->callBoxed(&stack);
+    return stack[0].toTensor();
+  };
+  double diff = std::max(max_diff(folded->forward(x), expected),
+                         max_diff(folded->forward(x_cl).contiguous(), expected));
+  if (prepack && run) diff = std::max(diff, max_diff(prepacked(), expected));
+  std::vector<std::pair<std::string, std::function<void()>>> runs{
+      {"unfused", [&] { benchmark::DoNotOptimize(unfused->forward(x)); }},
+      {"folded", [&] { benchmark::DoNotOptimize(folded->forward(x)); }},
+      {"folded_cl", [&] { benchmark::DoNotOptimize(folded->forward(x_cl)); }}};
+  if (prepack && run) {
+    runs.emplace_back("prepacked", [&] { benchmark::DoNotOptimize(prepacked()); });
+  } else {
+    state.SetLabel("mkldnn_prepacked ops not registered in this LibTorch");
+  }
+  time_rotating(state, runs, "us", 1e6);
+  state.counters["max_diff"] = diff;
+}
+BENCHMARK(BM_ConvBatchNormReLU)
+    ->ArgNames({"channels", "size"})
+    ->Args({64, 56})
+    ->Args({128, 28})
+    ->Args({256, 14})
+    ->Args({512, 7})
+    ->Unit(benchmark::kMicrosecond)
+    ->MinTime(2.0);
+
+}  // namespace
+
+FUSION_BENCHMARK_MAIN();
