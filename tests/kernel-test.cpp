@@ -475,6 +475,11 @@ TEST_CASE("kernels dispatch by device: a CUDA kernel runs on CUDA (skipped witho
 }
 
 TEST_CASE("memory stays flat over 10,000 fused forwards and 1,000 fuse and kernel cycles") {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  WARN(
+      "resident memory is not meaningful under a sanitizer (freed memory is quarantined): skipped");
+  return;
+#endif
   register_test_kernels();
   torch::manual_seed(32);
   torch::NoGradGuard no_grad;

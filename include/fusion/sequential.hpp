@@ -144,10 +144,11 @@ class SequentialImpl : public torch::nn::Cloneable<SequentialImpl> {
   explicit SequentialImpl(Holders&&... holders) {
     (push_back(std::forward<Holders>(holders)), ...);
   }
-  // Cloneable needs these. clone() below builds the copy; when a Cloneable parent clones, its
-  // clone_ assigns a deep clone of the source to the Sequential its reset() made: adopt its
-  // modules, keeping this Sequential's Slots (registration, fusion state).
-  SequentialImpl(const SequentialImpl& other) : torch::nn::Module(other) {}
+  // Cloneable needs both. The copy constructor only makes Cloneable's own clone() compile:
+  // clone() below replaces it and builds the copy entry by entry. When a Cloneable parent
+  // clones, its clone_ assigns a deep clone of the source to the Sequential its reset() made:
+  // adopt that clone's modules, keeping this Sequential's Slots (registration, fusion state).
+  SequentialImpl(const SequentialImpl&) = default;
   SequentialImpl& operator=(const SequentialImpl& other) {
     if (names_ != other.names_) {
       detail::fail("fusion::Sequential: cannot clone entries [{}] into entries [{}]",
@@ -240,13 +241,13 @@ class SequentialImpl : public torch::nn::Cloneable<SequentialImpl> {
   Iterator end() { return modules_.end(); }
 
  private:
-  void add(std::unique_ptr<detail::SequentialEntry> entry, const std::string& name) {
+  void add(std::shared_ptr<detail::SequentialEntry> entry, const std::string& name) {
     modules_.push_back(entry->any());
     names_.push_back(name);
     entries_.push_back(std::move(entry));
   }
 
-  std::vector<std::unique_ptr<detail::SequentialEntry>> entries_;
+  std::vector<std::shared_ptr<detail::SequentialEntry>> entries_;
   std::vector<torch::nn::AnyModule> modules_;
   std::vector<std::string> names_;
 };
