@@ -297,8 +297,7 @@ TEST_CASE("chains can be listed, reported and unfused selectively") {
   const std::string text = fusion::report(model);
   CHECK_THAT(text, fusion_test::StartsWith("3 fused chains"));
   CHECK_THAT(text, Contains("[1] layers.1.post_attention_layernorm -> layers.1.mlp"));
-  CHECK_THAT(text,
-             Contains("FusedModule    layers.1.mlp: (hidden_states) -> (hidden_states)"));
+  CHECK_THAT(text, Contains("FusedModule    layers.1.mlp: (hidden_states) -> (hidden_states)"));
 
   // From a sub-root: the chains under it, with paths relative to it.
   REQUIRE(fusion::fused_chains(model->block(1)).size() == 1);

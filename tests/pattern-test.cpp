@@ -41,8 +41,7 @@ TEST_CASE("malformed patterns are rejected with the pattern named") {
     INFO("pattern '" << bad << "'");
     CHECK_THROWS_AS(Pattern(bad), fusion::FusionError);
   }
-  CHECK_THROWS_WITH(Pattern("layers..mlp"),
-                    Contains("'layers..mlp'") && Contains("empty segment"));
+  CHECK_THROWS_WITH(Pattern("layers..mlp"), Contains("'layers..mlp'") && Contains("empty segment"));
 }
 
 TEST_CASE("** as a whole segment matches any number of segments, none included") {
