@@ -1,12 +1,14 @@
 """Saves a seeded random torchvision resnet18 as torchvision exports it (its state_dict as it is,
-num_batches_tracked included, in safetensors), an input and torchvision's logits for it, for the
-C++ port to match (examples/resnet/torchvision/parity.sh runs it in a Debian sid chroot).
+num_batches_tracked included, in safetensors), an input [2, 3, 224, 224] and torchvision's logits
+for it (.npy), for the C++ port to match (examples/resnet/torchvision/parity.sh runs it in a
+Debian sid chroot).
 
     python3 make_model.py OUT_DIR
 """
-import json
 import os
 import sys
+
+import numpy
 
 import torch
 import torchvision
@@ -27,14 +29,11 @@ def main():
     model.eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               os.path.join(out, "model.safetensors"))
-    images = torch.randn(2, 3, 64, 64)
+    images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         logits = model(images)
-    images.numpy().astype("<f4").tofile(os.path.join(out, "input.f32"))
-    logits.numpy().astype("<f4").tofile(os.path.join(out, "expected_logits.f32"))
-    with open(os.path.join(out, "expected.json"), "w") as f:
-        json.dump({"input": {"file": "input.f32", "shape": list(images.shape)},
-                   "logits": {"file": "expected_logits.f32", "shape": list(logits.shape)}}, f)
+    numpy.save(os.path.join(out, "input.npy"), images.numpy().astype("<f4"))
+    numpy.save(os.path.join(out, "logits.npy"), logits.numpy().astype("<f4"))
     print(f"saved {len(model.state_dict())} tensors, logits {list(logits.shape)}, "
           f"largest {logits.abs().max().item():.3f}")
 

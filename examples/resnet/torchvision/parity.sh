@@ -20,6 +20,7 @@ out=/tmp/fusion-torchvision-parity.$$
 rm -rf "${root:?}$out"
 "$repo/scripts/in-chroot" "$root" python3 /src/examples/resnet/torchvision/make_model.py "$out"
 status=0
-"$binary" --model-dir "$root$out" --expect "$root$out/expected.json" || status=$?
+"$binary" --weights "$root$out/model.safetensors" --input "$root$out/input.npy" \
+  --expect-logits "$root$out/logits.npy" || status=$?
 rm -rf "${root:?}$out"
 exit $status
