@@ -10,12 +10,7 @@ binary=$(realpath "$1")
 repo=$(cd "$(dirname "$0")/../../.." && pwd)
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-if ! root=$("$repo/scripts/chroot" sid python3-transformers python3-torch python3-safetensors 2>"$log" | tail -1) ||
-  [ -z "$root" ]; then
-  echo "SKIPPED: no Debian sid chroot with transformers could be made here:"
-  tail -5 "$log"
-  exit 77
-fi
+root=$("$repo/scripts/chroot-or-skip" sid python3-transformers python3-torch python3-safetensors) || exit $?
 # Written inside the chroot, read from outside: no shared mount needed.
 out=/tmp/fusion-transformers-parity.$$
 rm -rf "${root:?}$out"

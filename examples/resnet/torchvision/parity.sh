@@ -8,14 +8,7 @@
 set -euo pipefail
 binary=$(realpath "$1")
 repo=$(cd "$(dirname "$0")/../../.." && pwd)
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-if ! root=$("$repo/scripts/chroot" sid python3-torchvision python3-torch python3-safetensors 2>"$log" | tail -1) ||
-  [ -z "$root" ]; then
-  echo "SKIPPED: no Debian sid chroot with torchvision could be made here:"
-  tail -5 "$log"
-  exit 77
-fi
+root=$("$repo/scripts/chroot-or-skip" sid python3-torchvision python3-torch python3-safetensors) || exit $?
 out=/tmp/fusion-torchvision-parity.$$
 rm -rf "${root:?}$out"
 "$repo/scripts/in-chroot" "$root" python3 /src/examples/resnet/torchvision/make_model.py "$out"
