@@ -8,7 +8,17 @@
 // is replaced by Catch's; included after Catch, a failing CHECK would pass silently.
 #include <torch/torch.h>
 
-#if __has_include(<catch2/catch_test_macros.hpp>)  // Catch2 3
+// Which Catch2: the one CMake found (FUSION_CATCH2_MAJOR), not whichever headers the include path
+// reaches first (a CUDA image may hold Catch2 3 headers beside the Catch2 2 package found).
+#ifndef FUSION_CATCH2_MAJOR
+#if __has_include(<catch2/catch_test_macros.hpp>)
+#define FUSION_CATCH2_MAJOR 3
+#else
+#define FUSION_CATCH2_MAJOR 2
+#endif
+#endif
+
+#if FUSION_CATCH2_MAJOR >= 3
 #include <catch2/catch_approx.hpp>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/generators/catch_generators.hpp>
@@ -24,7 +34,7 @@ namespace fusion_test {
 
 /// A string matcher: the text contains `part` (Catch2 3 renamed it ContainsSubstring).
 inline auto Contains(const std::string& part) {
-#if __has_include(<catch2/catch_test_macros.hpp>)
+#if FUSION_CATCH2_MAJOR >= 3
   return Catch::Matchers::ContainsSubstring(part);
 #else
   return Catch::Matchers::Contains(part);
@@ -32,7 +42,7 @@ inline auto Contains(const std::string& part) {
 }
 using Catch::Matchers::Predicate;
 using Catch::Matchers::StartsWith;
-#if __has_include(<catch2/catch_test_macros.hpp>)
+#if FUSION_CATCH2_MAJOR >= 3
 using Catch::Approx;
 #else
 using Catch::Detail::Approx;

@@ -315,6 +315,48 @@ TEST_CASE("conv + batch norm folding: memory format, padding modes, modes and st
   }
 }
 
+TEST_CASE("conv + batch norm folding on CUDA, after to(CUDA), dense and channels-last "
+          "(skipped without CUDA)") {
+  if (!torch::cuda::is_available()) {
+    WARN("CUDA is not available in this LibTorch build or machine: CUDA case skipped");
+    return;
+  }
+  fusion::kernels::register_builtin_kernels();
+  torch::manual_seed(46);
+  // cuDNN computes float32 convolutions in TF32 by default on Ampere and newer, the modules' and
+  // the folded kernel's alike but from other weights: off, so both are float32 and comparable.
+  auto& context = at::globalContext();
+  const bool tf32 = context.allowTF32CuDNN();
+  context.setAllowTF32CuDNN(false);
+  const int64_t groups = GENERATE(1, 4);
+  INFO("groups " << groups);
+  fusion::Sequential model(nn::Conv2d(nn::Conv2dOptions(4, 8, 3).padding(1).groups(groups)),
+                           nn::BatchNorm2d(8), nn::ReLU());
+  randomize_batch_norm(*model->ptr(1));
+  model->eval();
+  const auto x = torch::randn({2, 4, 9, 9});
+  torch::NoGradGuard no_grad;
+  const auto original = model->forward(x);
+  fusion::fuse_modules(model, {"0", "1", "2"}, specs(3), kernel("fusion.conv2d_bn_relu"));
+  require_close(model->forward(x), original);
+  CHECK(stats_of(*model).prepares == 1);
+
+  model->to(torch::kCUDA);  // moves every member's tensors: the folded weights follow
+  const auto y = model->forward(x.to(torch::kCUDA));
+  REQUIRE(y.is_cuda());
+  require_close(y.cpu(), original);
+  CHECK(stats_of(*model).prepares == 2);
+  CHECK(stats_of(*model).runs == 2);
+  CHECK(stats_of(*model).replays_device == 0);
+
+  const auto channels_last = model->forward(
+      x.to(torch::kCUDA).contiguous(torch::MemoryFormat::ChannelsLast));
+  CHECK(channels_last.is_contiguous(torch::MemoryFormat::ChannelsLast));
+  require_close(channels_last.contiguous().cpu(), original);
+  CHECK(stats_of(*model).prepares == 2);
+  context.setAllowTF32CuDNN(tf32);
+}
+
 TEST_CASE("linear + batch norm and layer norm + linear folding match the modules") {
   fusion::kernels::register_builtin_kernels();
   torch::manual_seed(45);

@@ -93,3 +93,18 @@ TEST_CASE("prefix is the pattern of the first segments") {
   CHECK(Pattern("layers.*.mlp").prefix(2).text() == "layers.*");
   CHECK(Pattern("a.**.b").segments() == std::vector<std::string>{"a", "**", "b"});
 }
+
+TEST_CASE("many ** segments match in polynomial time, with the same bindings") {
+  // Found by the fuzzer: each ** tried every split, so a path with no match took exponential time.
+  std::string text;
+  for (int i = 0; i < 24; ++i) text += "**.";
+  std::string path;
+  for (int i = 0; i < 80; ++i) path += (i == 0 ? "" : ".") + std::string("a");
+  CHECK_FALSE(Pattern(text + "x").match(path));
+  const auto binding = Pattern(text + "a").match(path);
+  REQUIRE(binding);
+  CHECK(binding->size() == 24);
+  CHECK(binding->front().empty());
+  CHECK(binding->back().size() == 79 * 2 - 1);  // the last ** takes all but the final "a"
+  CHECK(Pattern("**.*.**.b").match("a.b.c.b") == Binding{"", "a", "b.c"});
+}

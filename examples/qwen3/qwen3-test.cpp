@@ -194,6 +194,48 @@ TEST_CASE("Qwen3 kernels match the unfused model, in float32 and bf16, and gener
   require_within_kernel_tolerance(model(prompt), bf16_original);
 }
 
+TEST_CASE("on CUDA, replay and kernels match the unfused model (skipped without CUDA)") {
+  if (!torch::cuda::is_available()) {
+    WARN("CUDA is not available in this LibTorch build or machine: CUDA case skipped");
+    return;
+  }
+  torch::NoGradGuard no_grad;
+  auto model = random_model(5);
+  const auto prompt = ids({1, 2, 3, 4, 5, 6, 7, 8}).to(torch::kCUDA);
+  const auto cpu_logits = model(prompt.cpu());
+  model->to(torch::kCUDA);
+  const auto original = model(prompt);
+  REQUIRE(original.is_cuda());
+  // The port itself computes the same on both devices (float32; cuBLAS without TF32, its default).
+  require_within_kernel_tolerance(original.cpu(), cpu_logits);
+  const auto original_ids = model->generate(prompt, 10);
+  CHECK(original_ids.is_cuda());
+
+  fusion::fuse_modules(model, qwen3::mlp_patterns(), qwen3::mlp_specs());
+  fusion::fuse_modules(model, qwen3::attention_patterns(), qwen3::attention_specs());
+  CHECK(torch::equal(model(prompt), original));
+  CHECK(torch::equal(model->generate(prompt, 10), original_ids));
+  fusion::unfuse_modules(model);
+
+  for (const bool folded : {false, true}) {
+    INFO((folded ? "folded" : "default (no weight copy)"));
+    qwen3::fuse_with_kernels(model, folded);
+    require_within_kernel_tolerance(model(prompt), original);
+    CHECK(torch::equal(model->generate(prompt, 10), original_ids));
+    for (const auto& chain : fusion::fused_chains(model)) {
+      INFO(fusion::to_string(chain) << " " << chain.kernel);
+      CHECK(chain.stats.runs > 0);
+      CHECK(chain.stats.replays_device == 0);
+    }
+    fusion::unfuse_modules(model);
+  }
+
+  model->to(torch::kBFloat16);
+  const auto bf16_original = model(prompt);
+  qwen3::fuse_with_kernels(model, /*folded=*/true);
+  require_within_kernel_tolerance(model(prompt), bf16_original);
+}
+
 TEST_CASE("a checkpoint loaded into a kernel-equipped model reaches its kernels") {
   torch::NoGradGuard no_grad;
   const bool folded = GENERATE(false, true);

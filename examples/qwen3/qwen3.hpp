@@ -248,12 +248,13 @@ struct ModelImpl : torch::nn::Module {
     const int64_t seen = cache != nullptr ? cache->seen() : 0;
     const int64_t s = input_ids.size(1);
     auto h = embed_tokens(input_ids);
-    const auto positions = torch::arange(seen, seen + s, torch::kFloat32).unsqueeze(0);
+    const auto on_device = torch::TensorOptions(torch::kFloat32).device(input_ids.device());
+    const auto positions = torch::arange(seen, seen + s, on_device).unsqueeze(0);
     const auto embeddings = rotary(positions, h.scalar_type());
     c10::optional<torch::Tensor> mask;
     if (s > 1) {
       // Query i (at position seen + i) sees keys 0..seen + i.
-      mask = torch::full({s, seen + s}, -std::numeric_limits<float>::infinity(), torch::kFloat32)
+      mask = torch::full({s, seen + s}, -std::numeric_limits<float>::infinity(), on_device)
                  .triu(seen + 1)
                  .to(h.scalar_type())
                  .view({1, 1, s, seen + s});
@@ -267,7 +268,8 @@ struct ModelImpl : torch::nn::Module {
   /// Rotary cos/sin in float32 for positions [batch, seq], cast to the hidden dtype.
   PositionEmbeddings rotary(const torch::Tensor& positions, torch::ScalarType dtype) const {
     const auto& [inv_freq, scale] = frequencies;
-    const auto freqs = positions.unsqueeze(-1) * inv_freq;  // [batch, seq, d/2]
+    // inv_freq is no buffer (it is in no checkpoint), so to(device) leaves it on the CPU.
+    const auto freqs = positions.unsqueeze(-1) * inv_freq.to(positions.device());  // [b, s, d/2]
     const auto emb = torch::cat({freqs, freqs}, -1);
     if (scale == 1.0) return {emb.cos().to(dtype), emb.sin().to(dtype)};
     return {(emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)};
@@ -315,9 +317,9 @@ struct ForCausalLMImpl : torch::nn::Module {
     KVCache cache;
     auto ids = input_ids;
     auto next_input = input_ids;
-    const auto eos = torch::tensor(eos_token_ids, torch::kInt64);
+    const auto eos = torch::tensor(eos_token_ids, torch::kInt64).to(input_ids.device());
     const int64_t pad = pad_token_id.value_or(eos_token_ids.empty() ? 0 : eos_token_ids[0]);
-    auto unfinished = torch::ones({input_ids.size(0), 1}, torch::kBool);
+    auto unfinished = torch::ones({input_ids.size(0), 1}, input_ids.options().dtype(torch::kBool));
     for (int64_t i = 0; i < max_new_tokens; ++i) {
       auto logits = forward(next_input, &cache);
       next_input = logits.select(1, -1).argmax(-1, /*keepdim=*/true);

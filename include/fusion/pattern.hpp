@@ -69,7 +69,8 @@ class Pattern {
       start = dot + 1;
     }
     std::vector<std::string> binding;
-    if (!match_from(0, parts, 0, binding)) return std::nullopt;
+    std::vector<bool> failed((segments_.size() + 1) * (parts.size() + 1), false);
+    if (!match_from(0, parts, 0, binding, failed)) return std::nullopt;
     return binding;
   }
 
@@ -102,28 +103,37 @@ class Pattern {
     }
   }
 
+  // Whether segments [s, end) match parts [p, end); on success the binding of those segments is
+  // appended, on failure `binding` is left as it was. Whether (s, p) matches does not depend on
+  // how the earlier segments split the path, so a failed (s, p) is remembered in `failed`: without
+  // that, several `**` backtrack exponentially ("**.**.**.x" against a long path that has no x).
   bool match_from(std::size_t s, const std::vector<std::string_view>& parts, std::size_t p,
-                  std::vector<std::string>& binding) const {
+                  std::vector<std::string>& binding, std::vector<bool>& failed) const {
     if (s == segments_.size()) return p == parts.size();
+    const std::size_t state = s * (parts.size() + 1) + p;
+    if (failed[state]) return false;
     const std::string& segment = segments_[s];
+    const std::size_t mark = binding.size();
     if (segment == "**") {
+      // As few segments as it can take, so the earliest `**` takes the fewest.
       for (std::size_t take = 0; p + take <= parts.size(); ++take) {
+        if (!match_from(s + 1, parts, p + take, binding, failed)) continue;
         std::string joined;
         for (std::size_t k = 0; k < take; ++k) {
           joined += (k == 0 ? "" : ".");
           joined += parts[p + k];
         }
-        binding.push_back(std::move(joined));
-        if (match_from(s + 1, parts, p + take, binding)) return true;
-        binding.pop_back();
+        binding.insert(binding.begin() + static_cast<std::ptrdiff_t>(mark), std::move(joined));
+        return true;
       }
-      return false;
+    } else if (p < parts.size() && glob(segment, parts[p]) &&
+               match_from(s + 1, parts, p + 1, binding, failed)) {
+      if (has_wildcard(segment)) {
+        binding.insert(binding.begin() + static_cast<std::ptrdiff_t>(mark), std::string(parts[p]));
+      }
+      return true;
     }
-    if (p == parts.size() || !glob(segment, parts[p])) return false;
-    const bool binds = has_wildcard(segment);
-    if (binds) binding.emplace_back(parts[p]);
-    if (match_from(s + 1, parts, p + 1, binding)) return true;
-    if (binds) binding.pop_back();
+    failed[state] = true;
     return false;
   }
 

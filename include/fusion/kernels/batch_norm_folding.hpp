@@ -332,16 +332,22 @@ inline void register_builtin_kernels() {
     using namespace torch::nn;
     using detail::ConvBatchNorm;
     using detail::ConvBatchNormReLU;
-    register_kernel("fusion.conv1d_bn", ConvBatchNorm<1, Conv1dImpl, BatchNorm1dImpl>{});
-    register_kernel("fusion.conv2d_bn", ConvBatchNorm<2, Conv2dImpl, BatchNorm2dImpl>{});
-    register_kernel("fusion.conv3d_bn", ConvBatchNorm<3, Conv3dImpl, BatchNorm3dImpl>{});
-    register_kernel("fusion.conv1d_bn_relu", ConvBatchNormReLU<1, Conv1dImpl, BatchNorm1dImpl>{});
-    register_kernel("fusion.conv2d_bn_relu", ConvBatchNormReLU<2, Conv2dImpl, BatchNorm2dImpl>{});
-    register_kernel("fusion.conv3d_bn_relu", ConvBatchNormReLU<3, Conv3dImpl, BatchNorm3dImpl>{});
-    register_kernel("fusion.linear_bn", detail::LinearBatchNorm{});
+    // Folding is plain tensor arithmetic: one implementation serves the CPU and CUDA.
+    const KernelOptions eval_only{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
+    register_kernel("fusion.conv1d_bn", ConvBatchNorm<1, Conv1dImpl, BatchNorm1dImpl>{}, eval_only);
+    register_kernel("fusion.conv2d_bn", ConvBatchNorm<2, Conv2dImpl, BatchNorm2dImpl>{}, eval_only);
+    register_kernel("fusion.conv3d_bn", ConvBatchNorm<3, Conv3dImpl, BatchNorm3dImpl>{}, eval_only);
+    register_kernel("fusion.conv1d_bn_relu", ConvBatchNormReLU<1, Conv1dImpl, BatchNorm1dImpl>{},
+                    eval_only);
+    register_kernel("fusion.conv2d_bn_relu", ConvBatchNormReLU<2, Conv2dImpl, BatchNorm2dImpl>{},
+                    eval_only);
+    register_kernel("fusion.conv3d_bn_relu", ConvBatchNormReLU<3, Conv3dImpl, BatchNorm3dImpl>{},
+                    eval_only);
+    register_kernel("fusion.linear_bn", detail::LinearBatchNorm{}, eval_only);
     // LayerNorm and Linear compute the same in training mode: the fold applies there too.
-    register_kernel("fusion.layernorm_linear", detail::LayerNormLinear{},
-                    {{c10::DeviceType::CPU, c10::DeviceType::CUDA}, /*training=*/true});
+    KernelOptions any_mode = eval_only;
+    any_mode.training = true;
+    register_kernel("fusion.layernorm_linear", detail::LayerNormLinear{}, any_mode);
     return true;
   }();
   (void)once;
