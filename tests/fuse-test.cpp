@@ -285,6 +285,51 @@ TEST_CASE("one fused model called from 4 threads at once matches the unfused out
   CHECK(mismatches == 0);
 }
 
+TEST_CASE(
+    "changing the fusion while another thread is inside a chain is refused, model unchanged") {
+  torch::manual_seed(9);
+  Stack model(2);
+  const auto x = torch::randn({2, 16});
+  const auto expected = model(x);
+  fusion::fuse_modules(model, block_patterns(), block_specs());
+  std::atomic<bool> inside{false}, release{false};
+  model->block(1).between = [&] {
+    inside = true;
+    while (!release) std::this_thread::yield();
+  };
+  torch::Tensor got;
+  std::thread runner([&] {
+    torch::NoGradGuard no_grad;
+    got = model(x);
+  });
+  while (!inside) std::this_thread::yield();
+  // `runner` is between layer 1's norm (captured, a placeholder returned) and its mlp: unfusing
+  // now would hand the placeholder to the original mlp.
+  const char* busy =
+      "fused chain [layers.1.post_attention_layernorm -> layers.1.mlp] is in use on another "
+      "thread (a forward pass through it is in flight)";
+  CHECK_THROWS_WITH(fusion::unfuse_modules(model),
+                    Contains("fusion::unfuse_modules: ") && Contains(busy));
+  CHECK_THROWS_WITH(fusion::unfuse_modules(model, {"layers.1.mlp"}), Contains(busy));
+  CHECK_THROWS_WITH(fusion::verify(model, [&] { return model(x); }),
+                    Contains("fusion::verify: ") && Contains(busy));
+  CHECK(fusion::fused_chains(model).size() == 2);               // nothing changed
+  CHECK(fusion::unfuse_modules(model, {"layers.0.mlp"}) == 1);  // no thread is in that chain
+  release = true;
+  runner.join();
+  model->block(1).between = nullptr;
+  require_identical(got, expected);
+
+  // A pass an exception interrupted keeps its chain busy only until its thread calls the chain
+  // again or ends; on the changing thread itself, not at all.
+  model->block(1).throw_between = true;
+  std::thread([&] { CHECK_THROWS(model(x)); }).join();
+  CHECK_THROWS(model(x));
+  model->block(1).throw_between = false;
+  CHECK(fusion::unfuse_modules(model) == 1);
+  require_identical(model(x), expected);
+}
+
 TEST_CASE("chains can be listed, reported and unfused selectively") {
   Stack model(3);
   fusion::fuse_modules(model, block_patterns(), block_specs());

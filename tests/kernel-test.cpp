@@ -2,6 +2,8 @@
 // counts why), prepared state never stale, safe across threads, reproducible through plans.
 #include "catch_compat.hpp"
 
+#include <cstdlib>
+
 #include <unistd.h>
 
 #include <atomic>
@@ -83,8 +85,20 @@ struct ReturnsPair {
   }
 };
 
+/// The MLP's own forward, after waiting while `blocking_gate` is set (a call held in flight).
+std::atomic<bool> blocking_gate{false};
+std::atomic<bool> blocking_inside{false};
+struct BlockingMLP {
+  torch::Tensor operator()(MLPImpl& mlp, const torch::Tensor& x) const {
+    blocking_inside = true;
+    while (blocking_gate) std::this_thread::yield();
+    return mlp.forward(x);
+  }
+};
+
 void register_test_kernels() {
   static const bool once = [] {
+    fusion::register_kernel("test.blocking_mlp", BlockingMLP{});
     fusion::register_kernel("test.norm_mlp", NormMLP{});
     fusion::register_kernel("test.plain_norm_mlp", PlainNormMLP{},
                             {{c10::DeviceType::CPU}, /*training=*/true, /*autograd=*/true});
@@ -383,6 +397,143 @@ TEST_CASE("8 threads share a kernel-equipped model, starting unprepared") {
   CHECK(mismatches == 0);
   CHECK(stats_of(model).runs == threads * calls);
   CHECK(stats_of(model).prepares == 1);
+}
+
+TEST_CASE("attaching a kernel while another thread is in the chain's call is refused") {
+  register_test_kernels();
+  torch::manual_seed(38);
+  Stack model(1);
+  model->eval();
+  const auto x = torch::randn({2, 16});
+  torch::NoGradGuard no_grad;
+  const auto expected = model(x);
+  fusion::fuse_modules(model, {"layers.*.mlp"}, {fusion::ModuleSpec{{"x"}, {"x"}}},
+                       with_kernel("test.blocking_mlp"));
+  blocking_gate = true;
+  blocking_inside = false;
+  torch::Tensor got;
+  std::thread runner([&] {
+    torch::NoGradGuard guard;
+    got = model(x);
+  });
+  while (!blocking_inside) std::this_thread::yield();
+  CHECK_THROWS_WITH(fusion::use_kernel(model, {"layers.0.mlp"}, "test.mlp_only"),
+                    Contains("fusion::use_kernel: fused chain [layers.0.mlp] is in use on another "
+                             "thread (a call of one of its members is in flight)"));
+  CHECK_THROWS_WITH(fusion::unfuse_modules(model), Contains("is in use on another thread"));
+  CHECK(fusion::fused_chains(model).at(0).kernel == "test.blocking_mlp");
+  blocking_gate = false;
+  runner.join();
+  require_close(got, expected);
+  CHECK(fusion::use_kernel(model, {"layers.0.mlp"}, "test.mlp_only") == 1);
+  require_close(model(x), expected);
+}
+
+TEST_CASE("fusion changed while 4 threads run the model: refused or exact, never a wrong result") {
+  register_test_kernels();
+  torch::manual_seed(39);
+  Stack model(3);
+  model->eval();
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> inputs, expected;
+  for (int i = 0; i < 8; ++i) {
+    inputs.push_back(torch::randn({1 + i % 3, 16}));
+    expected.push_back(model(inputs.back()));
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<int> forwards{0}, wrong{0}, straddled{0}, unexpected{0};
+  std::vector<std::thread> runners;
+  for (int t = 0; t < 4; ++t) {
+    runners.emplace_back([&, t] {
+      torch::NoGradGuard guard;
+      for (std::size_t k = static_cast<std::size_t>(t); !stop; k = (k + 1) % inputs.size()) {
+        try {
+          if (!torch::allclose(model(inputs[k]), expected[k], 0, kTolerance)) ++wrong;
+          ++forwards;
+        } catch (const fusion::FusionError& error) {
+          // A pass that began unfused and met a chain fused meanwhile: an error, not a result.
+          const std::string what = error.what();
+          ++(what.find("fused while this pass ran") != std::string::npos ? straddled : unexpected);
+        } catch (...) {
+          ++unexpected;
+        }
+      }
+    });
+  }
+  int changes = 0, refused = 0, misreported = 0;
+  const auto change = [&](auto&& make_change) {
+    try {
+      make_change();
+      ++changes;
+    } catch (const fusion::FusionError& error) {
+      ++(std::string(error.what()).find("in use on another thread") != std::string::npos
+             ? refused
+             : misreported);
+    }
+  };
+  const int cycles = std::getenv("FUSION_STRESS_FORWARDS") != nullptr ? 40 : 300;
+  const auto fused = [&] { return !fusion::fused_chains(model).empty(); };
+  for (int i = 0; i < cycles; ++i) {
+    if (!fused()) change([&] { fusion::fuse_modules(model, block_patterns(), block_specs()); });
+    if (fused()) change([&] { fusion::use_kernel(model, {"**"}, "test.norm_mlp"); });
+    if (fused()) change([&] { fusion::use_kernel(model, {"**"}, ""); });
+    if (fused()) change([&] { fusion::unfuse_modules(model); });
+  }
+  stop = true;
+  for (auto& runner : runners) runner.join();
+  INFO(forwards << " forwards (" << straddled << " straddled a fuse), " << changes
+                << " changes made, " << refused << " refused");
+  CHECK(wrong == 0);
+  CHECK(unexpected == 0);
+  CHECK(misreported == 0);
+  CHECK(forwards > 0);
+  CHECK(changes > 0);
+  fusion::unfuse_modules(model);
+  for (std::size_t k = 0; k < inputs.size(); ++k)
+    CHECK(torch::equal(model(inputs[k]), expected[k]));
+}
+
+TEST_CASE("a fault at any step of fuse_modules, use_kernel, plans and unfuse changes nothing") {
+  register_test_kernels();
+  torch::manual_seed(40);
+  Stack model(3);
+  model->eval();
+  const auto x = torch::randn({2, 16});
+  torch::NoGradGuard no_grad;
+  const auto expected = model(x);
+  // Makes step 0, 1, 2, ... of `operation` fail in turn until it completes; returns its steps.
+  const auto fail_each_step = [&](const char* name, auto&& operation) {
+    for (long step = 0;; ++step) {
+      const auto output = model(x);
+      const std::string before = fusion::report(model);
+      fusion::detail::fault_countdown() = step;
+      try {
+        operation();
+      } catch (const std::bad_alloc&) {
+        fusion::detail::fault_countdown() = -1;
+        INFO(name << ": a fault at step " << step);
+        CHECK(fusion::report(model) == before);  // chains, kernels, counters
+        // Also proves no Slot was left held for a change: a held one would make this wait.
+        CHECK(torch::equal(model(x), output));
+        continue;
+      }
+      fusion::detail::fault_countdown() = -1;
+      return step;
+    }
+  };
+  CHECK(fail_each_step("fuse_modules", [&] {
+          fusion::fuse_modules(model, block_patterns(), block_specs());
+        }) == 3 + 3 + 2);  // per chain: planned, checked; then before and after holding the Slots
+  CHECK(fail_each_step("use_kernel", [&] { fusion::use_kernel(model, {"**"}, "test.norm_mlp"); }) ==
+        3 + 1);
+  CHECK(fail_each_step("unfuse_modules", [&] { fusion::unfuse_modules(model); }) == 1);
+  const fusion::Plan plan{{{block_patterns(), block_specs(), with_kernel("test.norm_mlp")}}};
+  CHECK(fail_each_step("fuse_modules(plan)", [&] { fusion::fuse_modules(model, plan); }) ==
+        1 + 3 + 3 + 2);
+  CHECK(fusion::fused_chains(model).at(2).kernel == "test.norm_mlp");
+  require_close(model(x), expected);
+  fusion::unfuse_modules(model);
+  CHECK(torch::equal(model(x), expected));
 }
 
 TEST_CASE("verify checks chains with their kernels and names a wrong one") {

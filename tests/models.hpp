@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -61,6 +62,7 @@ struct BlockImpl : torch::nn::Cloneable<BlockImpl> {
   }
   torch::Tensor forward(torch::Tensor h) {
     auto normed = post_attention_layernorm(h);
+    if (between) between();
     if (throw_between) throw std::runtime_error("thrown between the chain's members");
     return h + mlp(normed);
   }
@@ -68,6 +70,7 @@ struct BlockImpl : torch::nn::Cloneable<BlockImpl> {
   fusion::Slot<RMSNorm> post_attention_layernorm;
   fusion::Slot<MLP> mlp;
   bool throw_between = false;
+  std::function<void()> between;  // runs between the chain's members (a pass in flight)
 };
 TORCH_MODULE(Block);
 

@@ -33,7 +33,9 @@ namespace fusion {
 ///
 /// Throws FusionError, naming the culprit, and leaves the model unchanged, if a pattern is
 /// malformed or matches nothing, a chain is incomplete, a match is not a Slot, a module is already
-/// fused or would be in two chains, or a spec does not fit its module's forward().
+/// fused or would be in two chains, or a spec does not fit its module's forward(). Fusing,
+/// unfusing and attaching kernels while another thread runs the model: see the README (refused
+/// with a FusionError where that thread is inside a chain; a pass straddling a fuse may throw).
 template <typename Root>
 std::vector<FusedChain> fuse_modules(Root& root, const std::vector<std::string>& patterns,
                                      const std::vector<ModuleSpec>& specs,
@@ -42,10 +44,13 @@ std::vector<FusedChain> fuse_modules(Root& root, const std::vector<std::string>&
 }
 
 /// Puts the original modules back in every fused chain under `root`. Returns how many chains.
+/// Throws FusionError, changing nothing, while another thread runs one of them.
 template <typename Root>
 std::size_t unfuse_modules(Root& root) {
-  auto chains = detail::chains_under(detail::sites_under(detail::module_of(root)));
-  for (auto& chain : chains) detail::Chain::unfuse(chain);
+  const auto chains = detail::chains_under(detail::sites_under(detail::module_of(root)));
+  const detail::Quiesce quiet(chains, "unfuse_modules");
+  detail::fault_point();  // the last step that may fail
+  for (const auto& chain : chains) detail::Chain::unfuse(chain);
   return chains.size();
 }
 
@@ -54,6 +59,8 @@ template <typename Root>
 std::size_t unfuse_modules(Root& root, const std::vector<std::string>& patterns) {
   const auto chains =
       detail::chains_matching(detail::sites_under(detail::module_of(root)), patterns);
+  const detail::Quiesce quiet(chains, "unfuse_modules");
+  detail::fault_point();  // the last step that may fail
   for (const auto& chain : chains) detail::Chain::unfuse(chain);
   return chains.size();
 }

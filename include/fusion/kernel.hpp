@@ -58,7 +58,7 @@ inline std::vector<std::string> registered_kernels() {
 /// one of `patterns`, replacing any kernel they had; an empty name returns them to the replay.
 /// Checks first (the kernel is registered, its module types, free inputs and result fit every
 /// selected chain, the patterns select a chain) and throws FusionError, changing nothing, on the
-/// first misfit. Returns how many chains. Do not call it while another thread runs the model.
+/// first misfit, or while another thread runs one of the chains. Returns how many chains.
 template <typename Root>
 std::size_t use_kernel(Root& root, const std::vector<std::string>& patterns,
                        const std::string& kernel, KernelPolicy policy = KernelPolicy::fallback) {
@@ -66,6 +66,7 @@ std::size_t use_kernel(Root& root, const std::vector<std::string>& patterns,
   std::vector<std::pair<std::shared_ptr<detail::Chain>, std::shared_ptr<detail::KernelRunner>>>
       changes;
   for (const auto& chain : detail::chains_matching(sites, patterns)) {
+    detail::fault_point();
     std::shared_ptr<detail::KernelRunner> runner;
     if (!kernel.empty()) {
       runner = detail::bind_kernel(*chain, detail::info_under(*chain, sites).paths, kernel,
@@ -82,6 +83,10 @@ std::size_t use_kernel(Root& root, const std::vector<std::string>& patterns,
     detail::fail("fusion::use_kernel: patterns {} select no fused chain under the root",
                  detail::describe_names(patterns));
   }
+  std::vector<std::shared_ptr<detail::Chain>> chains;
+  for (const auto& change : changes) chains.push_back(change.first);
+  const detail::Quiesce quiet(chains, "use_kernel");
+  detail::fault_point();  // the last step that may fail
   for (auto& [chain, runner] : changes) chain->set_kernel(std::move(runner));
   return changes.size();
 }

@@ -195,6 +195,7 @@ inline std::vector<std::shared_ptr<Chain>> plan(torch::nn::Module& root,
   const std::uint64_t origin = CaptureIndexPool::next_uid();  // chains of one call share it
   std::vector<std::shared_ptr<Chain>> built;
   for (std::size_t c = 0; c < found.members.size(); ++c) {
+    fault_point();
     std::vector<Member> members;
     FusedChain info;
     info.patterns = patterns;
@@ -211,6 +212,7 @@ inline std::vector<std::shared_ptr<Chain>> plan(torch::nn::Module& root,
       chain->set_kernel(bind_kernel(*chain, chain->info().paths, options.kernel,
                                     options.policy == KernelPolicy::strict));
     }
+    fault_point();
     chain->set_origin(origin, found.members.size());
     chain->set_options({options.skip_incomplete_chains});
     built.push_back(std::move(chain));
@@ -220,11 +222,20 @@ inline std::vector<std::shared_ptr<Chain>> plan(torch::nn::Module& root,
 
 /// Switches on chains that plan() built and checked (this cannot fail); describes them.
 inline std::vector<FusedChain> fuse_all(const std::vector<std::shared_ptr<Chain>>& chains) {
-  std::vector<FusedChain> infos;
-  for (const auto& chain : chains) {
-    Chain::fuse(chain);
-    infos.push_back(with_kernel(chain->info(), *chain));
+  fault_point();
+  const Quiesce quiet(chains, "fuse_modules");
+  for (const auto& chain : chains) {  // planned while another thread may have fused them
+    for (std::size_t m = 0; m < chain->size(); ++m) {
+      if (chain->member_slot(m)->is_fused()) {
+        fail("fusion::fuse_modules: '{}' was fused by another thread meanwhile; nothing changed",
+             chain->info().paths[m]);
+      }
+    }
   }
+  std::vector<FusedChain> infos;
+  for (const auto& chain : chains) infos.push_back(with_kernel(chain->info(), *chain));
+  fault_point();  // the last step that may fail: from here on, nothing throws
+  for (const auto& chain : chains) Chain::fuse(chain);
   return infos;
 }
 

@@ -40,6 +40,7 @@ std::vector<FusedChain> fuse_modules(Root& root, const Plan& plan) {
   std::vector<std::shared_ptr<detail::Chain>> chains;
   std::map<const detail::SlotBase*, std::size_t> taken;  // slot -> rule
   for (std::size_t r = 0; r < plan.rules.size(); ++r) {
+    detail::fault_point();
     const Rule& rule = plan.rules[r];
     for (auto& chain : detail::plan(module, rule.patterns, rule.specs, rule.options)) {
       for (std::size_t m = 0; m < chain->size(); ++m) {

@@ -80,7 +80,7 @@ class Slot final : public detail::SlotBase {
     detail::Dispatch* dispatch = dispatch_.load(std::memory_order_acquire);
     if constexpr (calls_signature<Args...>()) {
       if (dispatch == nullptr) return Result(holder_->forward(std::forward<Args>(args)...));
-      return call_fused(*dispatch, std::index_sequence_for<Args...>{}, std::forward<Args>(args)...);
+      return call_fused(std::index_sequence_for<Args...>{}, std::forward<Args>(args)...);
     } else {  // another overload of forward(), reachable unfused only
       if (dispatch != nullptr) {
         detail::fail(
@@ -137,7 +137,15 @@ class Slot final : public detail::SlotBase {
   }
 
   template <std::size_t... I, typename... Args>
-  Result call_fused(detail::Dispatch& dispatch, std::index_sequence<I...>, Args&&... args) {
+  Result call_fused(std::index_sequence<I...>, Args&&... args) {
+    struct Leave {
+      SlotBase& slot;
+      ~Leave() { slot.leave(); }
+    };
+    detail::Dispatch* const entered = enter();  // the dispatch, held against fusion changes
+    const Leave leave{*this};
+    if (entered == nullptr) return Result(holder_->forward(std::forward<Args>(args)...));
+    detail::Dispatch& dispatch = *entered;
     std::array<c10::IValue, sizeof...(Args)> boxes{
         detail::Boxing<Param<I>>::box(Param<I>(std::forward<Args>(args)))...};
     if (dispatch.collects) {

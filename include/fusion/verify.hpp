@@ -357,7 +357,11 @@ VerifyReport verify(Root& root, Run&& run, const VerifyOptions& options) {
     }
   } restore{chains, was_attached, state};
 
-  for (auto& chain : chains) chain->detach();
+  {
+    // verify switches chains on and off between its runs: refused while another thread runs one.
+    const detail::Quiesce quiet(chains, "verify");
+    for (auto& chain : chains) chain->detach();
+  }
   const detail::RunOutcome reference = detail::run_once(run, state, options.gradients);
 
   VerifyReport report;

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -34,8 +35,18 @@ struct Mode {
 
 /// What one thread holds for one chain during a pass.
 struct Capture {
+  Capture() = default;
+  Capture(const Capture&) = delete;
+  Capture& operator=(const Capture&) = delete;
+  ~Capture() { end_pass(); }  // a thread that ends with an interrupted pass
+
   std::uint64_t owner = 0;  // uid of the chain this state belongs to
   std::size_t next = 0;     // how many members have been called in the current pass
+  // The owner's count of passes in flight (see Chain::passes), which this thread's pass is in
+  // while `in_pass`. Shared: a pass an exception interrupted is ended when this thread next calls
+  // the chain, or when it exits, and the chain may be gone by then.
+  std::shared_ptr<std::atomic<int>> passes;
+  bool in_pass = false;
   // Per member: its call arguments; during the replay, the full argument list it was called with
   // (later members may be wired to these inputs).
   std::vector<std::vector<c10::IValue>> args;
@@ -43,8 +54,21 @@ struct Capture {
   std::vector<Mode> modes;                        // the mode each member was called in
   std::vector<c10::IValue> scratch;               // the argument list being assembled
 
-  /// Drops every captured value (so tensors are freed at once) but keeps the capacity.
+  void begin_pass(const std::shared_ptr<std::atomic<int>>& count) {
+    if (passes != count) passes = count;  // a copy only when the owner changes
+    passes->fetch_add(1);
+    in_pass = true;
+  }
+  void end_pass() noexcept {
+    if (!in_pass) return;
+    in_pass = false;
+    passes->fetch_sub(1);
+  }
+
+  /// Ends the pass and drops every captured value (so tensors are freed at once) but keeps the
+  /// capacity.
   void clear() noexcept {
+    end_pass();
     next = 0;
     for (auto& values : args) values.clear();
     for (auto& values : outputs) values.clear();
@@ -86,7 +110,7 @@ class CaptureIndexPool {
 /// references stable while a nested chain (a chain inside a member being replayed) grows it.
 inline Capture& capture_for(std::size_t index, std::uint64_t uid, std::size_t members) {
   thread_local std::deque<Capture> store;
-  if (store.size() <= index) store.resize(index + 1);
+  while (store.size() <= index) store.emplace_back();
   Capture& capture = store[index];
   if (capture.owner != uid) {
     capture.clear();

@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <typeindex>
 #include <utility>
 #include <vector>
@@ -107,6 +108,18 @@ class SlotBase {
   /// Calls the original forward() with every parameter boxed in `args`; appends the outputs.
   virtual void call_boxed(c10::IValue* args, std::vector<c10::IValue>& outputs) = 0;
 
+  /// Starts a call through the dispatch: counts it, so that no fusion change (Quiesce) runs
+  /// meanwhile, and returns the dispatch to use, or nullptr if the Slot is no longer fused (call
+  /// the module). A change in progress is waited out: it takes microseconds. Pair with leave().
+  Dispatch* enter() noexcept {
+    while (true) {
+      if ((guard_.fetch_add(1) & kChanging) == 0) return dispatch_.load();
+      guard_.fetch_sub(1);
+      while ((guard_.load() & kChanging) != 0) std::this_thread::yield();
+    }
+  }
+  void leave() noexcept { guard_.fetch_sub(1); }
+
  protected:
   void bind(const torch::nn::Module* parent, std::string name) {
     unbind();
@@ -123,6 +136,11 @@ class SlotBase {
 
  private:
   friend class Chain;
+  friend class Quiesce;
+  // Fused calls in flight through this Slot, plus kChanging while a fusion change holds it. One
+  // word, so a call and a change see each other whichever comes first.
+  static constexpr std::uint32_t kChanging = 1u << 31;
+  std::atomic<std::uint32_t> guard_{0};
   std::shared_ptr<Chain> chain_;
   std::size_t member_index_ = 0;
   const torch::nn::Module* parent_ = nullptr;
@@ -176,6 +194,7 @@ struct FreeInput {
 
 class Chain {
  public:
+  friend class Quiesce;
   Chain(FusedChain info, std::vector<Member> members);
   ~Chain() { CaptureIndexPool::instance().release(capture_index_); }
   Chain(const Chain&) = delete;
@@ -229,8 +248,10 @@ class Chain {
     }
   }
   /// Switches the dispatch on or off without dropping the chain (verify uses this).
+  /// Switched on last member first and off first member first: a thread whose pass began at a
+  /// fused first member finds the rest fused too (a placeholder never reaches an original module).
   void attach() noexcept {
-    for (std::size_t i = 0; i < members_.size(); ++i) {
+    for (std::size_t i = members_.size(); i-- > 0;) {
       if (members_[i].slot != nullptr) members_[i].slot->dispatch_.store(roles_[i].get());
     }
     attached_ = true;
@@ -244,6 +265,9 @@ class Chain {
   void forget(std::size_t member) noexcept { members_[member].slot = nullptr; }
 
   Capture& capture() const { return capture_for(capture_index_, uid_, members_.size()); }
+  /// Passes in flight on all threads: from the first member's call to the end of the last one's,
+  /// or, for a pass an exception interrupted, until its thread next calls the chain.
+  const std::shared_ptr<std::atomic<int>>& passes() const noexcept { return passes_; }
   std::vector<c10::IValue>* replay(Capture& capture) const;
   [[noreturn]] void fail_call(Capture& capture, const std::string& why) const {
     capture.clear();
@@ -261,6 +285,7 @@ class Chain {
   std::uint64_t origin_ = 0;
   std::size_t origin_size_ = 0;
   FuseOptionsRecord options_;
+  std::shared_ptr<std::atomic<int>> passes_ = std::make_shared<std::atomic<int>>(0);
   std::uint64_t uid_ = CaptureIndexPool::next_uid();
   std::size_t capture_index_ = CaptureIndexPool::instance().acquire();
   bool attached_ = false;
@@ -280,6 +305,7 @@ class RegistryCollector final : public Dispatch {
       // pass left (an exception thrown between capture and replay): drop it, so that it cannot
       // poison this forward.
       if (capture.next != 0) capture.clear();
+      capture.begin_pass(chain_.passes());
     } else if (capture.next != index_) {
       chain_.fail_call(capture, order_error(capture.next));
     }
@@ -316,6 +342,10 @@ class FusedModule final : public Dispatch {
 
   std::vector<c10::IValue>* call(c10::IValue* args, std::size_t count) override {
     Capture& capture = chain_.capture();
+    struct EndPass {
+      Capture& capture;
+      ~EndPass() { capture.end_pass(); }
+    } end_pass{capture};
     const std::size_t last = chain_.size() - 1;
     if (capture.next != last) {
       const auto& paths = chain_.info().paths;
@@ -324,7 +354,7 @@ class FusedModule final : public Dispatch {
           capture.next == 0
               ? fmt::format("the fused module '{}' was called, but its collectors ('{}' first) "
                             "were not called before it on this thread in this pass (was it called "
-                            "twice, or from another thread?)",
+                            "twice, from another thread, or fused while this pass ran?)",
                             paths[last], paths[0])
               : fmt::format("the fused module '{}' was called before '{}'", paths[last],
                             paths[capture.next]));
@@ -437,6 +467,52 @@ inline std::vector<c10::IValue>* Chain::replay(Capture& capture) const {
   capture.next = 0;
   return &capture.outputs.back();
 }
+
+/// Holds the member Slots of `chains` while one fusion change (fuse, unfuse, a kernel attached,
+/// verify switching a chain) is made: fused calls through them wait until it is released. Throws
+/// FusionError, holding nothing, when a chain is running on another thread (a call in flight, or
+/// a pass between its first and last member) or another thread is changing it: changing the
+/// fusion of a running model is detected and refused, never a race. An interrupted pass on this
+/// thread (an exception between members) is ended here, as the next call would end it.
+class Quiesce {
+ public:
+  Quiesce(const std::vector<std::shared_ptr<Chain>>& chains, const char* operation) {
+    for (const auto& chain : chains) {
+      for (const Member& member : chain->members_) {
+        if (member.slot == nullptr) continue;
+        const std::uint32_t before = member.slot->guard_.fetch_or(SlotBase::kChanging);
+        if ((before & SlotBase::kChanging) != 0) {
+          refuse(operation, *chain, "another thread is changing its fusion at the same time");
+        }
+        held_.push_back(member.slot);
+        if (before != 0) refuse(operation, *chain, "a call of one of its members is in flight");
+      }
+      Capture& own = chain->capture();
+      if (own.in_pass) own.clear();
+      if (chain->passes()->load() != 0) {
+        refuse(operation, *chain, "a forward pass through it is in flight");
+      }
+    }
+  }
+  ~Quiesce() { release(); }
+  Quiesce(const Quiesce&) = delete;
+  Quiesce& operator=(const Quiesce&) = delete;
+
+ private:
+  void release() noexcept {
+    for (SlotBase* slot : held_) slot->guard_.fetch_and(~SlotBase::kChanging);
+    held_.clear();
+  }
+  [[noreturn]] void refuse(const char* operation, const Chain& chain, const char* why) {
+    release();
+    fail(
+        "fusion::{}: fused chain [{}] is in use on another thread ({}); change the fusion of a "
+        "model only while no thread runs it. Nothing was changed",
+        operation, to_string(chain.info()), why);
+  }
+
+  std::vector<SlotBase*> held_;
+};
 
 inline SlotBase::~SlotBase() {
   unbind();
