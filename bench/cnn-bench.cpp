@@ -1,12 +1,18 @@
 // CNN fusion: ResNet-18 with the built-in folding kernels against the unfused network, and one
 // conv+bn+relu layer computed four ways (unfused, folded dense, folded channels-last, LibTorch
 // 1.13's prepacked oneDNN convolution with a fused ReLU), every variant timed in one run,
-// rotating which goes first (bench_support.hpp).
+// rotating which goes first (bench_support.hpp); with FUSION_RESNET_TORCHSCRIPT=DIR, also the
+// network against TorchScript's frozen and optimized version of it (BM_ResNet18AgainstTorchScript).
 //
 //   build/bench/cnn_bench --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/script.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "bench_support.hpp"
 #include "resnet.hpp"
@@ -132,6 +138,61 @@ BENCHMARK(BM_ConvBatchNormReLU)
     ->Args({512, 7})
     ->Unit(benchmark::kMicrosecond)
     ->MinTime(2.0);
+
+/// The anchor: torchvision's resnet18 traced with TorchScript, then torch::jit::freeze and
+/// optimize_for_inference (what PyTorch offers for inference on the CPU: batch norm folded,
+/// oneDNN convolutions with fused ReLU, layouts kept blocked), against the same weights loaded
+/// into the port, unfused and folded. Runs only with FUSION_RESNET_TORCHSCRIPT=DIR, a directory
+/// `examples/resnet/torchvision/make_model.py DIR --torchscript` wrote.
+void BM_ResNet18AgainstTorchScript(benchmark::State& state, const std::string& dir) {
+  torch::NoGradGuard no_grad;
+  const int64_t batch = state.range(0), size = state.range(1);
+  resnet::ResNet18 original, folded;
+  resnet::load_weights(*original, dir);
+  resnet::load_weights(*folded, dir);
+  original->eval();
+  folded->eval();
+  fusion::kernels::register_builtin_kernels();
+  fusion::fuse_modules(folded, resnet::folding_plan());
+  auto traced = torch::jit::load(dir + "/model.pt");
+  traced.eval();
+  auto frozen = torch::jit::freeze(traced);
+  auto optimized = torch::jit::optimize_for_inference(frozen);
+  const auto images = torch::randn({batch, 3, size, size});
+  const auto channels_last = images.contiguous(torch::MemoryFormat::ChannelsLast);
+  const auto torchscript = [&] { return optimized.forward({images}).toTensor(); };
+  // As TorchScript runs it: the input reordered into oneDNN's layout once, activations kept so.
+  const auto folded_mkldnn = [&] { return folded(images.to_mkldnn()); };
+  const auto expected = original(images);
+  for (int warm = 0; warm < 3; ++warm) torchscript();  // the profiling executor's first runs
+  const double diff =
+      std::max({max_diff(torchscript(), expected), max_diff(folded(images), expected),
+                max_diff(folded(channels_last).contiguous(), expected),
+                max_diff(folded_mkldnn(), expected)});
+  if (diff > 1e-3 * std::max(1.0, expected.abs().max().item<double>())) {
+    state.SkipWithError("logits differ");
+  }
+  time_rotating(state,
+                {{"torchscript", [&] { benchmark::DoNotOptimize(torchscript()); }},
+                 {"original", [&] { benchmark::DoNotOptimize(original(images)); }},
+                 {"folded", [&] { benchmark::DoNotOptimize(folded(images)); }},
+                 {"folded_cl", [&] { benchmark::DoNotOptimize(folded(channels_last)); }},
+                 {"folded_mkldnn", [&] { benchmark::DoNotOptimize(folded_mkldnn()); }}},
+                "ms", 1e3);
+  state.counters["max_diff"] = diff;
+}
+const bool torchscript_registered = [] {
+  const char* dir = std::getenv("FUSION_RESNET_TORCHSCRIPT");
+  if (dir == nullptr) return false;
+  benchmark::RegisterBenchmark("BM_ResNet18AgainstTorchScript", BM_ResNet18AgainstTorchScript,
+                               std::string(dir))
+      ->ArgNames({"batch", "size"})
+      ->Args({1, 224})
+      ->Args({8, 224})
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(3.0);
+  return true;
+}();
 
 }  // namespace
 

@@ -229,6 +229,16 @@ TEST_CASE("conv + batch norm folding: memory format, padding modes, modes and st
     require_close(y.contiguous(), original);
     CHECK(model->forward(x).is_contiguous());
   }
+  SECTION("oneDNN's layout in, oneDNN's layout out (as TorchScript's optimize_for_inference)") {
+    if (!at::hasMKLDNN()) {
+      WARN("this LibTorch has no oneDNN: skipped");
+      return;
+    }
+    const auto y = model->forward(x.to_mkldnn());
+    CHECK(y.is_mkldnn());
+    require_close(y.to_dense(), original);
+    CHECK(stats_of(*model).runs == 1);
+  }
   SECTION("many input shapes (more than the prepacked cache holds) and threads") {
     INFO("prepacked oneDNN convolution available: "
          << fusion::kernels::detail::PrepackedConv2d::available());
@@ -296,6 +306,11 @@ TEST_CASE("conv + batch norm folding: memory format, padding modes, modes and st
       const auto reference = padded->forward(x);
       fusion::fuse_modules(padded, {"0", "1"}, specs(2), kernel("fusion.conv2d_bn"));
       require_close(padded->forward(x), reference);
+      if (at::hasMKLDNN()) {  // modes oneDNN lacks compute dense, and answer in the input's layout
+        const auto y = padded->forward(x.to_mkldnn());
+        CHECK(y.is_mkldnn());
+        require_close(y.to_dense(), reference);
+      }
     }
   }
   SECTION("a batch norm without running statistics uses batch statistics: the kernel declines") {
@@ -315,8 +330,9 @@ TEST_CASE("conv + batch norm folding: memory format, padding modes, modes and st
   }
 }
 
-TEST_CASE("conv + batch norm folding on CUDA, after to(CUDA), dense and channels-last "
-          "(skipped without CUDA)") {
+TEST_CASE(
+    "conv + batch norm folding on CUDA, after to(CUDA), dense and channels-last "
+    "(skipped without CUDA)") {
   if (!torch::cuda::is_available()) {
     WARN("CUDA is not available in this LibTorch build or machine: CUDA case skipped");
     return;
@@ -349,8 +365,8 @@ TEST_CASE("conv + batch norm folding on CUDA, after to(CUDA), dense and channels
   CHECK(stats_of(*model).runs == 2);
   CHECK(stats_of(*model).replays_device == 0);
 
-  const auto channels_last = model->forward(
-      x.to(torch::kCUDA).contiguous(torch::MemoryFormat::ChannelsLast));
+  const auto channels_last =
+      model->forward(x.to(torch::kCUDA).contiguous(torch::MemoryFormat::ChannelsLast));
   CHECK(channels_last.is_contiguous(torch::MemoryFormat::ChannelsLast));
   require_close(channels_last.contiguous().cpu(), original);
   CHECK(stats_of(*model).prepares == 2);

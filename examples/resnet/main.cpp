@@ -4,7 +4,7 @@
 // checked against the unfused network.
 //
 //   resnet_fusion [--weights FILE] [--input FILE] [--save-logits FILE] [--batch N]
-//                 [--channels-last] [--expect-logits FILE]
+//                 [--channels-last | --mkldnn] [--expect-logits FILE]
 //
 // --input: a float32 .npy of shape [N, 3, H, W] (default: seeded random [N, 3, 224, 224]).
 // --save-logits: the kernel-equipped model's logits [N, 1000] as float32 .npy.
@@ -26,6 +26,7 @@ struct Options {
   std::string weights, input, save_logits, expect_logits;
   int64_t batch = 1;
   bool channels_last = false;
+  bool mkldnn = false;  // the input in oneDNN's layout, as TorchScript's optimize_for_inference
 };
 
 Options parse(int argc, char** argv) {
@@ -49,11 +50,13 @@ Options parse(int argc, char** argv) {
       if (options.batch < 1) throw std::invalid_argument("--batch must be at least 1");
     } else if (arg == "--channels-last") {
       options.channels_last = true;
+    } else if (arg == "--mkldnn") {
+      options.mkldnn = true;
     } else {
       throw std::invalid_argument(
           "unknown option " + arg +
           "\nusage: resnet_fusion [--weights FILE] [--input FILE] [--save-logits FILE] "
-          "[--batch N] [--channels-last] [--expect-logits FILE]");
+          "[--batch N] [--channels-last | --mkldnn] [--expect-logits FILE]");
     }
   }
   return options;
@@ -88,8 +91,11 @@ int main(int argc, char** argv) try {
         fmt::format("input of shape [{}], expected [N, 3, H, W]", fmt::join(images.sizes(), ", ")));
   }
   if (options.channels_last) images = images.contiguous(torch::MemoryFormat::ChannelsLast);
+  if (options.mkldnn) images = images.to_mkldnn();
   std::cout << fmt::format("Input: [{}]{}\n", fmt::join(images.sizes(), ", "),
-                           options.channels_last ? ", channels-last" : "");
+                           options.channels_last ? ", channels-last"
+                           : options.mkldnn      ? ", oneDNN layout"
+                                                 : "");
 
   const auto original = model(images);
   const double tolerance = 1e-4 * std::max(1.0, original.abs().max().item<double>());

@@ -75,6 +75,14 @@ TEST_CASE("the folding plan fuses 20 chains whose kernels match the unfused netw
     CHECK(fusion::fused_chains(*copy).size() == 20);
     require_close(copy->forward(images), original);
   }
+  SECTION("oneDNN's layout in: the kernels keep it from one convolution to the next") {
+    if (!at::hasMKLDNN()) {
+      WARN("this LibTorch has no oneDNN: skipped");
+      return;
+    }
+    require_close(model(images.to_mkldnn()), original);
+    for (const auto& chain : fusion::fused_chains(model)) CHECK(chain.stats.runs == 2);
+  }
   SECTION("unfused again, the network is exactly the original") {
     fusion::unfuse_modules(model);
     CHECK(torch::equal(model(images), original));

@@ -88,7 +88,10 @@ struct ResNet18Impl : nn::Cloneable<ResNet18Impl> {
   torch::Tensor forward(const torch::Tensor& x) {
     auto h = maxpool(relu(bn1(conv1(x))));
     for (auto& layer : layers) h = layer->forward(h);
-    return fc(torch::flatten(avgpool(h), 1));
+    const auto pooled = torch::flatten(avgpool(h), 1);
+    // An input in oneDNN's layout (`x.to_mkldnn()`) stays in it up to here (every op above takes
+    // it); LibTorch's linear does not, so the classifier takes it dense.
+    return fc(pooled.is_mkldnn() ? pooled.to_dense() : pooled);
   }
 
   fusion::Slot<nn::Conv2d> conv1;

@@ -1,9 +1,11 @@
 """Saves a seeded random torchvision resnet18 as torchvision exports it (its state_dict as it is,
 num_batches_tracked included, in safetensors), an input [2, 3, 224, 224] and torchvision's logits
 for it (.npy), for the C++ port to match (examples/resnet/torchvision/parity.sh runs it in a
-Debian sid chroot).
+Debian sid chroot). With --torchscript, also the model traced with TorchScript (model.pt), the
+anchor bench/cnn-bench.cpp times the folded network against after torch::jit::freeze and
+optimize_for_inference.
 
-    python3 make_model.py OUT_DIR
+    python3 make_model.py OUT_DIR [--torchscript]
 """
 import os
 import sys
@@ -36,6 +38,11 @@ def main():
     numpy.save(os.path.join(out, "logits.npy"), logits.numpy().astype("<f4"))
     print(f"saved {len(model.state_dict())} tensors, logits {list(logits.shape)}, "
           f"largest {logits.abs().max().item():.3f}")
+    if "--torchscript" in sys.argv[2:]:
+        with torch.no_grad():
+            traced = torch.jit.trace(model, images[:1])
+        traced.save(os.path.join(out, "model.pt"))
+        print("saved the traced model, model.pt")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ namespace fusion::detail {
 /// `expand` cost ~500 ns a call), and reused on the next call when nobody kept it.
 inline at::Tensor stand_in(const at::Tensor& like) {
   if (!like.defined()) return like;
+  // oneDNN's opaque layout has no empty_like (no strides): a fresh tensor of that layout.
+  if (like.is_mkldnn()) return at::empty(like.sizes(), like.options());
   if (like.layout() != at::kStrided || like.is_quantized()) return at::empty_like(like);
   struct StandIns {
     at::Tensor scalar;  // the one element every stand-in of this dtype and device views

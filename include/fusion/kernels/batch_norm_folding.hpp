@@ -184,6 +184,12 @@ struct ConvBatchNorm {
     torch::Tensor weight, bias;
     torch::Tensor weight_channels_last;                // for channels-last inputs (2d and 3d)
     std::shared_ptr<const PrepackedConv2d> prepacked;  // 2d, where LibTorch has the ops
+    // 2d: the weight in oneDNN's own layout, for inputs in that layout (`x.to_mkldnn()`, as
+    // TorchScript's optimize_for_inference runs a CNN): activations then stay blocked from one
+    // convolution to the next instead of being reordered around each one.
+    torch::Tensor weight_mkldnn;
+    std::vector<int64_t> stride, padding, dilation;
+    // Not weight_mkldnn: an opaque oneDNN tensor has no storage to count (about weight's size).
     std::vector<torch::Tensor> tensors() const { return {weight, bias, weight_channels_last}; }
   };
 
@@ -207,6 +213,16 @@ struct ConvBatchNorm {
             state.weight.contiguous(), state.bias, as_vector(o.stride()), as_vector(*padding),
             as_vector(o.dilation()), o.groups(), Relu ? "relu" : "none");
       }
+      if (at::hasMKLDNN() && padding != nullptr &&
+          alternative<torch::enumtype::kZeros>(o.padding_mode()) != nullptr &&
+          state.weight.device().is_cpu() && dtype == torch::kFloat32) {
+        state.stride = as_vector(o.stride());
+        state.padding = as_vector(*padding);
+        state.dilation = as_vector(o.dilation());
+        state.weight_mkldnn =
+            at::mkldnn_reorder_conv2d_weight(state.weight.contiguous().to_mkldnn(), state.padding,
+                                             state.stride, state.dilation, o.groups());
+      }
     } else if constexpr (D == 3) {
       state.weight_channels_last = state.weight.contiguous(torch::MemoryFormat::ChannelsLast3d);
     }
@@ -223,6 +239,14 @@ struct ConvBatchNorm {
   /// The folded convolution, and ReLU when Relu (fused into the prepacked op, else in place).
   static torch::Tensor run(const State& s, ConvImpl& conv, const torch::Tensor& input) {
     if constexpr (D == 2) {
+      if (input.is_mkldnn()) {
+        if (!s.weight_mkldnn.defined()) {  // a padding mode oneDNN lacks: the dense way, laid back
+          return run(s, conv, input.to_dense()).to_mkldnn();
+        }
+        auto output = at::mkldnn_convolution(input, s.weight_mkldnn, s.bias, s.padding, s.stride,
+                                             s.dilation, conv.options.groups());
+        return Relu ? output.relu_() : output;
+      }
       if (s.prepacked && input.dim() == 4 && input.is_contiguous() && input.device().is_cpu() &&
           input.scalar_type() == torch::kFloat32) {
         return (*s.prepacked)(input);
