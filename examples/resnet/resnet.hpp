@@ -48,7 +48,8 @@ struct BasicBlockImpl : nn::Cloneable<BasicBlockImpl> {
     auto h = relu(bn1(conv1(x)));
     h = bn2(conv2(h));
     const auto identity = downsample.is_empty() ? x : downsample->forward(x);
-    return relu(h + identity);
+    h += identity;  // in place, as torchvision's `out += identity`
+    return relu(h);
   }
 
   int64_t in, out, stride;
