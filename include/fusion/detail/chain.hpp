@@ -477,6 +477,9 @@ inline std::vector<c10::IValue>* Chain::replay(Capture& capture) const {
 class Quiesce {
  public:
   Quiesce(const std::vector<std::shared_ptr<Chain>>& chains, const char* operation) {
+    std::size_t members = 0;
+    for (const auto& chain : chains) members += chain->size();
+    held_.reserve(members);  // before any Slot is held: push_back below cannot throw
     for (const auto& chain : chains) {
       for (const Member& member : chain->members_) {
         if (member.slot == nullptr) continue;
