@@ -441,11 +441,12 @@ TEST_CASE("fusion changed while 4 threads run the model: refused or exact, never
     expected.push_back(model(inputs.back()));
   }
   std::atomic<bool> stop{false};
-  std::atomic<int> forwards{0}, wrong{0}, straddled{0}, unexpected{0};
+  std::atomic<int> forwards{0}, wrong{0}, straddled{0}, unexpected{0}, started{0};
   std::vector<std::thread> runners;
   for (int t = 0; t < 4; ++t) {
     runners.emplace_back([&, t] {
       torch::NoGradGuard guard;
+      ++started;
       for (std::size_t k = static_cast<std::size_t>(t); !stop; k = (k + 1) % inputs.size()) {
         try {
           if (!torch::allclose(model(inputs[k]), expected[k], 0, kTolerance)) ++wrong;
@@ -472,6 +473,7 @@ TEST_CASE("fusion changed while 4 threads run the model: refused or exact, never
     }
   };
   const int cycles = std::getenv("FUSION_STRESS_FORWARDS") != nullptr ? 40 : 300;
+  while (started < 4) std::this_thread::yield();  // changes race forwards from the start
   const auto fused = [&] { return !fusion::fused_chains(model).empty(); };
   for (int i = 0; i < cycles; ++i) {
     if (!fused()) change([&] { fusion::fuse_modules(model, block_patterns(), block_specs()); });
@@ -486,8 +488,12 @@ TEST_CASE("fusion changed while 4 threads run the model: refused or exact, never
   CHECK(wrong == 0);
   CHECK(unexpected == 0);
   CHECK(misreported == 0);
-  CHECK(forwards > 0);
-  CHECK(changes > 0);
+  CHECK(forwards + straddled > 0);
+  // How many changes get through depends on timing (all may be refused while 4 threads keep every
+  // chain busy); that they succeed once the threads stop is checked here.
+  if (!fused()) fusion::fuse_modules(model, block_patterns(), block_specs());
+  fusion::use_kernel(model, {"**"}, "test.norm_mlp");
+  require_close(model(inputs[0]), expected[0]);
   fusion::unfuse_modules(model);
   for (std::size_t k = 0; k < inputs.size(); ++k)
     CHECK(torch::equal(model(inputs[k]), expected[k]));
