@@ -162,7 +162,10 @@ void BM_ResNet18AgainstTorchScript(benchmark::State& state, const std::string& d
   const auto channels_last = images.contiguous(torch::MemoryFormat::ChannelsLast);
   const auto torchscript = [&] { return optimized.forward({images}).toTensor(); };
   // As TorchScript runs it: the input reordered into oneDNN's layout once, activations kept so.
-  const auto folded_mkldnn = [&] { return folded(images.to_mkldnn()); };
+  const auto folded_mkldnn = [&] {
+    c10::InferenceMode inference;  // LibTorch 2.x pools oneDNN tensors only in InferenceMode
+    return folded(images.to_mkldnn());
+  };
   const auto expected = original(images);
   for (int warm = 0; warm < 3; ++warm) torchscript();  // the profiling executor's first runs
   const double diff =

@@ -71,6 +71,9 @@ double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
 int main(int argc, char** argv) try {
   const Options options = parse(argc, argv);
   torch::NoGradGuard no_grad;
+  // oneDNN tensors: LibTorch 2.x runs max_pool2d on them only in InferenceMode.
+  c10::optional<c10::InferenceMode> inference;
+  if (options.mkldnn) inference.emplace();
   resnet::ResNet18 model;
   if (options.weights.empty()) {
     resnet::init_random(*model, 2024);
