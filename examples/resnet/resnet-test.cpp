@@ -80,8 +80,8 @@ TEST_CASE("the folding plan fuses 20 chains whose kernels match the unfused netw
       WARN("this LibTorch has no oneDNN: skipped");
       return;
     }
-    // LibTorch 2.x dispatches max_pool2d and adaptive_avg_pool2d on oneDNN tensors only in
-    // InferenceMode (outside it they fail with "Ambiguity in AutogradOther kernel").
+    // LibTorch 2.14 dispatches max_pool2d on oneDNN tensors only in InferenceMode (outside it,
+    // "Ambiguity in AutogradOther kernel").
     c10::InferenceMode inference;
     require_close(model(images.to_mkldnn()), original);
     for (const auto& chain : fusion::fused_chains(model)) CHECK(chain.stats.runs == 2);
