@@ -190,6 +190,43 @@ BENCHMARK(BM_NormMLPChain)
     ->Unit(benchmark::kMicrosecond)
     ->MinTime(1.0);
 
+/// One projection of `rows` rows through an [out, in] float32 weight: at::linear against
+/// qwen3::kernels::project (which picks the matrix-vector product, small_gemm or oneDNN by shape).
+/// The weights are cycled through copies that together exceed the L3 cache, so that each call
+/// reads its weight from memory, as a forward through several layers does.
+void BM_Projection(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  const int64_t rows = state.range(0), in = state.range(1), out = state.range(2);
+  const int64_t copies = std::max<int64_t>(2, (64 << 20) / (in * out * 4));
+  std::vector<torch::Tensor> weights;
+  for (int64_t i = 0; i < copies; ++i) weights.push_back(torch::randn({out, in}) * 0.05);
+  const auto x = torch::randn({1, rows, in});
+  if (max_diff(qwen3::kernels::project(x, weights[0]), torch::linear(x, weights[0])) > 1e-4) {
+    state.SkipWithError("project differs from linear");
+  }
+  std::size_t next_linear = 0, next_project = 0;
+  time_rotating(
+      state,
+      {{"linear",
+        [&] {
+          benchmark::DoNotOptimize(torch::linear(x, weights[next_linear++ % weights.size()]));
+        }},
+       {"project",
+        [&] {
+          benchmark::DoNotOptimize(
+              qwen3::kernels::project(x, weights[next_project++ % weights.size()]));
+        }}},
+      "us", 1e6);
+}
+BENCHMARK(BM_Projection)
+    ->ArgNames({"rows", "in", "out"})
+    ->ArgsProduct({{1, 16, 64, 128}, {512}, {3072}})
+    ->ArgsProduct({{1, 16, 64, 128}, {1536}, {512}})
+    ->ArgsProduct({{16, 128}, {64}, {384}})
+    ->ArgsProduct({{16, 128}, {192}, {64}})
+    ->Unit(benchmark::kMicrosecond)
+    ->MinTime(0.5);
+
 /// Memory, not time: the resident memory each model adds once built and (kernel-equipped ones)
 /// fused and prepared, and the bytes their prepared states hold beyond the model's tensors.
 /// Registered last: it fixes glibc's mmap threshold (the adaptive one would serve a later model

@@ -1,15 +1,18 @@
-// Fused kernels for Qwen3's two chains, written through fusion's public kernel API as a user would:
+// Fused kernels for Qwen3's chains, written through fusion's public kernel API as a user would:
 //
 //   qwen3.rmsnorm_mlp        post_attention_layernorm + mlp: RMSNorm in one pass over the rows,
 //                            gate and up as one GEMM, SiLU(gate) * up in one pass, then down.
 //   qwen3.rmsnorm_attention  input_layernorm + self_attn: RMSNorm in one pass, q, k and v as one
-//                            GEMM, then the attention's own q/k norms, RoPE, cache, attention.
+//                            GEMM, then the attention's own q/k norms, RoPE, cache, attention,
+//                            and o_proj.
+//   qwen3.rmsnorm_lm_head    model.norm + lm_head (untied models): RMSNorm, then the logits.
 //
-// By default they keep no second copy of any weight: prepare() moves gate and up (q, k and v)
-// into one storage and re-points the module's parameters at views of it (`set_data`), so the
-// model, its optimizer and the kernel read the same bytes. The ".folded" variants instead copy the
-// weights with the norm's weight folded into their columns (one multiply less per call, one copy
-// of those weights more).
+// Every GEMM goes through project(), which picks the fastest of four ways by shape (below).
+// By default the kernels keep no second copy of any weight: prepare() moves gate and up (q, k and
+// v) into one storage and re-points the module's parameters at views of it (`set_data`), so the
+// model, its optimizer and the kernel read the same bytes. The ".folded" variants instead copy
+// the weights with the norm's weight folded into their columns (one multiply less per call, one
+// copy of those weights more).
 #pragma once
 
 #include <cmath>
@@ -21,6 +24,7 @@
 #include <fusion/fusion.hpp>
 
 #include "qwen3.hpp"
+#include "simd.hpp"
 
 namespace qwen3 {
 namespace kernels {
@@ -101,43 +105,75 @@ inline torch::Tensor normalise(const torch::Tensor& x, RMSNormImpl& norm, bool f
   return xf.to(x.scalar_type()).reshape({-1, dim});
 }
 
-/// SiLU(gate) * up for gate_up = [rows, 2 * inter], into a new [rows, inter].
+/// SiLU(gate) * up for gate_up = [rows, 2 * inter], into a new [rows, inter]: one pass over the
+/// data (AVX-512, or a scalar loop up to 4096 elements) instead of ATen's two ops and temporary.
 inline torch::Tensor silu_mul(const torch::Tensor& gate_up, int64_t inter) {
   const int64_t rows = gate_up.size(0);
   if (gate_up.scalar_type() == torch::kFloat32 && gate_up.device().is_cpu() &&
-      rows * inter <= 4096) {
-    // Small: one pass over raw data beats two dispatched ops; past ~4096 elements ATen's
-    // vectorised exp wins over the scalar one (bench: BM_NormMLPChain, hidden 64, 128 tokens).
+      gate_up.is_contiguous()) {
     auto out = torch::empty({rows, inter}, gate_up.options());
     const float* in = gate_up.data_ptr<float>();
     float* o = out.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* g = in + r * 2 * inter;
-      const float* u = g + inter;
-      float* dst = o + r * inter;
-      for (int64_t i = 0; i < inter; ++i) dst[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    if (simd_supported()) {
+      silu_mul_rows(in, o, rows, inter);
+      return out;
     }
-    return out;
+    // Past ~4096 elements ATen's vectorised exp wins over the scalar one.
+    if (rows * inter <= 4096) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* g = in + r * 2 * inter;
+        const float* u = g + inter;
+        float* dst = o + r * inter;
+        for (int64_t i = 0; i < inter; ++i) dst[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+      }
+      return out;
+    }
   }
   auto parts = gate_up.chunk(2, -1);
   return torch::silu(parts[0]).mul_(parts[1]);
 }
 
-/// x [..., in] times weight [out, in] transposed, plus bias: at::linear, except for a single row
-/// of float32 on the CPU, where it is the matrix-vector product. at::linear computes one row as a
-/// one-row GEMM, which OpenBLAS 0.3.21 runs up to 5.6x slower here than its GEMV (a [3072, 512]
-/// weight: 520 vs 92 us): a decode step is one row per layer.
+/// x [..., in] times weight [out, in] transposed, plus bias: at::linear's result, computed by
+/// whichever GEMM is fastest for the shape. For float32 on the CPU, at::linear hands every shape
+/// to the BLAS (OpenBLAS 0.3.21 here, which runs its AVX2 kernels on these AVX-512 machines and
+/// packs the whole weight on every call); three paths do better (bench/qwen3-bench.cpp,
+/// BM_Projection, measures each against linear, the weights cycled so they come from memory as
+/// in a forward):
+///   - one row: the matrix-vector product, 0.25x of linear's time (a [3072, 512] weight). A
+///     decode step is one row per projection.
+///   - 2 to 256 rows: small_gemm (AVX-512, the weight read in place), 0.64x-0.80x on one thread
+///     and 0.49x-0.71x on two, where rows are at least 128 long (or 16 rows at most: short rows
+///     favour OpenBLAS).
+///   - other shapes with 48 rows or more and at least 12M multiply-adds per thread: oneDNN
+///     (at::mkldnn_linear, the weight read as it is: no copy), 0.65x-0.80x at 128 rows.
+/// Results differ from linear's only by float32 summation order.
 inline torch::Tensor project(const torch::Tensor& x, const torch::Tensor& weight,
                              const torch::Tensor& bias = {}) {
-  if (x.numel() != x.size(-1) || !x.device().is_cpu() || x.scalar_type() != torch::kFloat32 ||
+  const int64_t in = x.size(-1), out = weight.size(0);
+  const int64_t rows = in == 0 ? 0 : x.numel() / in;
+  if (rows == 0 || !x.device().is_cpu() || x.scalar_type() != torch::kFloat32 ||
       weight.scalar_type() != torch::kFloat32) {
     return at::linear(x, weight, bias);
   }
-  auto out = at::mv(weight, x.reshape({-1}));
-  if (bias.defined()) out.add_(bias);
   auto sizes = x.sizes().vec();
-  sizes.back() = weight.size(0);
-  return out.view(sizes);
+  sizes.back() = out;
+  const auto x2 = x.reshape({rows, in}).contiguous();
+  const int threads = at::get_num_threads();
+  torch::Tensor y;
+  if (rows == 1) {
+    y = at::mv(weight, x2.view({in}));
+  } else if (rows <= 256 && in % 16 == 0 && (in >= 128 || rows <= 16) && weight.is_contiguous() &&
+             simd_supported()) {
+    y = torch::empty({rows, out}, x2.options());
+    small_gemm(x2.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), rows, in, out);
+  } else if (rows >= 48 && static_cast<double>(rows) * in * out >= 12e6 * threads &&
+             at::hasMKLDNN()) {
+    return at::mkldnn_linear(x2.to_mkldnn(), weight, bias).to_dense().view(sizes);
+  } else {
+    return at::linear(x2, weight, bias).view(sizes);
+  }
+  if (bias.defined()) y.add_(bias);
+  return y.view(sizes);
 }
 
 struct RMSNormMLP {
@@ -194,9 +230,34 @@ struct RMSNormAttention {
     const auto qkv = project(normed, state.qkv_weight, state.qkv_bias);
     const int64_t q_size = attn.num_heads * attn.head_dim;
     const int64_t kv_size = attn.num_kv_heads * attn.head_dim;
-    return attn.attend(qkv.narrow(-1, 0, q_size), qkv.narrow(-1, q_size, kv_size),
-                       qkv.narrow(-1, q_size + kv_size, kv_size), hidden_states.size(0),
-                       hidden_states.size(1), position_embeddings, attention_mask, cache);
+    const auto heads =
+        attn.attend_heads(qkv.narrow(-1, 0, q_size), qkv.narrow(-1, q_size, kv_size),
+                          qkv.narrow(-1, q_size + kv_size, kv_size), hidden_states.size(0),
+                          hidden_states.size(1), position_embeddings, attention_mask, cache);
+    return project(heads, attn.o_proj->weight, attn.o_proj->bias);
+  }
+};
+
+/// model.norm + lm_head: the last hidden states normalised in one pass, then the logits.
+struct RMSNormLMHead {
+  bool fold = false;
+
+  struct State {
+    torch::Tensor folded;  // lm_head's weight with the norm's folded in; undefined unless folded
+    std::vector<torch::Tensor> tensors() const { return {folded}; }
+  };
+
+  State prepare(RMSNormImpl& norm, torch::nn::LinearImpl& head) const {
+    if (!fold) return {};
+    return {head.weight * norm.weight};
+  }
+
+  torch::Tensor operator()(const State& state, RMSNormImpl& norm, torch::nn::LinearImpl& head,
+                           const torch::Tensor& hidden_states) const {
+    auto sizes = hidden_states.sizes().vec();
+    sizes.back() = head.weight.size(0);
+    const auto normed = normalise(hidden_states, norm, fold);
+    return project(normed, fold ? state.folded : head.weight, head.bias).view(sizes);
   }
 };
 
@@ -212,21 +273,38 @@ inline void register_kernels() {
     fusion::register_kernel("qwen3.rmsnorm_attention", kernels::RMSNormAttention{false}, options);
     fusion::register_kernel("qwen3.rmsnorm_attention.folded", kernels::RMSNormAttention{true},
                             options);
+    fusion::register_kernel("qwen3.rmsnorm_lm_head", kernels::RMSNormLMHead{false}, options);
+    fusion::register_kernel("qwen3.rmsnorm_lm_head.folded", kernels::RMSNormLMHead{true}, options);
     return true;
   }();
   (void)registered;
 }
 
-/// Fuses both chains of every layer with their kernels (`folded`: the copying variants).
-template <typename Root>
-void fuse_with_kernels(Root& model, bool folded = false) {
+/// The plan that fuses both chains of every layer, and the final norm with lm_head where the
+/// model has one (not with tied embeddings), each with its kernel (`folded`: the copying
+/// variants).
+inline fusion::Plan kernel_plan(const Config& config, bool folded = false) {
   register_kernels();
   const std::string suffix = folded ? ".folded" : "";
-  fusion::FuseOptions mlp, attention;
-  mlp.kernel = "qwen3.rmsnorm_mlp" + suffix;
-  attention.kernel = "qwen3.rmsnorm_attention" + suffix;
-  fusion::fuse_modules(model, mlp_patterns(), mlp_specs(), mlp);
-  fusion::fuse_modules(model, attention_patterns(), attention_specs(), attention);
+  auto with_kernel = [&](const std::string& name) {
+    fusion::FuseOptions options;
+    options.kernel = name + suffix;
+    return options;
+  };
+  fusion::Plan plan;
+  plan.rules.push_back({mlp_patterns(), mlp_specs(), with_kernel("qwen3.rmsnorm_mlp")});
+  plan.rules.push_back(
+      {attention_patterns(), attention_specs(), with_kernel("qwen3.rmsnorm_attention")});
+  if (!config.tie_word_embeddings) {
+    plan.rules.push_back(
+        {lm_head_patterns(), lm_head_specs(), with_kernel("qwen3.rmsnorm_lm_head")});
+  }
+  return plan;
+}
+
+/// Fuses `model` by kernel_plan, all or nothing.
+inline void fuse_with_kernels(ForCausalLM& model, bool folded = false) {
+  fusion::fuse_modules(model, kernel_plan(model->config, folded));
 }
 
 }  // namespace qwen3

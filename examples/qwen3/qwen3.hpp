@@ -176,18 +176,19 @@ struct AttentionImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& hidden_states,
                         const PositionEmbeddings& position_embeddings,
                         const c10::optional<torch::Tensor>& attention_mask, KVCache* cache) {
-    return attend(q_proj(hidden_states), k_proj(hidden_states), v_proj(hidden_states),
-                  hidden_states.size(0), hidden_states.size(1), position_embeddings, attention_mask,
-                  cache);
+    return o_proj(attend_heads(q_proj(hidden_states), k_proj(hidden_states), v_proj(hidden_states),
+                               hidden_states.size(0), hidden_states.size(1), position_embeddings,
+                               attention_mask, cache));
   }
 
-  /// Everything after the q, k and v projections ([batch * seq or batch, seq, heads * head_dim]):
-  /// per-head q/k norms, rotary embedding, cache, attention, o_proj. Kernels that compute the
-  /// projections their own way (one GEMM) continue here.
-  torch::Tensor attend(const torch::Tensor& q_lin, const torch::Tensor& k_lin,
-                       const torch::Tensor& v_lin, int64_t b, int64_t s,
-                       const PositionEmbeddings& position_embeddings,
-                       const c10::optional<torch::Tensor>& attention_mask, KVCache* cache) {
+  /// What lies between the q, k and v projections ([batch * seq or batch, seq, heads * head_dim])
+  /// and o_proj: per-head q/k norms, rotary embedding, cache, attention; returns the heads
+  /// concatenated, [batch, seq, heads * head_dim], contiguous. Kernels that compute the
+  /// projections their own way (one GEMM for q, k and v) call it between them.
+  torch::Tensor attend_heads(const torch::Tensor& q_lin, const torch::Tensor& k_lin,
+                             const torch::Tensor& v_lin, int64_t b, int64_t s,
+                             const PositionEmbeddings& position_embeddings,
+                             const c10::optional<torch::Tensor>& attention_mask, KVCache* cache) {
     auto q = q_norm(q_lin.view({b, s, -1, head_dim})).transpose(1, 2);
     auto k = k_norm(k_lin.view({b, s, -1, head_dim})).transpose(1, 2);
     auto v = v_lin.view({b, s, -1, head_dim}).transpose(1, 2);
@@ -202,8 +203,10 @@ struct AttentionImpl : torch::nn::Module {
     auto weights = torch::matmul(q, repeat_kv(k, n_rep).transpose(2, 3)) * scaling;
     if (attention_mask.has_value()) weights = weights + *attention_mask;
     weights = torch::softmax(weights, -1, torch::kFloat32).to(q.scalar_type());
-    auto out = torch::matmul(weights, repeat_kv(v, n_rep)).transpose(1, 2).reshape({b, s, -1});
-    return o_proj(out.contiguous());
+    return torch::matmul(weights, repeat_kv(v, n_rep))
+        .transpose(1, 2)
+        .reshape({b, s, -1})
+        .contiguous();
   }
 
   std::size_t layer_idx;
@@ -357,6 +360,13 @@ inline std::vector<fusion::ModuleSpec> attention_specs() {
           fusion::ModuleSpec{
               {"hidden_states", "position_embeddings", "attention_mask", "past_key_values"},
               {"hidden_states"}}};
+}
+
+/// The final norm and lm_head, for models with one (untied embeddings).
+inline std::vector<std::string> lm_head_patterns() { return {"model.norm", "lm_head"}; }
+inline std::vector<fusion::ModuleSpec> lm_head_specs() {
+  return {fusion::ModuleSpec{{"hidden_states"}, {"hidden_states"}},
+          fusion::ModuleSpec{{"hidden_states"}, {"logits"}}};
 }
 
 /// Seeded random weights at a scale that gives varied logits (the tiny default model).

@@ -1,0 +1,170 @@
+// AVX-512 loops for the Qwen3 kernels, each with a check that the CPU runs it; the kernels fall
+// back to ATen's ops where it does not.
+//
+// small_gemm: y = x w^T for a few rows of x, float32, the projection the kernels run for 2 to
+// 256 rows, where it beats at::linear's OpenBLAS (whose 0.3.21 runs its AVX2 kernels on these
+// AVX-512 machines and packs the whole weight on every call). Each output is a dot product of a
+// row of x with a row of w, both contiguous along k, so w is read in place, once, in blocks of 4
+// rows that stay in L1 while every 4-row block of x passes over them: 16 accumulators of 16
+// lanes, reduced at the end. Only the summation order differs from linear's.
+//
+// silu_mul_rows: SiLU(gate) * up in one pass, with a polynomial exp (Cephes' expf, within ~2 ulp).
+//
+// Both split their work across threads through at::parallel_for, which runs in parallel only in
+// code compiled with OpenMP (the top-level CMakeLists.txt says how).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include <ATen/Parallel.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define QWEN3_SIMD 1
+#endif
+
+namespace qwen3 {
+namespace kernels {
+
+#ifdef QWEN3_SIMD
+namespace simd_detail {
+
+/// y[i][j] = dot(x row i, w row j) for i < MB, j < NB; rows of x and w are k floats apart,
+/// rows of y n floats apart.
+template <int MB, int NB>
+__attribute__((target("avx512f"))) inline void block(const float* x, const float* w, float* y,
+                                                     int64_t k, int64_t n) {
+  __m512 acc[MB][NB];
+  for (int i = 0; i < MB; ++i) {
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < k; p += 16) {
+    __m512 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_ps(w + j * k + p);
+    for (int i = 0; i < MB; ++i) {
+      const __m512 xv = _mm512_loadu_ps(x + i * k + p);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    for (int j = 0; j < NB; ++j) y[i * n + j] = _mm512_reduce_add_ps(acc[i][j]);
+  }
+}
+
+/// NB output columns for all m rows: 4 rows of x at a time, then the rest.
+template <int NB>
+__attribute__((target("avx512f"))) inline void columns(const float* x, const float* w, float* y,
+                                                       int64_t m, int64_t k, int64_t n) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) block<4, NB>(x + i * k, w, y + i * n, k, n);
+  switch (m - i) {
+    case 3:
+      block<3, NB>(x + i * k, w, y + i * n, k, n);
+      break;
+    case 2:
+      block<2, NB>(x + i * k, w, y + i * n, k, n);
+      break;
+    case 1:
+      block<1, NB>(x + i * k, w, y + i * n, k, n);
+      break;
+    default:
+      break;
+  }
+}
+
+/// Output columns [begin, end) of small_gemm, on this thread.
+__attribute__((target("avx512f"))) inline void column_range(const float* x, const float* w,
+                                                            float* y, int64_t m, int64_t k,
+                                                            int64_t n, int64_t begin, int64_t end) {
+  for (int64_t j = begin; j < end; j += 4) {
+    switch (std::min<int64_t>(4, end - j)) {
+      case 4:
+        columns<4>(x, w + j * k, y + j, m, k, n);
+        break;
+      case 3:
+        columns<3>(x, w + j * k, y + j, m, k, n);
+        break;
+      case 2:
+        columns<2>(x, w + j * k, y + j, m, k, n);
+        break;
+      default:
+        columns<1>(x, w + j * k, y + j, m, k, n);
+        break;
+    }
+  }
+}
+
+/// e^x per lane: x = n ln2 + r, e^r by Cephes' expf polynomial, times 2^n by scalef (which
+/// gives 0 and inf past the float range). x is clamped to [-104, 88.7]; NaN stays NaN.
+__attribute__((target("avx512f"))) inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(88.7f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+/// Rows [begin, end) of silu_mul_rows.
+__attribute__((target("avx512f"))) inline void silu_mul_range(const float* gate_up, float* out,
+                                                              int64_t inter, int64_t begin,
+                                                              int64_t end) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t r = begin; r < end; ++r) {
+    const float* g = gate_up + r * 2 * inter;
+    const float* u = g + inter;
+    float* o = out + r * inter;
+    for (int64_t i = 0; i < inter; i += 16) {
+      const __mmask16 mask = inter - i >= 16 ? 0xFFFF : (1u << (inter - i)) - 1;
+      const __m512 gv = _mm512_maskz_loadu_ps(mask, g + i);
+      const __m512 uv = _mm512_maskz_loadu_ps(mask, u + i);
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));  // e^-g
+      const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+      _mm512_mask_storeu_ps(o + i, mask, _mm512_mul_ps(silu, uv));
+    }
+  }
+}
+
+}  // namespace simd_detail
+
+/// Whether this CPU (and OS) runs the loops below.
+inline bool simd_supported() {
+  static const bool supported = __builtin_cpu_supports("avx512f");
+  return supported;
+}
+
+/// y [m, n] = x [m, k] times w [n, k] transposed; all row-major and contiguous, k a multiple of
+/// 16. The output columns are split across LibTorch's threads in runs of at least ~4M
+/// multiply-adds: below that one thread was faster here.
+inline void small_gemm(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n) {
+  const int64_t blocks = (n + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, 4'000'000 / std::max<int64_t>(1, m * k * 4));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    simd_detail::column_range(x, w, y, m, k, n, begin * 4, std::min(n, end * 4));
+  });
+}
+
+/// out [rows, inter] = SiLU(gate) * up for gate_up [rows, 2 * inter] (gate, then up, per row);
+/// both contiguous.
+inline void silu_mul_rows(const float* gate_up, float* out, int64_t rows, int64_t inter) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, inter));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    simd_detail::silu_mul_range(gate_up, out, inter, begin, end);
+  });
+}
+#else
+inline bool simd_supported() { return false; }
+inline void silu_mul_rows(const float*, float*, int64_t, int64_t) {}
+inline void small_gemm(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
+#endif
+
+}  // namespace kernels
+}  // namespace qwen3
