@@ -139,10 +139,10 @@ inline torch::Tensor silu_mul(const torch::Tensor& gate_up, int64_t inter) {
 /// packs the whole weight on every call); three paths do better (bench/qwen3-bench.cpp,
 /// BM_Projection, measures each against linear, the weights cycled so they come from memory as
 /// in a forward):
-///   - one row: the matrix-vector product, 0.25x of linear's time (a [3072, 512] weight). A
-///     decode step is one row per projection.
-///   - 2 to 256 rows: small_gemm (AVX-512, the weight read in place), 0.64x-0.80x on one thread
-///     and 0.49x-0.71x on two, where rows are at least 128 long (or 16 rows at most: short rows
+///   - one row: the matrix-vector product, 0.35x-0.42x of linear's time. A decode step is one
+///     row per projection.
+///   - 2 to 256 rows: small_gemm (AVX-512, the weight read in place), 0.58x-0.84x on one thread
+///     and 0.50x-0.72x on two, where rows are at least 128 long (or 16 rows at most: short rows
 ///     favour OpenBLAS).
 ///   - other shapes with 48 rows or more and at least 12M multiply-adds per thread: oneDNN
 ///     (at::mkldnn_linear, the weight read as it is: no copy), 0.65x-0.80x at 128 rows.
