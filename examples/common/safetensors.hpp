@@ -5,6 +5,8 @@
 // is copied once, straight from the mapping into its parameter or buffer.
 #pragma once
 
+#include <algorithm>
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -156,6 +158,16 @@ inline void index_safetensors_bytes(const uint8_t* bytes, std::size_t size, cons
         for (const auto& item : detail::dtypes()) known.push_back(item.first);
         fail("{}: tensor '{}' has dtype {}, not one of {}", name, key, dtype,
              fmt::join(known, ", "));
+      }
+      // JSON integers only: nlohmann converts a float (1.5, 5e30) to an integer by a cast, which
+      // truncates, or is undefined behaviour out of range (found by the fuzzer).
+      for (const char* field : {"shape", "data_offsets"}) {
+        const auto& list = info.at(field);
+        if (!list.is_array() || !std::all_of(list.begin(), list.end(),
+                                             [](const json& v) { return v.is_number_integer(); })) {
+          fail("{}: tensor '{}' has a {} that is not a list of integers: {}", name, key, field,
+               list.dump());
+        }
       }
       auto shape = info.at("shape").get<std::vector<int64_t>>();
       auto offsets = info.at("data_offsets").get<std::vector<uint64_t>>();

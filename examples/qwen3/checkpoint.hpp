@@ -2,6 +2,8 @@
 // and the weights (model.safetensors or a sharded index; read by ../common/safetensors.hpp).
 #pragma once
 
+#include <algorithm>
+
 #include <filesystem>
 #include <set>
 #include <string>
@@ -123,18 +125,28 @@ inline Config load_config(const std::filesystem::path& dir) {
   try {
     if (!j.is_object()) detail::fail("not a JSON object");
     detail::refuse_unsupported(j);
-    c.vocab_size = j.at("vocab_size").get<int64_t>();
-    c.hidden_size = j.at("hidden_size").get<int64_t>();
-    c.intermediate_size = j.at("intermediate_size").get<int64_t>();
-    c.num_hidden_layers = j.at("num_hidden_layers").get<int64_t>();
-    c.num_attention_heads = j.at("num_attention_heads").get<int64_t>();
-    c.num_key_value_heads = j.value("num_key_value_heads", c.num_attention_heads);
-    if (j.contains("head_dim") && !j["head_dim"].is_null()) {
-      c.head_dim = j["head_dim"].get<int64_t>();
-    } else {
-      c.head_dim = c.hidden_size / c.num_attention_heads;
+    // Sizes must be positive JSON integers: nlohmann would cast a float (truncating, or undefined
+    // past int64's range), and a zero head count would divide by zero below.
+    const auto size = [&](const char* key, c10::optional<int64_t> fallback) -> int64_t {
+      if ((!j.contains(key) || j[key].is_null()) && fallback) return *fallback;
+      const auto& value = j.at(key);
+      if (!value.is_number_integer() || value.get<int64_t>() < 1) {
+        detail::fail("'{}' must be a positive integer, not {}", key, value.dump());
+      }
+      return value.get<int64_t>();
+    };
+    c.vocab_size = size("vocab_size", c10::nullopt);
+    c.hidden_size = size("hidden_size", c10::nullopt);
+    c.intermediate_size = size("intermediate_size", c10::nullopt);
+    c.num_hidden_layers = size("num_hidden_layers", c10::nullopt);
+    c.num_attention_heads = size("num_attention_heads", c10::nullopt);
+    c.num_key_value_heads = size("num_key_value_heads", c.num_attention_heads);
+    if (c.num_attention_heads % c.num_key_value_heads != 0) {
+      detail::fail("num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                   c.num_attention_heads, c.num_key_value_heads);
     }
-    c.max_position_embeddings = j.value("max_position_embeddings", c.max_position_embeddings);
+    c.head_dim = size("head_dim", c.hidden_size / c.num_attention_heads);
+    c.max_position_embeddings = size("max_position_embeddings", c.max_position_embeddings);
     detail::read_rope(j, c);
     c.rms_norm_eps = j.value("rms_norm_eps", 1e-6);
     c.tie_word_embeddings = j.value("tie_word_embeddings", false);
@@ -162,13 +174,26 @@ inline GenerationConfig load_generation_config(const std::filesystem::path& dir)
     if (!std::filesystem::exists(path)) continue;
     const auto j = detail::read_json(path);
     try {
+      // Ids must be JSON integers (nlohmann would cast a float: truncated, or undefined).
+      const auto ids_of = [&](const char* key) {
+        const auto& value = j[key];
+        const bool integers =
+            value.is_array()
+                ? std::all_of(value.begin(), value.end(),
+                              [](const nlohmann::json& v) { return v.is_number_integer(); })
+                : value.is_number_integer();
+        if (!integers)
+          detail::fail("{}: '{}' must be an integer id or a list of them, not {}", path.string(),
+                       key, value.dump());
+        return value;
+      };
       if (g.eos_token_ids.empty() && j.contains("eos_token_id") && !j["eos_token_id"].is_null()) {
-        const auto& eos = j["eos_token_id"];
+        const auto& eos = ids_of("eos_token_id");
         g.eos_token_ids = eos.is_array() ? eos.get<std::vector<int64_t>>()
                                          : std::vector<int64_t>{eos.get<int64_t>()};
       }
       if (!g.pad_token_id && j.contains("pad_token_id") && !j["pad_token_id"].is_null()) {
-        g.pad_token_id = j["pad_token_id"].get<int64_t>();
+        g.pad_token_id = ids_of("pad_token_id").get<int64_t>();
       }
     } catch (const nlohmann::json::exception& e) {
       detail::fail("{}: {}", path.string(), e.what());

@@ -545,6 +545,27 @@ TEST_CASE("loader errors name the file and key, and leave the model untouched") 
     fails_with(dir,
                "tensor 'model.norm.weight' runs past the end of the file (bytes 0..256 of 100)");
   }
+  SECTION("a shape or offset that is not an integer") {
+    // 5e30 made nlohmann's integer conversion undefined (found by the fuzzer); 1.5 would truncate.
+    const auto dir = scratch("not-integers");
+    write_safetensors(
+        dir / "model.safetensors",
+        R"({"model.norm.weight": {"dtype": "F32", "shape": [5555555555555555555555555555552, 2], "data_offsets": [0, 16]}})",
+        std::string(16, '\0'));
+    fails_with(dir, "tensor 'model.norm.weight' has a shape that is not a list of integers");
+    write_safetensors(
+        dir / "model.safetensors",
+        R"({"model.norm.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16.5]}})",
+        std::string(16, '\0'));
+    fails_with(
+        dir,
+        "tensor 'model.norm.weight' has a data_offsets that is not a list of integers: [0,16.5]");
+    write_safetensors(
+        dir / "model.safetensors",
+        R"({"model.norm.weight": {"dtype": "F32", "shape": 4, "data_offsets": [0, 16]}})",
+        std::string(16, '\0'));
+    fails_with(dir, "has a shape that is not a list of integers: 4");
+  }
   SECTION("unknown dtype") {
     const auto dir = scratch("dtype");
     write_safetensors(
@@ -664,6 +685,13 @@ TEST_CASE("config fields that would change the computation are refused, naming f
   refused({{"use_sliding_window", true}, {"max_window_layers", 1}},
           "use_sliding_window = true is not supported");
   refused({{"partial_rotary_factor", 0.5}}, "partial_rotary_factor = 0.5");
+  // Sizes: positive JSON integers only (5e30 was undefined behaviour in the integer conversion).
+  refused({{"hidden_size", 5e30}}, "'hidden_size' must be a positive integer, not 5e+30");
+  refused({{"num_hidden_layers", 2.5}}, "'num_hidden_layers' must be a positive integer, not 2.5");
+  refused({{"num_attention_heads", 0}}, "'num_attention_heads' must be a positive integer, not 0");
+  refused({{"head_dim", -16}}, "'head_dim' must be a positive integer, not -16");
+  refused({{"num_key_value_heads", 3}},
+          "num_attention_heads (4) must be a multiple of num_key_value_heads (3)");
   // Sliding windows switched on but covering no layer change nothing: accepted, as transformers.
   CHECK_NOTHROW(qwen3::load_config(
       config_dir("window", {{"use_sliding_window", true}, {"max_window_layers", 28}})));
@@ -694,6 +722,13 @@ TEST_CASE("generation stops at the eos ids of generation_config.json, as transfo
     const auto g = qwen3::load_generation_config(dir);
     CHECK(g.eos_token_ids == std::vector<int64_t>{7, 8});
     CHECK(g.pad_token_id == 0);
+    write_file(dir / "generation_config.json", R"({"eos_token_id": [7, 8.5]})");
+    CHECK_THROWS_WITH(
+        qwen3::load_generation_config(dir),
+        Contains("'eos_token_id' must be an integer id or a list of them, not [7,8.5]"));
+    write_file(dir / "generation_config.json", R"({"eos_token_id": 7, "pad_token_id": 1e30})");
+    CHECK_THROWS_WITH(qwen3::load_generation_config(dir),
+                      Contains("'pad_token_id' must be an integer id or a list of them"));
   }
 }
 
