@@ -49,6 +49,14 @@ template <typename... Args>
   throw CheckpointError(fmt::format(format, std::forward<Args>(args)...));
 }
 
+/// Whether `value` is a JSON array of integers. Checked before any get<int>: nlohmann converts a
+/// float (1.5, 5e30) by a cast, which truncates, or is undefined past the integer's range (found
+/// by the fuzzer).
+inline bool is_integer_list(const json& value) {
+  return value.is_array() && std::all_of(value.begin(), value.end(),
+                                         [](const json& v) { return v.is_number_integer(); });
+}
+
 inline json read_json(const fs::path& path) {
   std::ifstream in(path);
   if (!in) fail("cannot open {}", path.string());
@@ -159,12 +167,9 @@ inline void index_safetensors_bytes(const uint8_t* bytes, std::size_t size, cons
         fail("{}: tensor '{}' has dtype {}, not one of {}", name, key, dtype,
              fmt::join(known, ", "));
       }
-      // JSON integers only: nlohmann converts a float (1.5, 5e30) to an integer by a cast, which
-      // truncates, or is undefined behaviour out of range (found by the fuzzer).
       for (const char* field : {"shape", "data_offsets"}) {
         const auto& list = info.at(field);
-        if (!list.is_array() || !std::all_of(list.begin(), list.end(),
-                                             [](const json& v) { return v.is_number_integer(); })) {
+        if (!detail::is_integer_list(list)) {
           fail("{}: tensor '{}' has a {} that is not a list of integers: {}", name, key, field,
                list.dump());
         }

@@ -2,8 +2,6 @@
 // and the weights (model.safetensors or a sharded index; read by ../common/safetensors.hpp).
 #pragma once
 
-#include <algorithm>
-
 #include <filesystem>
 #include <set>
 #include <string>
@@ -125,8 +123,8 @@ inline Config load_config(const std::filesystem::path& dir) {
   try {
     if (!j.is_object()) detail::fail("not a JSON object");
     detail::refuse_unsupported(j);
-    // Sizes must be positive JSON integers: nlohmann would cast a float (truncating, or undefined
-    // past int64's range), and a zero head count would divide by zero below.
+    // Sizes must be positive JSON integers (see is_integer_list); a zero head count would divide
+    // by zero below.
     const auto size = [&](const char* key, c10::optional<int64_t> fallback) -> int64_t {
       if ((!j.contains(key) || j[key].is_null()) && fallback) return *fallback;
       const auto& value = j.at(key);
@@ -174,17 +172,13 @@ inline GenerationConfig load_generation_config(const std::filesystem::path& dir)
     if (!std::filesystem::exists(path)) continue;
     const auto j = detail::read_json(path);
     try {
-      // Ids must be JSON integers (nlohmann would cast a float: truncated, or undefined).
-      const auto ids_of = [&](const char* key) {
+      // Ids must be JSON integers (see is_integer_list).
+      const auto ids_of = [&](const char* key) -> const nlohmann::json& {
         const auto& value = j[key];
-        const bool integers =
-            value.is_array()
-                ? std::all_of(value.begin(), value.end(),
-                              [](const nlohmann::json& v) { return v.is_number_integer(); })
-                : value.is_number_integer();
-        if (!integers)
+        if (!value.is_number_integer() && !checkpoint::detail::is_integer_list(value)) {
           detail::fail("{}: '{}' must be an integer id or a list of them, not {}", path.string(),
                        key, value.dump());
+        }
         return value;
       };
       if (g.eos_token_ids.empty() && j.contains("eos_token_id") && !j["eos_token_id"].is_null()) {

@@ -548,23 +548,19 @@ TEST_CASE("loader errors name the file and key, and leave the model untouched") 
   SECTION("a shape or offset that is not an integer") {
     // 5e30 made nlohmann's integer conversion undefined (found by the fuzzer); 1.5 would truncate.
     const auto dir = scratch("not-integers");
-    write_safetensors(
-        dir / "model.safetensors",
-        R"({"model.norm.weight": {"dtype": "F32", "shape": [5555555555555555555555555555552, 2], "data_offsets": [0, 16]}})",
-        std::string(16, '\0'));
-    fails_with(dir, "tensor 'model.norm.weight' has a shape that is not a list of integers");
-    write_safetensors(
-        dir / "model.safetensors",
-        R"({"model.norm.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16.5]}})",
-        std::string(16, '\0'));
-    fails_with(
-        dir,
-        "tensor 'model.norm.weight' has a data_offsets that is not a list of integers: [0,16.5]");
-    write_safetensors(
-        dir / "model.safetensors",
-        R"({"model.norm.weight": {"dtype": "F32", "shape": 4, "data_offsets": [0, 16]}})",
-        std::string(16, '\0'));
-    fails_with(dir, "has a shape that is not a list of integers: 4");
+    const std::pair<std::string, std::string> cases[] = {
+        {R"("shape": [5555555555555555555555555555552, 2], "data_offsets": [0, 16])",
+         "tensor 'model.norm.weight' has a shape that is not a list of integers"},
+        {R"("shape": [4], "data_offsets": [0, 16.5])",
+         "tensor 'model.norm.weight' has a data_offsets that is not a list of integers: [0,16.5]"},
+        {R"("shape": 4, "data_offsets": [0, 16])",
+         "has a shape that is not a list of integers: 4"}};
+    for (const auto& [fields, message] : cases) {
+      write_safetensors(dir / "model.safetensors",
+                        R"({"model.norm.weight": {"dtype": "F32", )" + fields + "}}",
+                        std::string(16, '\0'));
+      fails_with(dir, message);
+    }
   }
   SECTION("unknown dtype") {
     const auto dir = scratch("dtype");
