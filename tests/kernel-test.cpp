@@ -148,8 +148,10 @@ TEST_CASE("a kernel runs instead of the replay and matches the unfused model") {
   CHECK(stats.state_bytes == 2 * 32 * 16 * sizeof(float));  // the concatenated copy
   CHECK(stats.shared_state_bytes == 0);
   const auto text = fusion::report(model);
-  CHECK_THAT(text, Contains("kernel test.norm_mlp: 2 run(s); replays: device 0, training 0, grad "
-                            "0, modes 0, declined 0; 1 prepare(s); state 4096 B own, 0 B shared"));
+  // The first run after the prepare was also checked against the replay.
+  CHECK_THAT(text, Contains("kernel test.norm_mlp: 2 run(s), 0 exception(s), 1 checked; replays: "
+                            "device 0, training 0, grad 0, modes 0, declined 0; 1 prepare(s); "
+                            "state 4096 B own, 0 B shared"));
 
   // use_kernel with no kernel returns to the replay, bit-identical again.
   CHECK(fusion::use_kernel(model, {"layers.*.mlp"}, "") == 3);
@@ -429,7 +431,7 @@ TEST_CASE("attaching a kernel while another thread is in the chain's call is ref
   require_close(model(x), expected);
 }
 
-TEST_CASE("fusion changed while 4 threads run the model: refused or exact, never a wrong result") {
+TEST_CASE("fusion changed while 4 threads run the model: refused or made, every forward exact") {
   register_test_kernels();
   torch::manual_seed(39);
   Stack model(3);
@@ -441,20 +443,17 @@ TEST_CASE("fusion changed while 4 threads run the model: refused or exact, never
     expected.push_back(model(inputs.back()));
   }
   std::atomic<bool> stop{false};
-  std::atomic<int> forwards{0}, wrong{0}, straddled{0}, unexpected{0}, started{0};
+  std::atomic<int> forwards{0}, wrong{0}, unexpected{0}, started{0};
   std::vector<std::thread> runners;
   for (int t = 0; t < 4; ++t) {
     runners.emplace_back([&, t] {
       torch::NoGradGuard guard;
       ++started;
       for (std::size_t k = static_cast<std::size_t>(t); !stop; k = (k + 1) % inputs.size()) {
+        // A pass that began unfused and met a chain fused meanwhile finishes unfused.
         try {
           if (!torch::allclose(model(inputs[k]), expected[k], 0, kTolerance)) ++wrong;
           ++forwards;
-        } catch (const fusion::FusionError& error) {
-          // A pass that began unfused and met a chain fused meanwhile: an error, not a result.
-          const std::string what = error.what();
-          ++(what.find("fused while this pass ran") != std::string::npos ? straddled : unexpected);
         } catch (...) {
           ++unexpected;
         }
@@ -483,12 +482,11 @@ TEST_CASE("fusion changed while 4 threads run the model: refused or exact, never
   }
   stop = true;
   for (auto& runner : runners) runner.join();
-  INFO(forwards << " forwards (" << straddled << " straddled a fuse), " << changes
-                << " changes made, " << refused << " refused");
+  INFO(forwards << " forwards, " << changes << " changes made, " << refused << " refused");
   CHECK(wrong == 0);
   CHECK(unexpected == 0);
   CHECK(misreported == 0);
-  CHECK(forwards + straddled > 0);
+  CHECK(forwards > 0);
   // How many changes get through depends on timing (all may be refused while 4 threads keep every
   // chain busy); that they succeed once the threads stop is checked here.
   if (!fused()) fusion::fuse_modules(model, block_patterns(), block_specs());

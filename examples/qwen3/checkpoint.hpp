@@ -18,6 +18,9 @@ namespace qwen3 {
 
 using checkpoint::CheckpointError;
 
+/// transformers 5's Qwen3Config default for a config.json without head_dim.
+constexpr int64_t kDefaultHeadDim = 128;
+
 namespace detail {
 
 using nlohmann::json;
@@ -27,20 +30,43 @@ template <typename... Args>
   throw CheckpointError(fmt::format(format, std::forward<Args>(args)...));
 }
 using checkpoint::detail::read_json;
-/// transformers 5's `rope_parameters` or transformers 4's `rope_theta` + `rope_scaling`.
-inline void read_rope(const json& j, Config& c) {
+/// Whether a JSON value is what Python reads as true: transformers tests `rope_scaling or ...`.
+inline bool truthy(const json& value) {
+  return !(value.is_null() || (value.is_object() && value.empty()) ||
+           (value.is_boolean() && !value.get<bool>()));
+}
+
+/// transformers 5's `rope_parameters` or transformers 4's `rope_theta` + `rope_scaling`. As
+/// transformers 5.12 (`rope_scaling or rope_parameters`), a non-empty `rope_scaling` wins: then
+/// `rope_parameters` is ignored whole, which `notes` says when the two differ.
+inline void read_rope(const json& j, Config& c, std::vector<std::string>* notes) {
   json rope = json::object();
-  if (j.contains("rope_parameters") && !j["rope_parameters"].is_null()) {
-    rope = j["rope_parameters"];
-  } else if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
+  const char* key = "rope_parameters";
+  if (j.contains("rope_scaling") && truthy(j["rope_scaling"])) {
     rope = j["rope_scaling"];
+    key = "rope_scaling";
+    if (notes != nullptr && j.contains("rope_parameters") && truthy(j["rope_parameters"]) &&
+        j["rope_parameters"] != rope) {
+      notes->push_back(fmt::format(
+          "config.json has both rope_scaling {} and rope_parameters {}: using rope_scaling, as "
+          "transformers does",
+          rope.dump(), j["rope_parameters"].dump()));
+    }
+  } else if (j.contains("rope_parameters") && !j["rope_parameters"].is_null()) {
+    rope = j["rope_parameters"];
   }
-  if (!rope.is_object()) fail("rope_parameters must be an object, not {}", rope.dump());
+  if (!rope.is_object()) fail("{} must be an object, not {}", key, rope.dump());
   c.rope_theta = rope.value("rope_theta", j.value("rope_theta", 10000.0));
   RopeScaling& r = c.rope_scaling;
   r.type = rope.value("rope_type", rope.value("type", std::string("default")));
   // Every key the computation of that type reads; any other key would be ignored, so it is refused.
   std::set<std::string> known{"rope_type", "type", "rope_theta"};
+  // transformers refuses these types without a factor (a KeyError naming the missing key).
+  if ((r.type == "linear" || r.type == "yarn") &&
+      (!rope.contains("factor") || rope["factor"].is_null())) {
+    fail("{} of rope type '{}' has no 'factor', a required key (transformers refuses it too)", key,
+         r.type);
+  }
   if (r.type == "linear") {
     known.insert("factor");
     r.factor = rope.at("factor").get<double>();
@@ -51,14 +77,13 @@ inline void read_rope(const json& j, Config& c) {
       if (!rope.contains(key) || rope[key].is_null()) return c10::nullopt;
       return rope[key].get<double>();
     };
-    // As transformers 5 (transformers 4.5x replaced `factor` by the ratio of the two lengths
-    // whenever original_max_position_embeddings was given; 5 uses the ratio only without factor).
-    // A top-level original_max_position_embeddings (Phi-3 style) wins, as in transformers.
+    // As transformers 5: the explicit factor (transformers 4.5x replaced it by the ratio of the
+    // two lengths whenever original_max_position_embeddings was given). A top-level
+    // original_max_position_embeddings (Phi-3 style) wins, as in transformers.
     r.original_max_position_embeddings =
         j.value("original_max_position_embeddings",
                 rope.value("original_max_position_embeddings", c.max_position_embeddings));
-    r.factor = optional("factor").value_or(static_cast<double>(c.max_position_embeddings) /
-                                           r.original_max_position_embeddings);
+    r.factor = rope.at("factor").get<double>();
     r.attention_factor = optional("attention_factor");
     r.mscale = optional("mscale");
     r.mscale_all_dim = optional("mscale_all_dim");
@@ -90,8 +115,9 @@ inline void refuse_unsupported(const json& j) {
   if (j.contains("architectures") && j["architectures"] != json::array({"Qwen3ForCausalLM"})) {
     refuse("architectures", "only Qwen3ForCausalLM is implemented");
   }
-  if (j.contains("hidden_act") && j["hidden_act"] != "silu") {
-    refuse("hidden_act", "the MLP is implemented with silu");
+  // transformers' ACT2FN maps "swish" to SiLU too.
+  if (j.contains("hidden_act") && j["hidden_act"] != "silu" && j["hidden_act"] != "swish") {
+    refuse("hidden_act", "the MLP is implemented with silu (swish)");
   }
   if (j.contains("layer_types") && !j["layer_types"].is_null()) {
     for (const auto& type : j["layer_types"]) {
@@ -113,10 +139,13 @@ inline void refuse_unsupported(const json& j) {
 }  // namespace detail
 
 /// Reads a Qwen3 config.json as transformers 4 (`rope_theta`, `rope_scaling`, `torch_dtype`) or
-/// transformers 5 (`rope_parameters`, `dtype`) writes it. A field that would change the
-/// computation in a way this port does not implement (another architecture, activation, RoPE
-/// type, sliding-window layers) is refused with a CheckpointError naming it; none is ignored.
-inline Config load_config(const std::filesystem::path& dir) {
+/// transformers 5 (`rope_parameters`, `dtype`) writes it, with transformers 5.12's defaults and
+/// precedence (head_dim 128 when absent; rope_scaling over rope_parameters). A field that would
+/// change the computation in a way this port does not implement (another architecture,
+/// activation, RoPE type, sliding-window layers) is refused with a CheckpointError naming it;
+/// none is ignored. What a reader should know of the choices made goes to `notes`.
+inline Config load_config(const std::filesystem::path& dir,
+                          std::vector<std::string>* notes = nullptr) {
   const auto path = dir / "config.json";
   const auto j = detail::read_json(path);
   Config c;
@@ -143,9 +172,9 @@ inline Config load_config(const std::filesystem::path& dir) {
       detail::fail("num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                    c.num_attention_heads, c.num_key_value_heads);
     }
-    c.head_dim = size("head_dim", c.hidden_size / c.num_attention_heads);
+    c.head_dim = size("head_dim", kDefaultHeadDim);
     c.max_position_embeddings = size("max_position_embeddings", c.max_position_embeddings);
-    detail::read_rope(j, c);
+    detail::read_rope(j, c, notes);
     c.rms_norm_eps = j.value("rms_norm_eps", 1e-6);
     c.tie_word_embeddings = j.value("tie_word_embeddings", false);
     c.attention_bias = j.value("attention_bias", false);
@@ -158,55 +187,149 @@ inline Config load_config(const std::filesystem::path& dir) {
   return c;
 }
 
-/// What greedy generation stops and pads with: generation_config.json's eos_token_id (an id or
-/// a list) and pad_token_id, else config.json's; empty when neither names one.
-struct GenerationConfig {
-  std::vector<int64_t> eos_token_ids;
-  c10::optional<int64_t> pad_token_id;
-};
-
-inline GenerationConfig load_generation_config(const std::filesystem::path& dir) {
+/// The generation settings of a model directory, as transformers 5.12 reads them: from
+/// generation_config.json when the directory has one (then config.json's eos_token_id and the like
+/// are not read, however they differ), else from config.json. The fields that change greedy
+/// decoding are read (see GenerationConfig); those this port does not implement are refused,
+/// naming them; sampling fields, which greedy decoding ignores, are said so in `notes`.
+inline GenerationConfig load_generation_config(const std::filesystem::path& dir,
+                                               std::vector<std::string>* notes = nullptr) {
   GenerationConfig g;
-  for (const auto* name : {"generation_config.json", "config.json"}) {
-    const auto path = dir / name;
-    if (!std::filesystem::exists(path)) continue;
-    const auto j = detail::read_json(path);
-    try {
-      // Ids must be JSON integers (see is_integer_list).
-      const auto ids_of = [&](const char* key) -> const nlohmann::json& {
-        const auto& value = j[key];
-        if (!value.is_number_integer() && !checkpoint::detail::is_integer_list(value)) {
-          detail::fail("{}: '{}' must be an integer id or a list of them, not {}", path.string(),
-                       key, value.dump());
-        }
-        return value;
-      };
-      if (g.eos_token_ids.empty() && j.contains("eos_token_id") && !j["eos_token_id"].is_null()) {
-        const auto& eos = ids_of("eos_token_id");
-        g.eos_token_ids = eos.is_array() ? eos.get<std::vector<int64_t>>()
-                                         : std::vector<int64_t>{eos.get<int64_t>()};
+  auto path = dir / "generation_config.json";
+  if (!std::filesystem::exists(path)) path = dir / "config.json";
+  if (!std::filesystem::exists(path)) return g;
+  const auto j = detail::read_json(path);
+  try {
+    const auto present = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
+    // Ids must be JSON integers (see is_integer_list).
+    const auto ids_of = [&](const char* key) -> const nlohmann::json& {
+      const auto& value = j[key];
+      if (!value.is_number_integer() && !checkpoint::detail::is_integer_list(value)) {
+        detail::fail("'{}' must be an integer id or a list of them, not {}", key, value.dump());
       }
-      if (!g.pad_token_id && j.contains("pad_token_id") && !j["pad_token_id"].is_null()) {
-        g.pad_token_id = ids_of("pad_token_id").get<int64_t>();
+      return value;
+    };
+    const auto count = [&](const char* key) -> int64_t {
+      if (!j[key].is_number_integer() || j[key].get<int64_t>() < 0) {
+        detail::fail("'{}' must be a non-negative integer, not {}", key, j[key].dump());
       }
-    } catch (const nlohmann::json::exception& e) {
-      detail::fail("{}: {}", path.string(), e.what());
+      return j[key].get<int64_t>();
+    };
+    if (present("eos_token_id")) {
+      const auto& eos = ids_of("eos_token_id");
+      g.eos_token_ids = eos.is_array() ? eos.get<std::vector<int64_t>>()
+                                       : std::vector<int64_t>{eos.get<int64_t>()};
     }
+    if (present("pad_token_id")) g.pad_token_id = ids_of("pad_token_id").get<int64_t>();
+    if (present("repetition_penalty")) {
+      if (!j["repetition_penalty"].is_number() || !(j["repetition_penalty"].get<double>() > 0)) {
+        detail::fail("'repetition_penalty' must be a positive number, not {}",
+                     j["repetition_penalty"].dump());
+      }
+      g.repetition_penalty = j["repetition_penalty"].get<double>();
+    }
+    if (present("min_new_tokens")) g.min_new_tokens = count("min_new_tokens");
+    if (present("min_length")) g.min_length = count("min_length");
+    // Fields that change what greedy decoding picks, as transformers applies them, when set to
+    // anything but their neutral value: not implemented here, so refused.
+    const auto refuse_unless = [&](const char* key, const nlohmann::json& neutral) {
+      if (present(key) && j[key] != neutral) {
+        detail::fail(
+            "{} = {} is not supported: it changes greedy decoding in transformers, and "
+            "this port does not implement it",
+            key, j[key].dump());
+      }
+    };
+    refuse_unless("num_beams", 1);
+    refuse_unless("num_beam_groups", 1);
+    refuse_unless("no_repeat_ngram_size", 0);
+    refuse_unless("guidance_scale", 1.0);
+    for (const char* key : {"bad_words_ids", "sequence_bias", "suppress_tokens",
+                            "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
+                            "exponential_decay_length_penalty", "penalty_alpha"}) {
+      refuse_unless(key, nullptr);
+    }
+    if (j.value("do_sample", false) && notes != nullptr) {
+      std::vector<std::string> set;
+      for (const char* key : {"temperature", "top_k", "top_p", "typical_p", "min_p"}) {
+        if (present(key)) set.push_back(fmt::format("{} = {}", key, j[key].dump()));
+      }
+      notes->push_back(fmt::format(
+          "{} sets do_sample{}{}: this port decodes greedily, as generate(do_sample=False), and "
+          "ignores them",
+          path.filename().string(), set.empty() ? "" : ", ", fmt::join(set, ", ")));
+    }
+  } catch (const nlohmann::json::exception& e) {
+    detail::fail("{}: {}", path.string(), e.what());
+  } catch (const CheckpointError& e) {
+    detail::fail("{}: {}", path.string(), e.what());
   }
   return g;
 }
 
+/// Keys of older exports that hold no parameter (the rotary embedding's inverse frequencies,
+/// recomputed from the config): transformers ignores them, and so does load_weights.
+inline bool is_non_parameter_key(const std::string& key) {
+  const std::string suffix = "rotary_emb.inv_freq";
+  return key.size() >= suffix.size() &&
+         key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+/// As transformers 5.12 for a config that ties the word embeddings: a checkpoint that also holds
+/// an lm_head.weight different from its model.embed_tokens.weight is loaded untied (transformers
+/// warns and does not tie). Clears `config.tie_word_embeddings` then, and says so in `notes`.
+inline void untie_if_checkpoint_differs(Config& config, const std::filesystem::path& dir,
+                                        std::vector<std::string>* notes = nullptr) {
+  if (!config.tie_word_embeddings) return;
+  const auto entries = checkpoint::index_directory(dir);
+  const auto head = entries.find("lm_head.weight");
+  const auto embed = entries.find("model.embed_tokens.weight");
+  if (head == entries.end() || embed == entries.end()) return;
+  if (torch::equal(head->second.view().to(torch::kFloat64),
+                   embed->second.view().to(torch::kFloat64))) {
+    return;
+  }
+  config.tie_word_embeddings = false;
+  if (notes != nullptr) {
+    notes->push_back(
+        "config.json ties the word embeddings, but the checkpoint holds an lm_head.weight that "
+        "differs from model.embed_tokens.weight: loaded untied, as transformers does");
+  }
+}
+
 /// Loads the weights of a model directory into `model`, converting F32/F16/BF16 to the model's
 /// dtype. Every file, key and shape is checked before any parameter is written, so a failed load
-/// leaves the model untouched.
+/// leaves the model untouched. For a tied model, as transformers: an lm_head.weight beside the
+/// embedding is ignored (equal to it: see untie_if_checkpoint_differs), and one alone is the
+/// embedding.
 inline void load_weights(torch::nn::Module& model, const std::filesystem::path& dir) {
-  const auto entries = checkpoint::index_directory(dir);
-  // Some checkpoints of tied models still carry lm_head.weight; like transformers, ignore it.
+  auto entries = checkpoint::index_directory(dir);
   const auto params = model.named_parameters();
   const bool tied =
       !params.contains("lm_head.weight") && params.contains("model.embed_tokens.weight");
-  checkpoint::load_state(model, entries, dir.string(),
-                         tied ? std::set<std::string>{"lm_head.weight"} : std::set<std::string>{});
+  std::set<std::string> ignored;
+  for (const auto& entry : entries) {
+    if (is_non_parameter_key(entry.first)) ignored.insert(entry.first);
+  }
+  if (tied && entries.count("lm_head.weight") != 0) {
+    if (entries.count("model.embed_tokens.weight") == 0) {
+      entries.emplace("model.embed_tokens.weight", entries.at("lm_head.weight"));
+    }
+    ignored.insert("lm_head.weight");
+  }
+  try {
+    checkpoint::load_state(model, entries, dir.string(), ignored);
+  } catch (const CheckpointError& e) {
+    const std::string what = e.what();
+    if (what.find("self_attn.") == std::string::npos ||
+        what.find("has shape") == std::string::npos) {
+      throw;
+    }
+    throw CheckpointError(fmt::format(
+        "{} (the attention's shapes follow config.json's head_dim, {} when the key is absent, "
+        "as in transformers 5)",
+        what, kDefaultHeadDim));
+  }
 }
 
 namespace detail {

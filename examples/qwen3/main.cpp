@@ -6,10 +6,12 @@
 //   qwen3_fusion [--model-dir DIR] [--input-ids 1,2,3] [--generate N] [--save-logits FILE]
 //                [--save-kernel-logits FILE] [--folded] [--expect FILE]
 //
-// Generation is greedy and stops at the model directory's eos ids (generation_config.json, else
-// config.json). --expect FILE (written by transformers/make_models.py) sets the prompt and the
-// number of new tokens, and checks the original logits against transformers' (within 1e-4 of the
-// largest logit) and every generated sequence against transformers' ids.
+// Generation is greedy and follows the model directory's generation settings as transformers
+// reads them (generation_config.json, else config.json; see examples/qwen3/README.md). --expect
+// FILE (written by transformers/make_models.py) sets the prompt and the number of new tokens, and
+// checks the original logits against transformers' (within 1e-4 of the largest logit) and every
+// generated sequence against transformers' ids; or, for a directory transformers refuses, that
+// loading it is refused too, for the same reason.
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -104,12 +106,14 @@ double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
 struct Expected {
   torch::Tensor logits;  // [seq, vocab], float32
   torch::Tensor ids;     // [1, prompt + generated]
+  std::string refusal;   // else: what loading must be refused with
 };
 
 Expected read_expected(const std::string& path, Options& options) {
   std::ifstream in(path);
   if (!in) throw std::runtime_error("cannot open " + path);
   const auto j = nlohmann::json::parse(in);
+  if (j.contains("refusal")) return {{}, {}, j.at("refusal").get<std::string>()};
   options.input_ids = j.at("input_ids").get<std::vector<int64_t>>();
   options.generate = j.at("max_new_tokens").get<int64_t>();
   const auto shape = j.at("logits").at("shape").get<std::vector<int64_t>>();
@@ -121,7 +125,8 @@ Expected read_expected(const std::string& path, Options& options) {
   if (!data || data.peek() != EOF)
     throw std::runtime_error(file.string() + ": not " +
                              fmt::format("[{}] float32", fmt::join(shape, ", ")));
-  return {logits, torch::tensor(j.at("generated_ids").get<std::vector<int64_t>>()).unsqueeze(0)};
+  return {logits, torch::tensor(j.at("generated_ids").get<std::vector<int64_t>>()).unsqueeze(0),
+          ""};
 }
 
 }  // namespace
@@ -137,21 +142,41 @@ int main(int argc, char** argv) try {
     model = tiny_model();
     std::cout << "Model: tiny random Qwen3 (hidden 64, 4 layers, vocab 1000, seed 2024)\n";
   } else {
-    const auto config = qwen3::load_config(options.model_dir);
-    model = qwen3::ForCausalLM(config);
-    qwen3::load_weights(*model, options.model_dir);
-    generation = qwen3::load_generation_config(options.model_dir);
-    std::cout << fmt::format("Model: {} (stored as {}, rope {}, eos ids [{}])\n", options.model_dir,
-                             config.dtype, config.rope_scaling.type,
-                             fmt::join(generation.eos_token_ids, ", "));
+    std::vector<std::string> notes;
+    const auto load = [&] {
+      auto config = qwen3::load_config(options.model_dir, &notes);
+      qwen3::untie_if_checkpoint_differs(config, options.model_dir, &notes);
+      model = qwen3::ForCausalLM(config);
+      qwen3::load_weights(*model, options.model_dir);
+      generation = qwen3::load_generation_config(options.model_dir, &notes);
+      return config;
+    };
+    if (expected && !expected->refusal.empty()) {
+      try {
+        load();
+      } catch (const std::exception& e) {
+        const bool same = std::string(e.what()).find(expected->refusal) != std::string::npos;
+        std::cout << fmt::format("Refused, as transformers refuses it ('{}'): {}\n{}\n",
+                                 expected->refusal, e.what(), same ? "OK" : "FAILED");
+        return same ? 0 : 1;
+      }
+      std::cout << fmt::format("Loaded, but transformers refuses it ('{}')\nFAILED\n",
+                               expected->refusal);
+      return 1;
+    }
+    const auto config = load();
+    std::cout << fmt::format(
+        "Model: {} (stored as {}, rope {}, {}, eos ids [{}], repetition penalty {:g}, min new "
+        "tokens {}, min length {})\n",
+        options.model_dir, config.dtype, config.rope_scaling.type,
+        config.tie_word_embeddings ? "tied" : "untied", fmt::join(generation.eos_token_ids, ", "),
+        generation.repetition_penalty, generation.min_new_tokens, generation.min_length);
+    for (const auto& note : notes) std::cout << "Note: " << note << "\n";
   }
   model->eval();
   const auto ids = torch::tensor(options.input_ids, torch::kInt64).unsqueeze(0);
   std::cout << fmt::format("Input ids: [{}]\n", fmt::join(options.input_ids, ", "));
-  const auto generate = [&] {
-    return model->generate(ids, options.generate, generation.eos_token_ids,
-                           generation.pad_token_id);
-  };
+  const auto generate = [&] { return model->generate(ids, options.generate, generation); };
 
   const auto original = model(ids);
   bool ok = true;

@@ -459,14 +459,46 @@ TEST_CASE("checkpoints round-trip through save_pretrained and load") {
       CHECK(torch::equal(restored->parameters()[0], half->parameters()[0].to(torch::kFloat32)));
     }
   }
-  SECTION("a tied model ignores a stray lm_head.weight, as transformers does") {
+  SECTION("a tied config over a checkpoint with its own lm_head.weight loads untied") {
     auto tied_config = config;
     tied_config.tie_word_embeddings = true;
+    std::vector<std::string> notes;
+    // dir holds lm_head.weight from the untied model, unlike its embedding: transformers warns
+    // and does not tie.
+    qwen3::untie_if_checkpoint_differs(tied_config, dir, &notes);
+    CHECK_FALSE(tied_config.tie_word_embeddings);
+    REQUIRE(notes.size() == 1);
+    CHECK_THAT(notes[0], Contains("loaded untied, as transformers does"));
+    qwen3::ForCausalLM untied(tied_config);
+    qwen3::load_weights(*untied, dir);
+    CHECK(torch::equal(untied(prompt), original));
+  }
+  SECTION("a tied model ignores an lm_head.weight equal to its embedding, and takes one alone") {
+    auto tied_config = config;
+    tied_config.tie_word_embeddings = true;
+    const auto tied_dir = scratch("tied-head");
+    std::vector<std::pair<std::string, torch::Tensor>> tensors;
+    for (const auto& item : model->named_parameters()) {
+      if (item.key() != "lm_head.weight") tensors.emplace_back(item.key(), item.value());
+    }
+    tensors.emplace_back("lm_head.weight", model->model->embed_tokens->weight);
+    tensors.emplace_back("model.rotary_emb.inv_freq",
+                         torch::ones({8}));  // ignored, as transformers
+    checkpoint::save_safetensors(tensors, tied_dir / "model.safetensors");
+    qwen3::untie_if_checkpoint_differs(tied_config, tied_dir);
+    CHECK(tied_config.tie_word_embeddings);
     qwen3::ForCausalLM tied(tied_config);
-    qwen3::load_weights(*tied, dir);  // dir holds lm_head.weight from the untied model
+    qwen3::load_weights(*tied, tied_dir);
     CHECK(torch::equal(tied->model->embed_tokens->weight, model->model->embed_tokens->weight));
-    CHECK(torch::equal(tied(prompt), torch::linear(tied->model->forward(prompt),
-                                                   model->model->embed_tokens->weight)));
+    // Only lm_head.weight: it is the embedding.
+    tensors.erase(
+        std::remove_if(tensors.begin(), tensors.end(),
+                       [](const auto& t) { return t.first == "model.embed_tokens.weight"; }),
+        tensors.end());
+    checkpoint::save_safetensors(tensors, tied_dir / "model.safetensors");
+    qwen3::ForCausalLM head_only(tied_config);
+    qwen3::load_weights(*head_only, tied_dir);
+    CHECK(torch::equal(head_only->model->embed_tokens->weight, model->model->embed_tokens->weight));
   }
   SECTION("sharded checkpoints load through the index") {
     const auto sharded = scratch("sharded");
@@ -645,6 +677,28 @@ TEST_CASE("configs load as transformers 4 and 5 write them, RoPE scaling include
   SECTION("no RoPE field at all: transformers' default theta") {
     CHECK(qwen3::load_config(config_dir("bare", nlohmann::json::object())).rope_theta == 10000.0);
   }
+  SECTION("rope_scaling beside a different rope_parameters wins, and the choice is said") {
+    std::vector<std::string> notes;
+    const auto c = qwen3::load_config(
+        config_dir("both", {{"rope_parameters", {{"rope_type", "linear"}, {"factor", 2.0}}},
+                            {"rope_scaling", {{"rope_type", "linear"}, {"factor", 4.0}}}}),
+        &notes);
+    CHECK(c.rope_scaling.factor == 4.0);
+    REQUIRE(notes.size() == 1);
+    CHECK_THAT(notes[0], Contains("using rope_scaling, as transformers does"));
+  }
+  SECTION("no head_dim: transformers 5's default of 128, not hidden / heads") {
+    auto j = nlohmann::json::object();
+    const auto dir = config_dir("no-head-dim", j);
+    auto text = read_file(dir / "config.json");
+    auto parsed = nlohmann::json::parse(text);
+    parsed.erase("head_dim");
+    write_file(dir / "config.json", parsed.dump());
+    CHECK(qwen3::load_config(dir).head_dim == 128);
+  }
+  SECTION("hidden_act swish is SiLU") {
+    CHECK_NOTHROW(qwen3::load_config(config_dir("swish", {{"hidden_act", "swish"}})));
+  }
   SECTION("linear scaling divides the frequencies; yarn keeps the fastest ones") {
     qwen3::Config c;
     c.rope_theta = 50000.0;
@@ -681,6 +735,8 @@ TEST_CASE("config fields that would change the computation are refused, naming f
   refused({{"use_sliding_window", true}, {"max_window_layers", 1}},
           "use_sliding_window = true is not supported");
   refused({{"partial_rotary_factor", 0.5}}, "partial_rotary_factor = 0.5");
+  refused({{"rope_parameters", {{"rope_type", "yarn"}, {"original_max_position_embeddings", 32}}}},
+          "rope_parameters of rope type 'yarn' has no 'factor', a required key");
   // Sizes: positive JSON integers only (5e30 was undefined behaviour in the integer conversion).
   refused({{"hidden_size", 5e30}}, "'hidden_size' must be a positive integer, not 5e+30");
   refused({{"num_hidden_layers", 2.5}}, "'num_hidden_layers' must be a positive integer, not 2.5");
@@ -699,25 +755,27 @@ TEST_CASE("generation stops at the eos ids of generation_config.json, as transfo
   const auto prompt = ids({11, 12, 13, 14});
   const auto free_run = model->generate(prompt, 8);
   const int64_t eos = free_run[0][prompt.size(1) + 2].item<int64_t>();
-  const auto stopped = model->generate(prompt, 8, {eos});
+  const auto stopped = model->generate(prompt, 8, qwen3::GenerationConfig{{eos}});
   // Stops at the first eos (the third new token, or earlier if it came before), keeping it.
   REQUIRE(stopped.size(1) <= prompt.size(1) + 3);
   CHECK(stopped[0][-1].item<int64_t>() == eos);
   CHECK(torch::equal(stopped, free_run.slice(1, 0, stopped.size(1))));
   SECTION("a finished row of a batch is padded until every row has finished") {
     const auto batch = torch::cat({prompt, ids({20, 21, 22, 23})}, 0);
-    const auto rows = model->generate(batch, 8, {eos}, /*pad_token_id=*/1);
+    const auto rows = model->generate(batch, 8, qwen3::GenerationConfig{{eos}, /*pad=*/1});
     CHECK(torch::equal(rows[0].slice(0, 0, stopped.size(1)), stopped[0]));
     REQUIRE(rows.size(1) > stopped.size(1));  // the second row ran on
     CHECK((rows[0].slice(0, stopped.size(1)) == 1).all().item<bool>());
   }
-  SECTION("the ids come from generation_config.json, else config.json") {
+  SECTION("the ids come from generation_config.json, else config.json, never both") {
     const auto dir = config_dir("eos", {{"eos_token_id", 5}, {"pad_token_id", 0}});
     CHECK(qwen3::load_generation_config(dir).eos_token_ids == std::vector<int64_t>{5});
     write_file(dir / "generation_config.json", R"({"eos_token_id": [7, 8]})");
     const auto g = qwen3::load_generation_config(dir);
     CHECK(g.eos_token_ids == std::vector<int64_t>{7, 8});
-    CHECK(g.pad_token_id == 0);
+    CHECK_FALSE(g.pad_token_id.has_value());  // config.json's is not read either
+    write_file(dir / "generation_config.json", R"({"do_sample": false})");
+    CHECK(qwen3::load_generation_config(dir).eos_token_ids.empty());
     write_file(dir / "generation_config.json", R"({"eos_token_id": [7, 8.5]})");
     CHECK_THROWS_WITH(
         qwen3::load_generation_config(dir),
@@ -725,6 +783,66 @@ TEST_CASE("generation stops at the eos ids of generation_config.json, as transfo
     write_file(dir / "generation_config.json", R"({"eos_token_id": 7, "pad_token_id": 1e30})");
     CHECK_THROWS_WITH(qwen3::load_generation_config(dir),
                       Contains("'pad_token_id' must be an integer id or a list of them"));
+  }
+}
+
+TEST_CASE("generation settings that change greedy decoding are applied or refused, by name") {
+  torch::NoGradGuard no_grad;
+  auto model = random_model(9);
+  const auto prompt = ids({3, 17, 42, 99});
+  const auto free_run = model->generate(prompt, 8);
+  SECTION("repetition_penalty: every id seen so far, as transformers' logits processor") {
+    qwen3::GenerationConfig g;
+    g.repetition_penalty = 1.5;
+    const auto penalized = model->generate(prompt, 8, g);
+    // Step by step: the same processing on the full forward's last logits.
+    auto sequence = prompt;
+    for (int step = 0; step < 8; ++step) {
+      auto scores = model(sequence).select(1, -1).to(torch::kFloat32);
+      const auto seen = scores.gather(1, sequence);
+      scores.scatter_(1, sequence, torch::where(seen < 0, seen * 1.5, seen / 1.5));
+      sequence = torch::cat({sequence, scores.argmax(-1, true)}, 1);
+    }
+    CHECK(torch::equal(penalized, sequence));
+  }
+  SECTION("min_new_tokens and min_length mask the eos ids until reached") {
+    const int64_t eos = free_run[0][prompt.size(1)].item<int64_t>();  // the first new id
+    qwen3::GenerationConfig g{{eos}};
+    CHECK(model->generate(prompt, 8, g).size(1) == prompt.size(1) + 1);
+    g.min_new_tokens = 3;
+    const auto later = model->generate(prompt, 8, g);
+    CHECK(later.size(1) >= prompt.size(1) + 4);
+    CHECK((later.slice(1, prompt.size(1), prompt.size(1) + 3) != eos).all().item<bool>());
+    qwen3::GenerationConfig by_length{{eos}};
+    by_length.min_length = prompt.size(1) + 3;
+    CHECK(torch::equal(model->generate(prompt, 8, by_length), later));
+  }
+  SECTION("fields read, fields refused, sampling fields named as ignored") {
+    const auto dir = config_dir("generation", nlohmann::json::object());
+    write_file(dir / "generation_config.json",
+               R"({"eos_token_id": 7, "repetition_penalty": 1.1, "min_new_tokens": 2,
+                   "do_sample": true, "temperature": 0.6, "top_k": 20, "top_p": 0.95})");
+    std::vector<std::string> notes;
+    const auto g = qwen3::load_generation_config(dir, &notes);
+    CHECK(g.repetition_penalty == 1.1);
+    CHECK(g.min_new_tokens == 2);
+    REQUIRE(notes.size() == 1);
+    CHECK_THAT(notes[0], Contains("generation_config.json sets do_sample, temperature = 0.6, "
+                                  "top_k = 20, top_p = 0.95: this port decodes greedily"));
+    for (const auto& [field, value] :
+         std::vector<std::pair<std::string, std::string>>{{"num_beams", "4"},
+                                                          {"no_repeat_ngram_size", "3"},
+                                                          {"bad_words_ids", "[[5]]"},
+                                                          {"suppress_tokens", "[1, 2]"},
+                                                          {"forced_eos_token_id", "3"}}) {
+      write_file(dir / "generation_config.json", "{\"" + field + "\": " + value + "}");
+      INFO(field);
+      CHECK_THROWS_WITH(qwen3::load_generation_config(dir),
+                        Contains(field + " = ") && Contains("is not supported: it changes greedy "
+                                                            "decoding in transformers"));
+    }
+    write_file(dir / "generation_config.json", R"({"num_beams": 1, "no_repeat_ngram_size": 0})");
+    CHECK_NOTHROW(qwen3::load_generation_config(dir));  // neutral values change nothing
   }
 }
 

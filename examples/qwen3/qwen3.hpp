@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -42,6 +43,17 @@ struct Config {
   bool tie_word_embeddings = false;
   bool attention_bias = false;
   std::string dtype = "float32";  // the checkpoint's (`dtype`, formerly `torch_dtype`)
+};
+
+/// What greedy decoding reads of transformers' GenerationConfig (see load_generation_config):
+/// the fields that change which ids greedy decoding picks or where it stops.
+struct GenerationConfig {
+  std::vector<int64_t> eos_token_ids;   // stop once every row produced one (kept in the output)
+  c10::optional<int64_t> pad_token_id;  // pads finished rows; default: the first eos id
+  double repetition_penalty =
+      1.0;                     // the score of every id seen so far: / p if positive, * p if not
+  int64_t min_new_tokens = 0;  // eos ids are masked until this many new ids (needs eos ids)
+  int64_t min_length = 0;      // eos ids are masked until the sequence is this long (likewise)
 };
 
 /// Inverse frequencies [head_dim / 2] and the factor cos and sin are scaled by, for `c`'s RoPE.
@@ -310,22 +322,32 @@ struct ForCausalLMImpl : torch::nn::Module {
   }
 
   /// Greedy decoding as transformers' generate(do_sample=False): the prompt's ids followed by up
-  /// to max_new_tokens generated ids, [batch, seq + new]. Generation stops once every row has
-  /// produced one of `eos_token_ids` (kept in the output); a row that finished early is padded
-  /// with `pad_token_id` (default: the first eos id).
+  /// to max_new_tokens generated ids, [batch, seq + new]. The last position's logits are taken
+  /// in float32 and processed as transformers' logits processors do, in their order (repetition
+  /// penalty, then minimum lengths), before the argmax. Generation stops once every row has
+  /// produced one of the eos ids (kept in the output); a row that finished early is padded.
   torch::Tensor generate(const torch::Tensor& input_ids, int64_t max_new_tokens,
-                         const std::vector<int64_t>& eos_token_ids = {},
-                         c10::optional<int64_t> pad_token_id = c10::nullopt) {
+                         const GenerationConfig& g = {}) {
     torch::NoGradGuard no_grad;
     KVCache cache;
     auto ids = input_ids;
     auto next_input = input_ids;
+    const auto& eos_token_ids = g.eos_token_ids;
     const auto eos = torch::tensor(eos_token_ids, torch::kInt64).to(input_ids.device());
-    const int64_t pad = pad_token_id.value_or(eos_token_ids.empty() ? 0 : eos_token_ids[0]);
+    const int64_t pad = g.pad_token_id.value_or(eos_token_ids.empty() ? 0 : eos_token_ids[0]);
     auto unfinished = torch::ones({input_ids.size(0), 1}, input_ids.options().dtype(torch::kBool));
     for (int64_t i = 0; i < max_new_tokens; ++i) {
-      auto logits = forward(next_input, &cache);
-      next_input = logits.select(1, -1).argmax(-1, /*keepdim=*/true);
+      auto scores = forward(next_input, &cache).select(1, -1).to(torch::kFloat32);
+      if (g.repetition_penalty != 1.0) {
+        const auto seen = scores.gather(1, ids);
+        scores.scatter_(
+            1, ids,
+            torch::where(seen < 0, seen * g.repetition_penalty, seen / g.repetition_penalty));
+      }
+      if (!eos_token_ids.empty() && (ids.size(1) < g.min_length || i < g.min_new_tokens)) {
+        scores.index_fill_(1, eos, -std::numeric_limits<float>::infinity());
+      }
+      next_input = scores.argmax(-1, /*keepdim=*/true);
       if (eos_token_ids.empty()) {
         ids = torch::cat({ids, next_input}, 1);
         continue;

@@ -1,6 +1,7 @@
 // fusion::fuse_modules / unfuse_modules: find chains of Slots by path patterns and fuse them.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <iterator>
 #include <memory>
@@ -34,8 +35,8 @@ namespace fusion {
 /// Throws FusionError, naming the culprit, and leaves the model unchanged, if a pattern is
 /// malformed or matches nothing, a chain is incomplete, a match is not a Slot, a module is already
 /// fused or would be in two chains, or a spec does not fit its module's forward(). Fusing,
-/// unfusing and attaching kernels while another thread runs the model: see the README (refused
-/// with a FusionError where that thread is inside a chain; a pass straddling a fuse may throw).
+/// unfusing and attaching kernels while another thread runs the model: fusing never waits for
+/// it (a pass that began before finishes unfused); see unfuse_modules and use_kernel.
 template <typename Root>
 std::vector<FusedChain> fuse_modules(Root& root, const std::vector<std::string>& patterns,
                                      const std::vector<ModuleSpec>& specs,
@@ -43,26 +44,34 @@ std::vector<FusedChain> fuse_modules(Root& root, const std::vector<std::string>&
   return detail::fuse_all(detail::plan(detail::module_of(root), patterns, specs, options));
 }
 
-/// Puts the original modules back in every fused chain under `root`. Returns how many chains.
-/// Throws FusionError, changing nothing, while another thread runs one of them.
-template <typename Root>
-std::size_t unfuse_modules(Root& root) {
-  const auto chains = detail::chains_under(detail::sites_under(detail::module_of(root)));
-  const detail::Quiesce quiet(chains, "unfuse_modules");
-  detail::fault_point();  // the last step that may fail
-  for (const auto& chain : chains) detail::Chain::unfuse(chain);
+namespace detail {
+inline std::size_t unfuse(const std::vector<std::shared_ptr<Chain>>& chains,
+                          std::chrono::milliseconds wait) {
+  const Quiesce quiet(chains, "unfuse_modules", wait);
+  fault_point();  // the last step that may fail
+  for (const auto& chain : chains) Chain::unfuse(chain);
   return chains.size();
+}
+}  // namespace detail
+
+/// Puts the original modules back in every fused chain under `root`. Returns how many chains.
+///
+/// While another thread runs one of them: with `wait` zero, throws FusionError, changing nothing;
+/// with a `wait`, new passes through the chains wait, passes in flight finish, then the chains
+/// are unfused (a FusionError, changing nothing, only if that takes longer than `wait`). Either
+/// way no forward on another thread fails or sees a half-made change.
+template <typename Root>
+std::size_t unfuse_modules(Root& root,
+                           std::chrono::milliseconds wait = std::chrono::milliseconds(0)) {
+  return detail::unfuse(detail::chains_under(detail::sites_under(detail::module_of(root))), wait);
 }
 
 /// Unfuses only the chains with a member whose path under `root` matches one of `patterns`.
 template <typename Root>
-std::size_t unfuse_modules(Root& root, const std::vector<std::string>& patterns) {
-  const auto chains =
-      detail::chains_matching(detail::sites_under(detail::module_of(root)), patterns);
-  const detail::Quiesce quiet(chains, "unfuse_modules");
-  detail::fault_point();  // the last step that may fail
-  for (const auto& chain : chains) detail::Chain::unfuse(chain);
-  return chains.size();
+std::size_t unfuse_modules(Root& root, const std::vector<std::string>& patterns,
+                           std::chrono::milliseconds wait = std::chrono::milliseconds(0)) {
+  return detail::unfuse(
+      detail::chains_matching(detail::sites_under(detail::module_of(root)), patterns), wait);
 }
 
 /// The fused chains with a member under `root`, in module order, with paths relative to `root`.
@@ -90,12 +99,18 @@ std::string report(Root& root) {
     if (!chain.kernel.empty()) {
       const KernelStats& k = chain.stats;
       fmt::format_to(std::back_inserter(text),
-                     "    kernel {}: {} run(s); replays: device {}, training {}, grad {}, modes "
-                     "{}, declined {}; "
-                     "{} prepare(s); state {} B own, {} B shared with the model\n",
-                     chain.kernel, k.runs, k.replays_device, k.replays_training, k.replays_grad,
-                     k.replays_modes, k.replays_declined, k.prepares, k.state_bytes,
-                     k.shared_state_bytes);
+                     "    kernel {}: {} run(s), {} exception(s), {} checked; replays: device {}, "
+                     "training {}, grad {}, modes {}, declined {}; {} prepare(s); state {} B own, "
+                     "{} B shared with the model\n",
+                     chain.kernel, k.runs, k.exceptions, k.checks, k.replays_device,
+                     k.replays_training, k.replays_grad, k.replays_modes, k.replays_declined,
+                     k.prepares, k.state_bytes, k.shared_state_bytes);
+      if (k.unversioned_tensors > 0) {
+        fmt::format_to(std::back_inserter(text),
+                       "    note: {} member tensor(s) are inference tensors: in-place writes to "
+                       "them are not seen; call fusion::refresh_kernels after one\n",
+                       k.unversioned_tensors);
+      }
     }
     for (std::size_t m = 0; m < chain.paths.size(); ++m) {
       fmt::format_to(std::back_inserter(text), "    {:<14} {}: ({}) -> ({})\n",

@@ -21,8 +21,13 @@ struct KernelStats {
   std::uint64_t replays_grad = 0;      // replayed: gradients needed, the kernel has no autograd
   std::uint64_t replays_modes = 0;     // replayed: members called in different autograd modes
   std::uint64_t replays_declined = 0;  // replayed: the kernel's applies() said no
+  std::uint64_t exceptions = 0;        // calls on which the kernel threw
+  std::uint64_t checks = 0;            // calls also replayed to check the kernel's result
   std::uint64_t prepares = 0;          // times its state was (re)built from the members' tensors
-  std::uint64_t state_bytes = 0;       // bytes the prepared state holds beyond the model's tensors
+  // Member parameters and buffers that are inference tensors (made under InferenceMode): they
+  // keep no version counter, so in-place writes to them are not seen (see refresh_kernels).
+  std::uint64_t unversioned_tensors = 0;
+  std::uint64_t state_bytes = 0;  // bytes the prepared state holds beyond the model's tensors
   std::uint64_t shared_state_bytes = 0;  // bytes of it that the model's tensors share
 };
 

@@ -15,6 +15,7 @@
 //   fusion::use_kernel(model, {"model.layers.*.mlp"}, "qwen3.rmsnorm_mlp");
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <string>
@@ -22,7 +23,7 @@
 #include <vector>
 
 #include "fusion/detail/chain.hpp"
-#include "fusion/detail/kernel.hpp"
+#include "fusion/detail/kernel_binding.hpp"
 #include "fusion/detail/sites.hpp"
 #include "fusion/error.hpp"
 #include "fusion/match.hpp"
@@ -58,10 +59,15 @@ inline std::vector<std::string> registered_kernels() {
 /// one of `patterns`, replacing any kernel they had; an empty name returns them to the replay.
 /// Checks first (the kernel is registered, its module types, free inputs and result fit every
 /// selected chain, the patterns select a chain) and throws FusionError, changing nothing, on the
-/// first misfit, or while another thread runs one of the chains. Returns how many chains.
+/// first misfit. Returns how many chains.
+///
+/// While another thread runs one of the chains: with `wait` zero, throws FusionError, changing
+/// nothing; with a `wait`, new passes through the chains wait, passes in flight finish, then the
+/// kernel is attached (a FusionError, changing nothing, only if that takes longer than `wait`).
 template <typename Root>
 std::size_t use_kernel(Root& root, const std::vector<std::string>& patterns,
-                       const std::string& kernel, KernelPolicy policy = KernelPolicy::fallback) {
+                       const std::string& kernel, KernelPolicy policy = KernelPolicy::fallback,
+                       std::chrono::milliseconds wait = std::chrono::milliseconds(0)) {
   const auto sites = detail::sites_under(detail::module_of(root));
   std::vector<std::pair<std::shared_ptr<detail::Chain>, std::shared_ptr<detail::KernelRunner>>>
       changes;
@@ -69,8 +75,7 @@ std::size_t use_kernel(Root& root, const std::vector<std::string>& patterns,
     detail::fault_point();
     std::shared_ptr<detail::KernelRunner> runner;
     if (!kernel.empty()) {
-      runner = detail::bind_kernel(*chain, detail::info_under(*chain, sites).paths, kernel,
-                                   policy == KernelPolicy::strict);
+      runner = detail::bind_kernel(*chain, detail::info_under(*chain, sites).paths, kernel, policy);
     } else if (chain->size() < 2) {
       detail::fail(
           "fusion::use_kernel: chain [{}] has a single member, which only a kernel justifies; "
@@ -80,23 +85,25 @@ std::size_t use_kernel(Root& root, const std::vector<std::string>& patterns,
     changes.emplace_back(chain, std::move(runner));
   }
   if (changes.empty()) {
-    detail::fail("fusion::use_kernel: patterns {} select no fused chain under the root",
-                 detail::describe_names(patterns));
+    detail::fail("fusion::use_kernel: patterns {} select no fused chain under the root: {}",
+                 detail::describe_names(patterns), detail::unfused_matches(sites, patterns));
   }
   std::vector<std::shared_ptr<detail::Chain>> chains;
   for (const auto& change : changes) chains.push_back(change.first);
-  const detail::Quiesce quiet(chains, "use_kernel");
+  const detail::Quiesce quiet(chains, "use_kernel", wait);
   detail::fault_point();  // the last step that may fail
   for (auto& [chain, runner] : changes) chain->set_kernel(std::move(runner));
   return changes.size();
 }
 
 /// Makes every kernel under `root` rebuild its prepared state on its next call. The state is
-/// rebuilt by itself after any change a tensor's data pointer, version, dtype or device shows
-/// (`torch::load`, `to()`, in-place ops, Adam) and after any call in training mode or with
-/// gradients (so after every training step, even SGD's, which writes through `.data()` and moves
-/// no version). Call this after writes neither shows: `p.data().copy_(...)` or raw pointers
-/// outside a training step.
+/// rebuilt by itself whenever a member's parameter or buffer was replaced (`set_data`, `to()`,
+/// `torch::load`, assignment in a load loop: whatever address the new bytes get) or written in
+/// place through the tensor (`copy_`, `mul_`, Adam's step), and after any call that needed
+/// gradients (a training step's forward). Call this after a write none of these shows: a write
+/// through `.data()` or a raw pointer (LibTorch's SGD steps through `.data()`: gradients set from
+/// outside, then `step()`, then a forward without gradients needs it), or an in-place write to an
+/// inference tensor (a model built or loaded under InferenceMode; report counts them).
 template <typename Root>
 void refresh_kernels(Root& root) {
   for (const auto& chain : detail::chains_under(detail::sites_under(detail::module_of(root)))) {

@@ -12,19 +12,16 @@
 #include <fmt/format.h>
 
 #include "fusion/detail/chain.hpp"
-#include "fusion/detail/kernel.hpp"
+#include "fusion/detail/kernel_binding.hpp"
 #include "fusion/detail/sites.hpp"
 #include "fusion/detail/wiring.hpp"
 #include "fusion/error.hpp"
 #include "fusion/fused_chain.hpp"
+#include "fusion/kernel_options.hpp"
 #include "fusion/pattern.hpp"
 #include "fusion/spec.hpp"
 
 namespace fusion {
-
-/// What a chain does when its kernel does not apply to a call (wrong device, training mode,
-/// gradients needed): replay the members and count why, or throw a FusionError saying why.
-enum class KernelPolicy { fallback, strict };
 
 struct FuseOptions {
   /// Skip bindings that some pattern lacks (a layer without the module) instead of failing.
@@ -209,8 +206,7 @@ inline std::vector<std::shared_ptr<Chain>> plan(torch::nn::Module& root,
     mark_last_uses(members);
     auto chain = std::make_shared<Chain>(std::move(info), std::move(members));
     if (!options.kernel.empty()) {
-      chain->set_kernel(bind_kernel(*chain, chain->info().paths, options.kernel,
-                                    options.policy == KernelPolicy::strict));
+      chain->set_kernel(bind_kernel(*chain, chain->info().paths, options.kernel, options.policy));
     }
     fault_point();
     chain->set_origin(origin, found.members.size());
@@ -221,6 +217,8 @@ inline std::vector<std::shared_ptr<Chain>> plan(torch::nn::Module& root,
 }
 
 /// Switches on chains that plan() built and checked (this cannot fail); describes them.
+/// Fusing changes only Slots that are not fused, so a forward on another thread never holds it
+/// up: a pass that straddles it (its first members called before) finishes unfused.
 inline std::vector<FusedChain> fuse_all(const std::vector<std::shared_ptr<Chain>>& chains) {
   fault_point();
   const Quiesce quiet(chains, "fuse_modules");

@@ -109,7 +109,7 @@ Plan plan_of(Root& root) {
     Rule rule{first.info().patterns, first.info().specs, {}};
     rule.options.skip_incomplete_chains = first.options().skip_incomplete_chains;
     rule.options.kernel = key.second;
-    if (first.kernel() && first.kernel()->strict()) rule.options.policy = KernelPolicy::strict;
+    if (first.kernel()) rule.options.policy = first.kernel()->policy();
     const auto rooted = detail::info_under(first, sites);
     for (const auto& path : rooted.paths) {
       if (path.rfind("(outside) ", 0) == 0) {

@@ -150,10 +150,15 @@ class Slot final : public detail::SlotBase {
         detail::Boxing<Param<I>>::box(Param<I>(std::forward<Args>(args)))...};
     if (dispatch.collects) {
       Result stand_in = placeholder(boxes);
-      dispatch.call(boxes.data(), boxes.size());
-      return stand_in;
+      if (dispatch.call(boxes.data(), boxes.size()) != detail::Dispatch::finish_unfused()) {
+        return stand_in;
+      }
+    } else {
+      std::vector<c10::IValue>* outputs = dispatch.call(boxes.data(), boxes.size());
+      if (outputs != detail::Dispatch::finish_unfused()) return detail::join<Result>(*outputs);
     }
-    return detail::join<Result>(*dispatch.call(boxes.data(), boxes.size()));
+    // A pass that began before the chain was fused: its earlier members ran unfused.
+    return Result(holder_->forward(detail::Boxing<Param<I>>::arg(boxes[I])...));
   }
 
   static constexpr bool has_placeholder() {

@@ -29,27 +29,39 @@
 #include <torch/torch.h>
 
 #include "fusion/detail/boxing.hpp"
+#include "fusion/detail/compare.hpp"
 #include "fusion/fuse.hpp"
 
 namespace fusion {
 
 struct VerifyOptions {
-  /// The largest absolute difference accepted, for results and gradients alike.
-  double tolerance = 0.0;
+  /// The largest absolute difference accepted, for results and gradients alike. Unset, each
+  /// tensor is compared within a tolerance relative to its largest magnitude in the unfused run,
+  /// by dtype: 1e-10 for float64, 1e-5 for float32, 1e-2 for float16, 5e-2 for bfloat16; integer
+  /// and boolean tensors and other values must be equal. A replay is exact (it runs the same ops);
+  /// the defaults are for kernels, whose arithmetic is reordered.
+  std::optional<double> tolerance = std::nullopt;
   /// With grad mode on: backpropagate a fixed random projection of the result and compare the
   /// gradients of every parameter under the root and of `inputs`.
   bool gradients = true;
   /// Tensor inputs (leaves that require grad) whose gradients to compare as well.
   std::vector<at::Tensor> inputs = {};
+  /// A chain with a kernel passes only if its kernel computed a run: one that replayed compares
+  /// the replay with itself. When the kernel does not apply as `run` is called (grad mode on and
+  /// no autograd, training mode and not registered for training), verify checks it on a second
+  /// pair of runs in eval() under NoGradGuard. False: a chain whose kernel never ran passes on
+  /// its replay's result.
+  bool require_kernel_run = true;
 };
 
 struct ChainCheck {
   FusedChain chain;
   double max_abs_diff = 0;   // over every tensor and number the run returned; inf if shapes differ
   double max_grad_diff = 0;  // over every gradient compared; inf if one exists on one side only
-  std::string worst_gradient;  // the parameter or input where max_grad_diff was found
-  std::string error;           // what the fused run threw, if it threw
-  bool kernel_ran = false;     // with a kernel (chain.kernel): whether it computed the fused run
+  std::string worst_gradient;   // the parameter or input where max_grad_diff was found
+  std::string error;            // what the fused run threw, if it threw
+  bool kernel_ran = false;      // with a kernel (chain.kernel): whether it computed the fused run
+  bool kernel_in_eval = false;  // it ran only in the second check, in eval() under NoGradGuard
   bool ok = false;
 };
 
@@ -70,7 +82,9 @@ struct VerifyReport {
                      fusion::to_string(check.chain));
       if (!check.chain.kernel.empty()) {
         fmt::format_to(std::back_inserter(text), " kernel '{}'{}", check.chain.kernel,
-                       check.kernel_ran ? "" : " (did not run: replayed)");
+                       !check.kernel_ran      ? " (did not run: not checked)"
+                       : check.kernel_in_eval ? " (checked in eval() under NoGradGuard)"
+                                              : "");
       }
       text += ": ";
       if (!check.error.empty()) {
@@ -148,48 +162,6 @@ c10::IValue comparable(const T& value) {
                   "them (nested)");
     return {};
   }
-}
-
-/// Largest absolute difference between two results; infinity when their structure, shapes, dtypes
-/// or non-numeric values differ. NaN equals NaN.
-inline double max_abs_diff(const c10::IValue& a, const c10::IValue& b) {
-  constexpr double mismatch = std::numeric_limits<double>::infinity();
-  if (a.isTensor() && b.isTensor()) {
-    const at::Tensor& x = a.toTensor();
-    const at::Tensor& y = b.toTensor();
-    if (!x.defined() || !y.defined()) return x.defined() == y.defined() ? 0 : mismatch;
-    if (x.sizes() != y.sizes() || x.scalar_type() != y.scalar_type()) return mismatch;
-    if (x.numel() == 0) return 0;
-    at::Tensor xd = x.detach().to(at::kCPU, at::kDouble);
-    at::Tensor yd = y.detach().to(at::kCPU, at::kDouble);
-    at::Tensor diff = (xd - yd).abs().masked_fill(xd.isnan() & yd.isnan(), 0);
-    const double worst = diff.max().item<double>();
-    return std::isnan(worst) ? mismatch : worst;
-  }
-  if ((a.isTuple() && b.isTuple()) || (a.isList() && b.isList())) {
-    const auto xs = a.isTuple() ? a.toTupleRef().elements().vec() : a.toListRef().vec();
-    const auto ys = b.isTuple() ? b.toTupleRef().elements().vec() : b.toListRef().vec();
-    if (xs.size() != ys.size()) return mismatch;
-    double worst = 0;
-    for (std::size_t i = 0; i < xs.size(); ++i) worst = std::max(worst, max_abs_diff(xs[i], ys[i]));
-    return worst;
-  }
-  if (a.isGenericDict() && b.isGenericDict()) {
-    const auto xs = a.toGenericDict();
-    const auto ys = b.toGenericDict();
-    if (xs.size() != ys.size()) return mismatch;
-    double worst = 0;
-    for (const auto& entry : xs) {
-      auto found = ys.find(entry.key());
-      if (found == ys.end()) return mismatch;
-      worst = std::max(worst, max_abs_diff(entry.value(), found->value()));
-    }
-    return worst;
-  }
-  if ((a.isInt() || a.isDouble()) && (b.isInt() || b.isDouble())) {
-    return std::abs(a.toScalar().to<double>() - b.toScalar().to<double>());
-  }
-  return a == b ? 0 : mismatch;
 }
 
 inline void tensors_in(const c10::IValue& value, std::vector<at::Tensor>& out) {
@@ -314,6 +286,63 @@ RunOutcome run_once(Run& run, SavedState& state, bool gradients) {
   return outcome;
 }
 
+/// The training flag of every module under a root, to put back after verify ran in eval().
+class TrainingFlags {
+ public:
+  explicit TrainingFlags(torch::nn::Module& root)
+      : root_(root), root_training_(root.is_training()) {
+    for (const auto& module : root.modules(/*include_self=*/false)) {
+      modules_.push_back(module);
+      training_.push_back(module->is_training());
+    }
+  }
+  bool any_training() const {
+    if (root_training_) return true;
+    for (bool flag : training_) {
+      if (flag) return true;
+    }
+    return false;
+  }
+  /// Module::train is recursive: set in pre-order, each module after its ancestors.
+  void restore() {
+    root_.train(root_training_);
+    for (std::size_t i = 0; i < modules_.size(); ++i) modules_[i]->train(training_[i]);
+  }
+
+ private:
+  torch::nn::Module& root_;
+  bool root_training_;
+  std::vector<std::shared_ptr<torch::nn::Module>> modules_;
+  std::vector<bool> training_;
+};
+
+/// Compares a fused run with the unfused one into `check` (results, then each gradient).
+inline void compare_runs(ChainCheck& check, const RunOutcome& reference, const RunOutcome& fused,
+                         const std::vector<std::string>& names, std::optional<double> tolerance) {
+  const c10::optional<double> absolute =
+      tolerance ? c10::optional<double>(*tolerance) : c10::nullopt;
+  const Difference result = difference(reference.result, fused.result, absolute);
+  check.max_abs_diff = result.max_abs;
+  double excess = result.excess;
+  const bool compare = !reference.gradients.empty() || !fused.gradients.empty();
+  for (std::size_t g = 0; compare && g < names.size(); ++g) {
+    const at::Tensor none;
+    const at::Tensor& a = g < reference.gradients.size() ? reference.gradients[g] : none;
+    const at::Tensor& b = g < fused.gradients.size() ? fused.gradients[g] : none;
+    const Difference diff = difference(a, b, absolute);
+    excess = std::max(excess, diff.excess);
+    if (check.worst_gradient.empty() || diff.max_abs > check.max_grad_diff) {
+      check.max_grad_diff = diff.max_abs;
+      check.worst_gradient = names[g];
+      if (a.defined() != b.defined()) {
+        check.worst_gradient +=
+            a.defined() ? " (a gradient unfused, none fused)" : " (a gradient fused, none unfused)";
+      }
+    }
+  }
+  check.ok = excess <= 1;
+}
+
 }  // namespace detail
 
 /// Runs `run()` (one forward over sample inputs, returning its outputs: a tensor, a tuple, a
@@ -323,9 +352,10 @@ RunOutcome run_once(Run& run, SavedState& state, bool gradients) {
 /// compares the gradient of every parameter under `root` (and of `options.inputs`): a chain that
 /// changes only gradients fails too. Run it under NoGradGuard to compare results only.
 ///
-/// A chain with a kernel is checked with its kernel when the kernel applies to the run (the
-/// report says when it replayed instead): run under NoGradGuard or InferenceMode to check a
-/// kernel registered without autograd.
+/// A chain with a kernel is checked with its kernel: as `run` is called when the kernel applies
+/// there, else on a second pair of runs in eval() under NoGradGuard (results only); a kernel that
+/// runs in neither fails the check (see VerifyOptions::require_kernel_run). The default
+/// tolerances are per dtype (see VerifyOptions::tolerance).
 ///
 /// Each run starts from the state verify found, and verify leaves it so: parameter and buffer
 /// values (BatchNorm statistics move in training mode), gradients, the default random generators,
@@ -341,11 +371,13 @@ VerifyReport verify(Root& root, Run&& run, const VerifyOptions& options) {
   std::vector<bool> was_attached;
   for (auto& chain : chains) was_attached.push_back(chain->attached());
   detail::SavedState state(module, options.inputs);
+  detail::TrainingFlags flags(module);
 
   struct Restore {
     std::vector<std::shared_ptr<detail::Chain>>& chains;
     std::vector<bool>& attached;
     detail::SavedState& state;
+    detail::TrainingFlags& flags;
     ~Restore() {
       for (std::size_t i = 0; i < chains.size(); ++i) {
         if (attached[i])
@@ -353,9 +385,10 @@ VerifyReport verify(Root& root, Run&& run, const VerifyOptions& options) {
         else
           chains[i]->detach();
       }
+      flags.restore();
       state.restore();
     }
-  } restore{chains, was_attached, state};
+  } restore{chains, was_attached, state, flags};
 
   {
     // verify switches chains on and off between its runs: refused while another thread runs one.
@@ -363,48 +396,60 @@ VerifyReport verify(Root& root, Run&& run, const VerifyOptions& options) {
     for (auto& chain : chains) chain->detach();
   }
   const detail::RunOutcome reference = detail::run_once(run, state, options.gradients);
+  std::optional<detail::RunOutcome> eval_reference;  // unfused, in eval() under NoGradGuard
+  const bool can_retry_in_eval = torch::GradMode::is_enabled() || flags.any_training();
 
   VerifyReport report;
   for (auto& chain : chains) {
     ChainCheck check;
     check.chain = detail::info_under(*chain, sites);
+    const auto& kernel = chain->kernel();
+    const auto runs = [&] { return kernel ? kernel->stats().runs : 0; };
     chain->attach();
     try {
-      const detail::RunOutcome fused = detail::run_once(run, state, options.gradients);
-      if (const auto& kernel = chain->kernel()) {
-        check.kernel_ran = kernel->stats().runs > check.chain.stats.runs;
-      }
-      check.max_abs_diff = detail::max_abs_diff(reference.result, fused.result);
-      const auto& names = state.gradient_names();
-      const bool compare = !reference.gradients.empty() || !fused.gradients.empty();
-      for (std::size_t g = 0; compare && g < names.size(); ++g) {
-        const at::Tensor none;
-        const at::Tensor& a = g < reference.gradients.size() ? reference.gradients[g] : none;
-        const at::Tensor& b = g < fused.gradients.size() ? fused.gradients[g] : none;
-        const double diff = detail::max_abs_diff(a, b);
-        if (check.worst_gradient.empty() || diff > check.max_grad_diff) {
-          check.max_grad_diff = diff;
-          check.worst_gradient = names[g];
-          if (a.defined() != b.defined()) {
-            check.worst_gradient += a.defined() ? " (a gradient unfused, none fused)"
-                                                : " (a gradient fused, none unfused)";
-          }
+      std::uint64_t before = runs();
+      detail::compare_runs(check, reference, detail::run_once(run, state, options.gradients),
+                           state.gradient_names(), options.tolerance);
+      check.kernel_ran = runs() > before;
+      if (kernel && !check.kernel_ran && can_retry_in_eval) {
+        // The kernel replayed: check it where it applies, against the unfused model there.
+        const torch::NoGradGuard no_grad;
+        module.eval();
+        if (!eval_reference) {
+          chain->detach();
+          eval_reference = detail::run_once(run, state, false);
+          chain->attach();
         }
+        before = runs();
+        ChainCheck fresh;
+        fresh.chain = std::move(check.chain);
+        check = std::move(fresh);
+        detail::compare_runs(check, *eval_reference, detail::run_once(run, state, false), {},
+                             options.tolerance);
+        check.kernel_ran = check.kernel_in_eval = runs() > before;
+        flags.restore();
       }
-      check.ok =
-          check.max_abs_diff <= options.tolerance && check.max_grad_diff <= options.tolerance;
+      if (kernel && !check.kernel_ran && options.require_kernel_run) check.ok = false;
     } catch (const std::exception& error) {
       check.error = error.what();
+      check.ok = false;
     }
+    flags.restore();
     chain->detach();
     report.chains.push_back(std::move(check));
   }
   return report;
 }
 
-/// verify with a tolerance and the default options.
+/// verify with the default options (the default tolerances).
 template <typename Root, typename Run>
-VerifyReport verify(Root& root, Run&& run, double tolerance = 0.0) {
+VerifyReport verify(Root& root, Run&& run) {
+  return verify(root, std::forward<Run>(run), VerifyOptions{});
+}
+
+/// verify with an absolute tolerance and the default options otherwise.
+template <typename Root, typename Run>
+VerifyReport verify(Root& root, Run&& run, double tolerance) {
   VerifyOptions options;
   options.tolerance = tolerance;
   return verify(root, std::forward<Run>(run), options);

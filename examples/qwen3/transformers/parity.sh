@@ -20,7 +20,7 @@ status=0
 for dir in "$root$out"/*/; do
   echo "== $(basename "$dir")"
   "$binary" --model-dir "$dir" --expect "$dir/expected.json" >"$log" 2>&1 || status=1
-  grep -E "^(Model|Max diff|Generat|OK|FAILED)|qwen3_fusion:" "$log"
+  grep -E "^(Model|Note|Refused|Loaded|Max diff|Generat|OK|FAILED)|qwen3_fusion:" "$log"
 done
 rm -rf "${root:?}$out"
 exit $status

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -74,6 +75,23 @@ struct Capture {
     for (auto& values : outputs) values.clear();
     scratch.clear();
   }
+};
+
+/// Clears a capture when its scope is left by an exception (one thrown between capture and
+/// replay, or by a member or kernel): what it held must not poison the next pass.
+class ClearOnThrow {
+ public:
+  explicit ClearOnThrow(Capture& capture) noexcept
+      : capture_(capture), exceptions_(std::uncaught_exceptions()) {}
+  ~ClearOnThrow() {
+    if (std::uncaught_exceptions() > exceptions_) capture_.clear();
+  }
+  ClearOnThrow(const ClearOnThrow&) = delete;
+  ClearOnThrow& operator=(const ClearOnThrow&) = delete;
+
+ private:
+  Capture& capture_;
+  int exceptions_;
 };
 
 /// Chains get small dense indices into the thread-local stores, recycled when a chain goes away;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -24,8 +25,10 @@
 
 #include "fusion/detail/boxing.hpp"
 #include "fusion/detail/capture.hpp"
+#include "fusion/detail/placeholder.hpp"
 #include "fusion/error.hpp"
 #include "fusion/fused_chain.hpp"
+#include "fusion/kernel_options.hpp"
 
 namespace fusion::detail {
 
@@ -53,9 +56,15 @@ class Dispatch {
   explicit Dispatch(bool is_collector) : collects(is_collector) {}
   virtual ~Dispatch() = default;
   /// Takes the boxed call arguments (moving from them). A collector returns nullptr and the Slot
-  /// returns a placeholder; the fused module returns the last member's boxed outputs.
+  /// returns a placeholder; the fused module returns the last member's boxed outputs. Either
+  /// returns finish_unfused(), leaving the arguments, for a pass that began before the chain was
+  /// fused: the Slot then calls its module with them.
   virtual std::vector<c10::IValue>* call(c10::IValue* args, std::size_t count) = 0;
+  static std::vector<c10::IValue>* finish_unfused() noexcept { return &finish_unfused_; }
   const bool collects;
+
+ private:
+  static inline std::vector<c10::IValue> finish_unfused_;  // only its address is used
 };
 
 /// Finds the Slot bound to a child from (parent module, child name). Keyed by the `Module`
@@ -172,7 +181,8 @@ struct FuseOptionsRecord {
   bool skip_incomplete_chains = false;
 };
 
-/// What a chain with a kernel attached calls before replaying (implemented in detail/kernel.hpp).
+/// What a chain with a kernel attached calls before replaying (implemented in
+/// detail/kernel_binding.hpp).
 class KernelRunner {
  public:
   virtual ~KernelRunner() = default;
@@ -180,7 +190,7 @@ class KernelRunner {
   /// this call, and the chain replays.
   virtual std::vector<c10::IValue>* try_run(const Chain& chain, Capture& capture) = 0;
   virtual const std::string& name() const noexcept = 0;
-  virtual bool strict() const noexcept = 0;
+  virtual KernelPolicy policy() const noexcept = 0;
   /// Makes the next call rebuild the kernel's prepared state.
   virtual void invalidate() noexcept = 0;
   virtual KernelStats stats() const = 0;
@@ -268,6 +278,24 @@ class Chain {
   /// Passes in flight on all threads: from the first member's call to the end of the last one's,
   /// or, for a pass an exception interrupted, until its thread next calls the chain.
   const std::shared_ptr<std::atomic<int>>& passes() const noexcept { return passes_; }
+  /// Whether member `index`, called with `args`, is called outside a pass of this chain on this
+  /// thread: no earlier member was (a pass that began before the chain was fused, the member
+  /// called on its own). Its arguments are then real values, and it runs unfused; a placeholder
+  /// among them (a collector's result used elsewhere) throws: the replay never computed it.
+  bool outside_pass(Capture& capture, std::size_t index, const c10::IValue* args,
+                    std::size_t count) const {
+    if (index == 0 || capture.next != 0) return false;
+    for (std::size_t a = 0; a < count; ++a) {
+      if (holds_stand_in(args[a])) {
+        fail_call(capture,
+                  fmt::format("'{}' was called with a placeholder as argument #{}, outside a pass "
+                              "of its chain: a collector's result used elsewhere than in the "
+                              "chain (a value used twice?) was never computed. Unfuse this chain",
+                              info_.paths[index], a));
+      }
+    }
+    return true;
+  }
   std::vector<c10::IValue>* replay(Capture& capture) const;
   [[noreturn]] void fail_call(Capture& capture, const std::string& why) const {
     capture.clear();
@@ -306,6 +334,8 @@ class RegistryCollector final : public Dispatch {
       // poison this forward.
       if (capture.next != 0) capture.clear();
       capture.begin_pass(chain_.passes());
+    } else if (chain_.outside_pass(capture, index_, args, count)) {
+      return finish_unfused();
     } else if (capture.next != index_) {
       chain_.fail_call(capture, order_error(capture.next));
     }
@@ -347,17 +377,11 @@ class FusedModule final : public Dispatch {
       ~EndPass() { capture.end_pass(); }
     } end_pass{capture};
     const std::size_t last = chain_.size() - 1;
+    if (chain_.outside_pass(capture, last, args, count)) return finish_unfused();
     if (capture.next != last) {
       const auto& paths = chain_.info().paths;
-      chain_.fail_call(
-          capture,
-          capture.next == 0
-              ? fmt::format("the fused module '{}' was called, but its collectors ('{}' first) "
-                            "were not called before it on this thread in this pass (was it called "
-                            "twice, from another thread, or fused while this pass ran?)",
-                            paths[last], paths[0])
-              : fmt::format("the fused module '{}' was called before '{}'", paths[last],
-                            paths[capture.next]));
+      chain_.fail_call(capture, fmt::format("the fused module '{}' was called before '{}'",
+                                            paths[last], paths[capture.next]));
     }
     auto& stored = capture.args[last];
     stored.assign(std::make_move_iterator(args), std::make_move_iterator(args + count));
@@ -432,12 +456,7 @@ inline void Chain::resolve_args(Capture& capture, std::size_t i) const {
 }
 
 inline std::vector<c10::IValue>* Chain::replay(Capture& capture) const {
-  struct ClearOnThrow {
-    Capture& capture;
-    ~ClearOnThrow() {
-      if (std::uncaught_exceptions() > 0) capture.clear();
-    }
-  } guard{capture};
+  const ClearOnThrow guard{capture};
 
   const Mode mode = capture.modes.back();  // the fused module's: the mode the replay runs in
   for (std::size_t i = 0; i < members_.size(); ++i) {
@@ -469,31 +488,45 @@ inline std::vector<c10::IValue>* Chain::replay(Capture& capture) const {
 }
 
 /// Holds the member Slots of `chains` while one fusion change (fuse, unfuse, a kernel attached,
-/// verify switching a chain) is made: fused calls through them wait until it is released. Throws
-/// FusionError, holding nothing, when a chain is running on another thread (a call in flight, or
-/// a pass between its first and last member) or another thread is changing it: changing the
-/// fusion of a running model is detected and refused, never a race. An interrupted pass on this
-/// thread (an exception between members) is ended here, as the next call would end it.
+/// verify switching a chain) is made: fused calls through them wait until it is released.
+///
+/// With `wait` zero, throws FusionError, holding nothing, when a chain is running on another
+/// thread (a call in flight, or a pass between its first and last member) or another thread is
+/// changing it: changing the fusion of a running model is refused, never a race. With a `wait`,
+/// new passes wait at each chain's first member, passes in flight finish, then the change is made;
+/// a FusionError only when that takes longer than `wait`. An interrupted pass on this thread (an
+/// exception between members) is ended here, as the next call would end it.
 class Quiesce {
  public:
-  Quiesce(const std::vector<std::shared_ptr<Chain>>& chains, const char* operation) {
+  Quiesce(const std::vector<std::shared_ptr<Chain>>& chains, const char* operation,
+          std::chrono::milliseconds wait = std::chrono::milliseconds(0))
+      : operation_(operation), wait_(wait), deadline_(std::chrono::steady_clock::now() + wait) {
     std::size_t members = 0;
     for (const auto& chain : chains) members += chain->size();
     held_.reserve(members);  // before any Slot is held: push_back below cannot throw
     for (const auto& chain : chains) {
-      for (const Member& member : chain->members_) {
-        if (member.slot == nullptr) continue;
-        const std::uint32_t before = member.slot->guard_.fetch_or(SlotBase::kChanging);
-        if ((before & SlotBase::kChanging) != 0) {
-          refuse(operation, *chain, "another thread is changing its fusion at the same time");
-        }
-        held_.push_back(member.slot);
-        if (before != 0) refuse(operation, *chain, "a call of one of its members is in flight");
-      }
       Capture& own = chain->capture();
       if (own.in_pass) own.clear();
-      if (chain->passes()->load() != 0) {
-        refuse(operation, *chain, "a forward pass through it is in flight");
+    }
+    // First members first: a pass in flight goes on through the later members and ends.
+    for (const auto& chain : chains) {
+      if (SlotBase* first = chain->members_.front().slot) hold(*chain, first);
+    }
+    for (const auto& chain : chains) {
+      if (SlotBase* first = chain->members_.front().slot) {
+        until(*chain, "a call of one of its members is in flight",
+              [&] { return (first->guard_.load() & ~SlotBase::kChanging) == 0; });
+      }
+      until(*chain, "a forward pass through it is in flight",
+            [&] { return chain->passes()->load() == 0; });
+    }
+    for (const auto& chain : chains) {
+      for (std::size_t m = 1; m < chain->members_.size(); ++m) {
+        SlotBase* slot = chain->members_[m].slot;
+        if (slot == nullptr) continue;
+        hold(*chain, slot);
+        until(*chain, "a call of one of its members is in flight",
+              [&] { return (slot->guard_.load() & ~SlotBase::kChanging) == 0; });
       }
     }
   }
@@ -502,18 +535,39 @@ class Quiesce {
   Quiesce& operator=(const Quiesce&) = delete;
 
  private:
+  void hold(const Chain& chain, SlotBase* slot) {
+    until(chain, "another thread is changing its fusion at the same time",
+          [&] { return (slot->guard_.fetch_or(SlotBase::kChanging) & SlotBase::kChanging) == 0; });
+    held_.push_back(slot);
+  }
+  template <typename Done>
+  void until(const Chain& chain, const char* why, Done done) {
+    while (!done()) {
+      if (std::chrono::steady_clock::now() >= deadline_) refuse(chain, why);
+      std::this_thread::yield();
+    }
+  }
   void release() noexcept {
     for (SlotBase* slot : held_) slot->guard_.fetch_and(~SlotBase::kChanging);
     held_.clear();
   }
-  [[noreturn]] void refuse(const char* operation, const Chain& chain, const char* why) {
+  [[noreturn]] void refuse(const Chain& chain, const char* why) {
     release();
+    if (wait_.count() == 0) {
+      fail(
+          "fusion::{}: fused chain [{}] is in use on another thread ({}); change the fusion of a "
+          "model only while no thread runs it, or give the change a wait. Nothing was changed",
+          operation_, to_string(chain.info()), why);
+    }
     fail(
-        "fusion::{}: fused chain [{}] is in use on another thread ({}); change the fusion of a "
-        "model only while no thread runs it. Nothing was changed",
-        operation, to_string(chain.info()), why);
+        "fusion::{}: fused chain [{}] was still in use on another thread after {} ms ({}). "
+        "Nothing was changed",
+        operation_, to_string(chain.info()), wait_.count(), why);
   }
 
+  const char* operation_;
+  std::chrono::milliseconds wait_;
+  std::chrono::steady_clock::time_point deadline_;
   std::vector<SlotBase*> held_;
 };
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/core/ivalue.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/TensorImpl.h>
 #include <c10/util/Optional.h>
@@ -25,16 +26,45 @@ namespace fusion::detail {
 /// stand-ins read as NaN, so arithmetic on one shows. Cheap because it is on every fused call: the
 /// view is built directly, as at::detail::make_tensor lets extensions do (through the dispatcher,
 /// `expand` cost ~500 ns a call), and reused on the next call when nobody kept it.
+struct StandIns {
+  at::Tensor scalar;  // the one element every stand-in of this dtype and device views
+  at::Tensor last;    // the last stand-in made, reused once nothing else holds it
+};
+/// This thread's stand-in storages: one entry per (dtype, device) it has seen.
+inline std::vector<StandIns>& stand_in_cache() {
+  thread_local std::vector<StandIns> cache;
+  return cache;
+}
+
+/// Whether `value` is or holds (in an optional or a list) a tensor stand-in made on this thread.
+inline bool holds_stand_in(const c10::IValue& value) {
+  if (value.isTensor()) {
+    const at::Tensor& tensor = value.toTensor();
+    if (!tensor.defined()) return false;
+    const c10::StorageImpl* storage =
+        tensor.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+    for (const StandIns& entry : stand_in_cache()) {
+      if (storage != nullptr &&
+          storage == entry.scalar.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl()) {
+        return true;
+      }
+    }
+    return false;
+  }
+  if (value.isList()) {
+    for (const c10::IValue& element : value.toListRef()) {
+      if (holds_stand_in(element)) return true;
+    }
+  }
+  return false;
+}
+
 inline at::Tensor stand_in(const at::Tensor& like) {
   if (!like.defined()) return like;
   // oneDNN's opaque layout has no empty_like (no strides): a fresh tensor of that layout.
   if (like.is_mkldnn()) return at::empty(like.sizes(), like.options());
   if (like.layout() != at::kStrided || like.is_quantized()) return at::empty_like(like);
-  struct StandIns {
-    at::Tensor scalar;  // the one element every stand-in of this dtype and device views
-    at::Tensor last;    // the last stand-in made, reused once nothing else holds it
-  };
-  thread_local std::vector<StandIns> cache;  // one entry per (dtype, device) this thread has seen
+  std::vector<StandIns>& cache = stand_in_cache();
   StandIns* entry = nullptr;
   for (StandIns& candidate : cache) {
     if (candidate.scalar.scalar_type() == like.scalar_type() &&

@@ -85,6 +85,27 @@ inline std::vector<std::shared_ptr<Chain>> chains_matching(
   return chains;
 }
 
+/// For a selection of patterns that found no fused chain: what they match instead.
+inline std::string unfused_matches(const std::vector<Site>& sites,
+                                   const std::vector<std::string>& patterns) {
+  std::vector<Pattern> parsed;
+  for (const std::string& text : patterns) parsed.emplace_back(text);
+  std::vector<std::string> matched;
+  for (const Site& site : sites) {
+    for (const Pattern& pattern : parsed) {
+      if (pattern.match(site.path)) {
+        matched.push_back(site.path);
+        break;
+      }
+    }
+  }
+  if (matched.empty()) return "they match no module";
+  const std::size_t count = matched.size();
+  if (matched.size() > 4) matched.resize(4), matched.push_back("...");
+  return fmt::format("they match {} module(s) [{}], none of them fused (fuse_modules first)", count,
+                     fmt::join(matched, ", "));
+}
+
 /// `info` with the name and counters of `chain`'s kernel, if it has one.
 inline FusedChain with_kernel(FusedChain info, const Chain& chain) {
   if (const auto& kernel = chain.kernel()) {

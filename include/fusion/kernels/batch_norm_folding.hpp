@@ -231,8 +231,11 @@ struct ConvBatchNorm {
 
   bool applies(ConvImpl&, BatchNormImpl& bn) const { return has_running_stats(bn); }
 
-  torch::Tensor operator()(const State& s, ConvImpl& conv, BatchNormImpl&,
+  torch::Tensor operator()(const State& s, ConvImpl& conv, BatchNormImpl& bn,
                            const torch::Tensor& input) const {
+    // An unbatched input runs through the modules: the convolution accepts it, the BatchNorm
+    // then refuses it or normalises another axis; either way the modules decide.
+    if (input.dim() != D + 2 && !input.is_mkldnn()) return bn.forward(conv.forward(input));
     return run(s, conv, input);
   }
 
@@ -240,20 +243,38 @@ struct ConvBatchNorm {
   static torch::Tensor run(const State& s, ConvImpl& conv, const torch::Tensor& input) {
     if constexpr (D == 2) {
       if (input.is_mkldnn()) {
-        if (!s.weight_mkldnn.defined()) {  // a padding mode oneDNN lacks: the dense way, laid back
+        // A padding mode oneDNN lacks, or an input the convolution refuses (ATen's error then).
+        if (!s.weight_mkldnn.defined() || !fits_prepacked(s, conv, input)) {
           return run(s, conv, input.to_dense()).to_mkldnn();
         }
         auto output = at::mkldnn_convolution(input, s.weight_mkldnn, s.bias, s.padding, s.stride,
                                              s.dilation, conv.options.groups());
         return Relu ? output.relu_() : output;
       }
-      if (s.prepacked && input.dim() == 4 && input.is_contiguous() && input.device().is_cpu() &&
-          input.scalar_type() == torch::kFloat32) {
+      if (s.prepacked && input.is_contiguous() && input.device().is_cpu() &&
+          input.scalar_type() == torch::kFloat32 && fits_prepacked(s, conv, input)) {
         return (*s.prepacked)(input);
       }
     }
     auto output = convolve<D>(conv, input, weight_for(s, input), s.bias);
     return Relu ? output.relu_() : output;
+  }
+
+  /// Whether oneDNN's convolution computes this input as ATen's would: a non-empty batch of the
+  /// weight's input channels, each spatial size at least the dilated kernel after padding. Else
+  /// the dense convolution runs and raises ATen's own error, as the module would.
+  static bool fits_prepacked(const State& s, ConvImpl& conv, const torch::Tensor& input) {
+    const auto& o = conv.options;
+    const auto* padding = alternative<torch::ExpandingArray<2>>(o.padding());
+    if (input.dim() != 4 || input.numel() == 0 || padding == nullptr ||
+        input.size(1) != s.weight.size(1) * o.groups()) {
+      return false;
+    }
+    for (int64_t d = 0; d < 2; ++d) {
+      const int64_t span = (*o.dilation())[d] * (s.weight.size(2 + d) - 1) + 1;
+      if (input.size(2 + d) + 2 * (**padding)[d] < span) return false;
+    }
+    return true;
   }
 
   /// The weight in the input's memory format: the output keeps it (channels-last in and out).
@@ -284,8 +305,11 @@ struct ConvBatchNormReLU {
   bool applies(ConvImpl&, BatchNormImpl& bn, torch::nn::ReLUImpl&) const {
     return has_running_stats(bn);
   }
-  torch::Tensor operator()(const State& s, ConvImpl& conv, BatchNormImpl&, torch::nn::ReLUImpl&,
-                           const torch::Tensor& input) const {
+  torch::Tensor operator()(const State& s, ConvImpl& conv, BatchNormImpl& bn,
+                           torch::nn::ReLUImpl& relu, const torch::Tensor& input) const {
+    if (input.dim() != D + 2 && !input.is_mkldnn()) {
+      return relu.forward(bn.forward(conv.forward(input)));  // as in ConvBatchNorm
+    }
     return Folded::run(s, conv, input);
   }
 };

@@ -1,0 +1,39 @@
+// fusion::KernelOptions and fusion::KernelPolicy: where and when a kernel may run, and what a
+// chain does when it does not.
+#pragma once
+
+#include <vector>
+
+#include <c10/core/DeviceType.h>
+
+namespace fusion {
+
+/// Where and when a kernel may run in place of its chain's replay.
+struct KernelOptions {
+  /// Device types this implementation computes on. A name may have one implementation per device
+  /// type (register_kernel once per implementation); a call on another device replays.
+  std::vector<c10::DeviceType> devices = {c10::DeviceType::CPU};
+  /// May run while a member is in training mode (else the chain replays: batch statistics,
+  /// dropout).
+  bool training = false;
+  /// Differentiable with respect to the inputs and the members' parameters (built from
+  /// differentiable ops on the original tensors). Else, when grad mode is on and an input or a
+  /// parameter requires grad, the chain replays.
+  bool autograd = false;
+};
+
+/// What a chain with a kernel does on each call.
+enum class KernelPolicy {
+  /// When the kernel does not apply to a call (another device, training mode, gradients needed,
+  /// its applies() says no), replay the members and count why.
+  fallback,
+  /// Throw a FusionError saying why the kernel does not apply, instead of replaying.
+  strict,
+  /// As fallback, and on every call the kernel runs, also replay the members and compare: a
+  /// result whose structure, shape, dtype or device differs, or whose values differ by more than
+  /// the default tolerance of their dtype (see VerifyOptions), throws a FusionError naming the
+  /// kernel and the chain. Twice the work: for tests and for trying a new kernel.
+  checked,
+};
+
+}  // namespace fusion
