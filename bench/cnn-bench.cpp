@@ -90,8 +90,7 @@ void BM_ConvBatchNormReLU(benchmark::State& state) {
   // The prepacked oneDNN op TorchScript's freezing uses on LibTorch 1.13: folded weight and bias,
   // ReLU as a post-op, packed once for this input shape.
   const auto& conv = unfused->at<nn::Conv2dImpl>(0);
-  auto [scale, shift] =
-      fusion::kernels::detail::batch_norm_affine(unfused->at<nn::BatchNorm2dImpl>(1));
+  auto [scale, shift] = fusion::detail::batch_norm_affine(unfused->at<nn::BatchNorm2dImpl>(1));
   const auto weight = (conv.weight * scale.view({-1, 1, 1, 1}).to(torch::kFloat32)).contiguous();
   const auto bias = (conv.bias * scale + shift).to(torch::kFloat32);
   auto& dispatcher = c10::Dispatcher::singleton();

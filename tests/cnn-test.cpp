@@ -240,11 +240,10 @@ TEST_CASE("conv + batch norm folding: memory format, padding modes, modes and st
     CHECK(stats_of(*model).runs == 1);
   }
   SECTION("many input shapes (more than the prepacked cache holds) and threads") {
-    INFO("prepacked oneDNN convolution available: "
-         << fusion::kernels::detail::PrepackedConv2d::available());
+    INFO(
+        "prepacked oneDNN convolution available: " << fusion::detail::PrepackedConv2d::available());
     for (int64_t size = 5;
-         size < 5 + 2 * static_cast<int64_t>(fusion::kernels::detail::PrepackedConv2d::kShapes);
-         ++size) {
+         size < 5 + 2 * static_cast<int64_t>(fusion::detail::PrepackedConv2d::kShapes); ++size) {
       fusion::unfuse_modules(model);
       const auto input = torch::randn({1, 4, size, size + 1});
       const auto reference = model->forward(input);

@@ -12,6 +12,7 @@
 #include <fmt/ranges.h>
 
 #include "fusion/detail/chain.hpp"
+#include "fusion/detail/quiesce.hpp"
 #include "fusion/detail/sites.hpp"
 #include "fusion/error.hpp"
 #include "fusion/fused_chain.hpp"
@@ -27,7 +28,7 @@ namespace fusion {
 ///
 /// Patterns are dotted paths relative to `root` (see Pattern); one spec per pattern, same order.
 /// Matches whose wildcards took the same values form one chain, members in pattern order. Every
-/// member but the last becomes a RegistryCollector (captures its call arguments, returns a
+/// member but the last becomes a Collector (captures its call arguments, returns a
 /// placeholder); the last becomes a FusedModule that replays the chain's original modules from
 /// the captures, wiring inputs to outputs by the names in the specs. Parameters, buffers and
 /// children_ are untouched. Returns one FusedChain per chain, in module order.
@@ -41,7 +42,7 @@ template <typename Root>
 std::vector<FusedChain> fuse_modules(Root& root, const std::vector<std::string>& patterns,
                                      const std::vector<ModuleSpec>& specs,
                                      const FuseOptions& options = {}) {
-  return detail::fuse_all(detail::plan(detail::module_of(root), patterns, specs, options));
+  return detail::fuse_all(detail::build_chains(detail::module_of(root), patterns, specs, options));
 }
 
 namespace detail {

@@ -11,6 +11,7 @@
 #include "fusion/fused_chain.hpp"
 #include "fusion/kernel.hpp"
 #include "fusion/match.hpp"
+#include "fusion/options.hpp"
 #include "fusion/pattern.hpp"
 #include "fusion/plan.hpp"
 #include "fusion/sequential.hpp"

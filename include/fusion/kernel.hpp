@@ -23,7 +23,8 @@
 #include <vector>
 
 #include "fusion/detail/chain.hpp"
-#include "fusion/detail/kernel_binding.hpp"
+#include "fusion/detail/kernel_attach.hpp"
+#include "fusion/detail/quiesce.hpp"
 #include "fusion/detail/sites.hpp"
 #include "fusion/error.hpp"
 #include "fusion/match.hpp"

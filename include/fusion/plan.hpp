@@ -42,7 +42,7 @@ std::vector<FusedChain> fuse_modules(Root& root, const Plan& plan) {
   for (std::size_t r = 0; r < plan.rules.size(); ++r) {
     detail::fault_point();
     const Rule& rule = plan.rules[r];
-    for (auto& chain : detail::plan(module, rule.patterns, rule.specs, rule.options)) {
+    for (auto& chain : detail::build_chains(module, rule.patterns, rule.specs, rule.options)) {
       for (std::size_t m = 0; m < chain->size(); ++m) {
         auto [it, added] = taken.emplace(chain->member_slot(m), r);
         if (!added) {

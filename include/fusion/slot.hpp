@@ -168,12 +168,12 @@ class Slot final : public detail::SlotBase {
   // What a collector returns in place of its real output, which only the replay computes: a
   // stand-in for the first argument when it has the result type, a tuple whose first element is
   // that stand-in, else a default-constructed result. A tensor stand-in has the argument's shape,
-  // dtype and device but never its memory (see detail::stand_in): what the parent does with it is
-  // not replayed, and must not write into the caller's tensor.
+  // dtype and device but never its memory (see detail::placeholder_for): what the parent does with
+  // it is not replayed, and must not write into the caller's tensor.
   template <typename Boxes>
   static Result placeholder(const Boxes& boxes) {
     if constexpr (std::is_same_v<Result, Param<0>>) {
-      return detail::stand_in(detail::Boxing<Param<0>>::arg(boxes[0]));
+      return detail::placeholder_for(detail::Boxing<Param<0>>::arg(boxes[0]));
     } else if constexpr (!std::is_default_constructible_v<Result>) {
       // fuse_modules refuses such a module as a collector (SignatureInfo::has_placeholder).
       detail::fail("fusion::Slot: {} cannot be default-constructed as a placeholder",
@@ -181,7 +181,7 @@ class Slot final : public detail::SlotBase {
     } else if constexpr (detail::is_tuple<Result>::value) {
       Result result{};
       if constexpr (std::is_same_v<std::tuple_element_t<0, Result>, Param<0>>) {
-        std::get<0>(result) = detail::stand_in(detail::Boxing<Param<0>>::arg(boxes[0]));
+        std::get<0>(result) = detail::placeholder_for(detail::Boxing<Param<0>>::arg(boxes[0]));
       }
       return result;
     } else {

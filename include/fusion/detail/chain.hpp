@@ -1,163 +1,33 @@
-// The machinery behind a fused chain: the type-erased view of a Slot the fuse code works with, the
-// table that finds a Slot from a module path, and the two roles a fused Slot dispatches to
-// (RegistryCollector for members 0..n-2, FusedModule for the last).
+// A fused chain: its members and how each parameter is wired (Origin), the two roles a fused Slot
+// dispatches to (Collector for members 0..n-2, FusedModule for the last), and the replay.
 #pragma once
 
 #include <atomic>
-#include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <exception>
 #include <iterator>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
-#include <typeindex>
 #include <utility>
 #include <vector>
 
 #include <ATen/core/ivalue.h>
 #include <c10/util/Optional.h>
+#include <fmt/format.h>
 #include <torch/nn/module.h>
-#include <torch/nn/modules/container/any_value.h>
 
 #include "fusion/detail/boxing.hpp"
 #include "fusion/detail/capture.hpp"
 #include "fusion/detail/placeholder.hpp"
+#include "fusion/detail/slot_base.hpp"
 #include "fusion/error.hpp"
 #include "fusion/fused_chain.hpp"
-#include "fusion/kernel_options.hpp"
+#include "fusion/options.hpp"
 
 namespace fusion::detail {
 
-class Chain;
-class SlotBase;
-
-/// One forward() parameter, as fuse-time checks and the replay see it.
-struct ParamInfo {
-  TypeInfo type;
-  // A spec default converted to this parameter's type as C++ would, or nullopt if it cannot be.
-  c10::optional<c10::IValue> (*convert)(const c10::IValue&);
-  c10::optional<c10::IValue> (*from_any)(
-      torch::nn::AnyValue&);  // a FORWARD_HAS_DEFAULT_ARGS default
-};
-
-struct SignatureInfo {
-  std::vector<ParamInfo> params;
-  std::vector<TypeInfo> outputs;  // one per tuple element, else one
-  bool has_placeholder = true;    // whether the Slot can stand in for its result as a collector
-};
-
-/// What a fused Slot calls instead of its module.
-class Dispatch {
- public:
-  explicit Dispatch(bool is_collector) : collects(is_collector) {}
-  virtual ~Dispatch() = default;
-  /// Takes the boxed call arguments (moving from them). A collector returns nullptr and the Slot
-  /// returns a placeholder; the fused module returns the last member's boxed outputs. Either
-  /// returns finish_unfused(), leaving the arguments, for a pass that began before the chain was
-  /// fused: the Slot then calls its module with them.
-  virtual std::vector<c10::IValue>* call(c10::IValue* args, std::size_t count) = 0;
-  static std::vector<c10::IValue>* finish_unfused() noexcept { return &finish_unfused_; }
-  const bool collects;
-
- private:
-  static inline std::vector<c10::IValue> finish_unfused_;  // only its address is used
-};
-
-/// Finds the Slot bound to a child from (parent module, child name). Keyed by the `Module`
-/// subobject, which is what named_modules() hands out.
-class SlotTable {
- public:
-  static SlotTable& instance() {
-    static auto* table = new SlotTable();  // leaked: static models may be destroyed after it
-    return *table;
-  }
-  void insert(const torch::nn::Module* parent, const std::string& name, SlotBase* slot) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    slots_[{parent, name}] = slot;
-  }
-  void erase(const torch::nn::Module* parent, const std::string& name, const SlotBase* slot) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = slots_.find({parent, name});
-    if (it != slots_.end() && it->second == slot) slots_.erase(it);
-  }
-  SlotBase* find(const torch::nn::Module* parent, const std::string& name) const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = slots_.find({parent, name});
-    return it == slots_.end() ? nullptr : it->second;
-  }
-
- private:
-  mutable std::mutex mutex_;
-  std::map<std::pair<const torch::nn::Module*, std::string>, SlotBase*> slots_;
-};
-
-/// The part of a Slot that does not depend on its module type.
-class SlotBase {
- public:
-  SlotBase() = default;
-  // A copy (Cloneable::clone copy-constructs the parent) is neither registered nor fused: the
-  // clone's reset() binds it again with register_slot.
-  SlotBase(const SlotBase&) noexcept {}
-  SlotBase& operator=(const SlotBase&) noexcept { return *this; }
-  virtual ~SlotBase();
-
-  bool is_fused() const noexcept { return chain_ != nullptr; }
-  const std::shared_ptr<Chain>& chain() const noexcept { return chain_; }
-  std::size_t member_index() const noexcept { return member_index_; }
-
-  virtual torch::nn::Module* module() const noexcept = 0;
-  /// The module as its own type (`Impl*`), for kernels, whose type impl_type() names.
-  virtual void* impl() const noexcept = 0;
-  virtual std::type_index impl_type() const noexcept = 0;
-  virtual const SignatureInfo& signature() const = 0;
-  /// Calls the original forward() with every parameter boxed in `args`; appends the outputs.
-  virtual void call_boxed(c10::IValue* args, std::vector<c10::IValue>& outputs) = 0;
-
-  /// Starts a call through the dispatch: counts it, so that no fusion change (Quiesce) runs
-  /// meanwhile, and returns the dispatch to use, or nullptr if the Slot is no longer fused (call
-  /// the module). A change in progress is waited out: it takes microseconds. Pair with leave().
-  Dispatch* enter() noexcept {
-    while (true) {
-      if ((guard_.fetch_add(1) & kChanging) == 0) return dispatch_.load();
-      guard_.fetch_sub(1);
-      while ((guard_.load() & kChanging) != 0) std::this_thread::yield();
-    }
-  }
-  void leave() noexcept { guard_.fetch_sub(1); }
-
- protected:
-  void bind(const torch::nn::Module* parent, std::string name) {
-    unbind();
-    parent_ = parent;
-    name_ = std::move(name);
-    SlotTable::instance().insert(parent_, name_, this);
-  }
-  void unbind() noexcept {
-    if (parent_ != nullptr) SlotTable::instance().erase(parent_, name_, this);
-    parent_ = nullptr;
-  }
-
-  std::atomic<Dispatch*> dispatch_{nullptr};
-
- private:
-  friend class Chain;
-  friend class Quiesce;
-  // Fused calls in flight through this Slot, plus kChanging while a fusion change holds it. One
-  // word, so a call and a change see each other whichever comes first.
-  static constexpr std::uint32_t kChanging = 1u << 31;
-  std::atomic<std::uint32_t> guard_{0};
-  std::shared_ptr<Chain> chain_;
-  std::size_t member_index_ = 0;
-  const torch::nn::Module* parent_ = nullptr;
-  std::string name_;
-};
-
 /// Where one parameter of a member comes from during replay.
-struct Source {
+struct Origin {
   enum class Kind : std::uint8_t {
     call,    // the member's own call argument, else `fallback`
     output,  // output `index` of earlier member `member`
@@ -172,7 +42,7 @@ struct Source {
 
 struct Member {
   SlotBase* slot = nullptr;  // null once the Slot was destroyed
-  std::vector<Source> sources;
+  std::vector<Origin> origins;
   bool inputs_read_later = false;  // a later member is wired to one of this member's inputs
 };
 
@@ -286,7 +156,7 @@ class Chain {
                     std::size_t count) const {
     if (index == 0 || capture.next != 0) return false;
     for (std::size_t a = 0; a < count; ++a) {
-      if (holds_stand_in(args[a])) {
+      if (holds_placeholder(args[a])) {
         fail_call(capture,
                   fmt::format("'{}' was called with a placeholder as argument #{}, outside a pass "
                               "of its chain: a collector's result used elsewhere than in the "
@@ -321,10 +191,9 @@ class Chain {
 
 /// Members 0..n-2: stores the call arguments and mode for the replay; the Slot returns a
 /// placeholder.
-class RegistryCollector final : public Dispatch {
+class Collector final : public Dispatch {
  public:
-  RegistryCollector(const Chain& chain, std::size_t index)
-      : Dispatch(true), chain_(chain), index_(index) {}
+  Collector(const Chain& chain, std::size_t index) : Dispatch(true), chain_(chain), index_(index) {}
 
   std::vector<c10::IValue>* call(c10::IValue* args, std::size_t count) override {
     Capture& capture = chain_.capture();
@@ -399,12 +268,12 @@ class FusedModule final : public Dispatch {
 inline Chain::Chain(FusedChain info, std::vector<Member> members)
     : info_(std::move(info)), members_(std::move(members)) {
   for (std::size_t i = 0; i + 1 < members_.size(); ++i) {
-    roles_.push_back(std::make_unique<RegistryCollector>(*this, i));
+    roles_.push_back(std::make_unique<Collector>(*this, i));
   }
   roles_.push_back(std::make_unique<FusedModule>(*this));
   for (std::size_t i = 0; i < members_.size(); ++i) {
-    for (std::size_t p = 0; p < members_[i].sources.size(); ++p) {
-      if (members_[i].sources[p].kind == Source::Kind::call) free_inputs_.push_back({i, p});
+    for (std::size_t p = 0; p < members_[i].origins.size(); ++p) {
+      if (members_[i].origins[p].kind == Origin::Kind::call) free_inputs_.push_back({i, p});
     }
   }
 }
@@ -412,8 +281,8 @@ inline Chain::Chain(FusedChain info, std::vector<Member> members)
 inline const c10::IValue& Chain::free_input(Capture& capture, const FreeInput& input) const {
   const auto& call_args = capture.args[input.member];
   if (input.param < call_args.size()) return call_args[input.param];
-  const Source& source = members_[input.member].sources[input.param];
-  if (source.fallback.has_value()) return *source.fallback;
+  const Origin& origin = members_[input.member].origins[input.param];
+  if (origin.fallback.has_value()) return *origin.fallback;
   fail_call(capture,
             fmt::format(
                 "parameter #{} ({}) of '{}' has no value: no earlier member provides it, the call "
@@ -431,18 +300,18 @@ inline void Chain::resolve_args(Capture& capture, std::size_t i) const {
   auto& call_args = capture.args[i];
   auto& args = capture.scratch;
   args.clear();
-  for (std::size_t p = 0; p < member.sources.size(); ++p) {
-    const Source& source = member.sources[p];
-    switch (source.kind) {
-      case Source::Kind::output:
-      case Source::Kind::input: {
-        auto& from = source.kind == Source::Kind::output ? capture.outputs[source.member]
-                                                         : capture.args[source.member];
-        c10::IValue& value = from[source.index];
-        args.push_back(source.last_use ? std::move(value) : value);
+  for (std::size_t p = 0; p < member.origins.size(); ++p) {
+    const Origin& origin = member.origins[p];
+    switch (origin.kind) {
+      case Origin::Kind::output:
+      case Origin::Kind::input: {
+        auto& from = origin.kind == Origin::Kind::output ? capture.outputs[origin.member]
+                                                         : capture.args[origin.member];
+        c10::IValue& value = from[origin.index];
+        args.push_back(origin.last_use ? std::move(value) : value);
         break;
       }
-      case Source::Kind::call:
+      case Origin::Kind::call:
         if (p < call_args.size()) {
           args.push_back(std::move(call_args[p]));
         } else {
@@ -486,90 +355,6 @@ inline std::vector<c10::IValue>* Chain::replay(Capture& capture) const {
   capture.next = 0;
   return &capture.outputs.back();
 }
-
-/// Holds the member Slots of `chains` while one fusion change (fuse, unfuse, a kernel attached,
-/// verify switching a chain) is made: fused calls through them wait until it is released.
-///
-/// With `wait` zero, throws FusionError, holding nothing, when a chain is running on another
-/// thread (a call in flight, or a pass between its first and last member) or another thread is
-/// changing it: changing the fusion of a running model is refused, never a race. With a `wait`,
-/// new passes wait at each chain's first member, passes in flight finish, then the change is made;
-/// a FusionError only when that takes longer than `wait`. An interrupted pass on this thread (an
-/// exception between members) is ended here, as the next call would end it.
-class Quiesce {
- public:
-  Quiesce(const std::vector<std::shared_ptr<Chain>>& chains, const char* operation,
-          std::chrono::milliseconds wait = std::chrono::milliseconds(0))
-      : operation_(operation), wait_(wait), deadline_(std::chrono::steady_clock::now() + wait) {
-    std::size_t members = 0;
-    for (const auto& chain : chains) members += chain->size();
-    held_.reserve(members);  // before any Slot is held: push_back below cannot throw
-    for (const auto& chain : chains) {
-      Capture& own = chain->capture();
-      if (own.in_pass) own.clear();
-    }
-    // First members first: a pass in flight goes on through the later members and ends.
-    for (const auto& chain : chains) {
-      if (SlotBase* first = chain->members_.front().slot) hold(*chain, first);
-    }
-    for (const auto& chain : chains) {
-      if (SlotBase* first = chain->members_.front().slot) {
-        until(*chain, "a call of one of its members is in flight",
-              [&] { return (first->guard_.load() & ~SlotBase::kChanging) == 0; });
-      }
-      until(*chain, "a forward pass through it is in flight",
-            [&] { return chain->passes()->load() == 0; });
-    }
-    for (const auto& chain : chains) {
-      for (std::size_t m = 1; m < chain->members_.size(); ++m) {
-        SlotBase* slot = chain->members_[m].slot;
-        if (slot == nullptr) continue;
-        hold(*chain, slot);
-        until(*chain, "a call of one of its members is in flight",
-              [&] { return (slot->guard_.load() & ~SlotBase::kChanging) == 0; });
-      }
-    }
-  }
-  ~Quiesce() { release(); }
-  Quiesce(const Quiesce&) = delete;
-  Quiesce& operator=(const Quiesce&) = delete;
-
- private:
-  void hold(const Chain& chain, SlotBase* slot) {
-    until(chain, "another thread is changing its fusion at the same time",
-          [&] { return (slot->guard_.fetch_or(SlotBase::kChanging) & SlotBase::kChanging) == 0; });
-    held_.push_back(slot);
-  }
-  template <typename Done>
-  void until(const Chain& chain, const char* why, Done done) {
-    while (!done()) {
-      if (std::chrono::steady_clock::now() >= deadline_) refuse(chain, why);
-      std::this_thread::yield();
-    }
-  }
-  void release() noexcept {
-    for (SlotBase* slot : held_) slot->guard_.fetch_and(~SlotBase::kChanging);
-    held_.clear();
-  }
-  [[noreturn]] void refuse(const Chain& chain, const char* why) {
-    release();
-    if (wait_.count() == 0) {
-      fail(
-          "fusion::{}: fused chain [{}] is in use on another thread ({}); change the fusion of a "
-          "model only while no thread runs it, or give the change a wait. Nothing was changed",
-          operation_, to_string(chain.info()), why);
-    }
-    fail(
-        "fusion::{}: fused chain [{}] was still in use on another thread after {} ms ({}). "
-        "Nothing was changed",
-        operation_, to_string(chain.info()), wait_.count(), why);
-  }
-
-  const char* operation_;
-  std::chrono::milliseconds wait_;
-  std::chrono::steady_clock::time_point deadline_;
-  std::vector<SlotBase*> held_;
-};
 
 inline SlotBase::~SlotBase() {
   unbind();

@@ -27,17 +27,17 @@
 #include "fusion/detail/kernel_registry.hpp"
 #include "fusion/detail/stamp.hpp"
 #include "fusion/error.hpp"
-#include "fusion/kernel_options.hpp"
+#include "fusion/options.hpp"
 
 namespace fusion::detail {
 
 class KernelBinding final : public KernelRunner {
  public:
   KernelBinding(std::string name, std::vector<std::shared_ptr<const KernelImpl>> impls,
-                std::vector<at::Tensor> sources, KernelPolicy policy)
+                std::vector<at::Tensor> tensors, KernelPolicy policy)
       : name_(std::move(name)),
         impls_(std::move(impls)),
-        sources_(std::move(sources)),
+        tensors_(std::move(tensors)),
         policy_(policy) {}
 
   const std::string& name() const noexcept override { return name_; }
@@ -58,7 +58,7 @@ class KernelBinding final : public KernelRunner {
     stats.exceptions = exceptions_.load(std::memory_order_relaxed);
     stats.checks = checks_.load(std::memory_order_relaxed);
     stats.prepares = prepares_.load(std::memory_order_relaxed);
-    stats.unversioned_tensors = unversioned_tensors(sources_);
+    stats.unversioned_tensors = unversioned_tensors(tensors_);
     std::lock_guard<std::mutex> lock(rebuild_mutex_);
     if (const Prepared* prepared = current_.load()) {
       stats.state_bytes = prepared->own_bytes;
@@ -77,55 +77,10 @@ class KernelBinding final : public KernelRunner {
 
   std::vector<c10::IValue>* try_run(const Chain& chain, Capture& capture) override {
     if (!chain.complete()) return nullptr;  // the replay reports the destroyed member
-    const Mode mode = capture.modes.back();
-    for (const Mode& member_mode : capture.modes) {
-      if (!(member_mode == mode)) return decline(chain, capture, modes);
+    Call call;
+    if (const auto reason = choose(chain, capture, call)) {
+      return decline(chain, capture, *reason);
     }
-    // The inputs, and the device of the first tensor among them.
-    c10::SmallVector<const c10::IValue*, 8> inputs;
-    c10::DeviceType device_type = c10::DeviceType::CPU;
-    bool found_device = false, input_requires_grad = false;
-    for (const FreeInput& free : chain.free_inputs()) {
-      const c10::IValue& value = chain.free_input(capture, free);
-      inputs.push_back(&value);
-      if (!value.isTensor()) continue;
-      const at::Tensor& tensor = value.toTensor();
-      if (!tensor.defined()) continue;
-      if (!found_device) device_type = tensor.device().type(), found_device = true;
-      input_requires_grad = input_requires_grad || tensor.requires_grad();
-    }
-    if (!found_device && !sources_.empty() && sources_[0].defined()) {
-      device_type = sources_[0].device().type();
-    }
-    const KernelImpl* impl = nullptr;
-    for (const auto& candidate : impls_) {
-      for (c10::DeviceType supported : candidate->options.devices) {
-        if (supported == device_type) impl = candidate.get();
-      }
-    }
-    if (impl == nullptr) return decline(chain, capture, device);
-    c10::SmallVector<void*, 8> members;
-    bool training_mode = false;
-    for (std::size_t i = 0; i < chain.size(); ++i) {
-      const SlotBase* slot = chain.member_slot(i);
-      training_mode = training_mode || slot->module()->is_training();
-      members.push_back(slot->impl());
-    }
-    if (training_mode && !impl->options.training) return decline(chain, capture, training);
-    if (impl->checks_applies && !impl->applies(members.data())) {
-      return decline(chain, capture, declined);
-    }
-    if (mode.grad && !mode.inference) {
-      bool needs_grad = input_requires_grad;
-      for (std::size_t s = 0; s < sources_.size() && !needs_grad; ++s) {
-        needs_grad = sources_[s].requires_grad();
-      }
-      if (needs_grad) {
-        if (!impl->options.autograd) return decline(chain, capture, grad);
-        invalidate();
-      }
-    }
-
     struct Reading {  // while set, no prepared state this call may use is freed
       std::atomic<int>* readers;
       ~Reading() {
@@ -133,17 +88,17 @@ class KernelBinding final : public KernelRunner {
       }
     } reading{nullptr};
     const Prepared* prepared = nullptr;
-    if (impl->stateful) {
+    if (call.impl->stateful) {
       readers_.fetch_add(1);
       reading.readers = &readers_;
-      prepared = current(*impl, members.data());
+      prepared = current(*call.impl, call.members.data());
     }
     const ClearOnThrow guard{capture};
     auto& outputs = capture.outputs.back();
     outputs.clear();
     try {
-      impl->run(prepared != nullptr ? prepared->state.get() : nullptr, members.data(),
-                inputs.data(), outputs);
+      call.impl->run(prepared != nullptr ? prepared->state.get() : nullptr, call.members.data(),
+                     call.inputs.data(), outputs);
     } catch (...) {
       exceptions_.fetch_add(1, std::memory_order_relaxed);
       throw;
@@ -154,7 +109,7 @@ class KernelBinding final : public KernelRunner {
     // statistics): a kernel whose result has the wrong shape would otherwise be broadcast by the
     // parent's next op, silently.
     const bool check_values = policy_ == KernelPolicy::checked;
-    if (check_values || (!training_mode && unchecked_.exchange(false))) {
+    if (check_values || (!call.training_mode && unchecked_.exchange(false))) {
       return check(chain, capture, check_values);
     }
     for (auto& args : capture.args) args.clear();
@@ -164,6 +119,61 @@ class KernelBinding final : public KernelRunner {
 
  private:
   enum Reason { device, training, grad, modes, declined, reasons };
+
+  /// What one call runs the kernel with.
+  struct Call {
+    const KernelImpl* impl = nullptr;
+    c10::SmallVector<const c10::IValue*, 8> inputs;  // the free inputs, in order
+    c10::SmallVector<void*, 8> members;              // the member modules, as Impl*
+    bool training_mode = false;
+  };
+
+  /// Whether the kernel applies to this call, the cheap checks first; fills `call` if it does.
+  c10::optional<Reason> choose(const Chain& chain, Capture& capture, Call& call) {
+    const Mode mode = capture.modes.back();
+    for (const Mode& member_mode : capture.modes) {
+      if (!(member_mode == mode)) return modes;
+    }
+    // The inputs, and the device of the first tensor among them.
+    c10::DeviceType device_type = c10::DeviceType::CPU;
+    bool found_device = false, input_requires_grad = false;
+    for (const FreeInput& free : chain.free_inputs()) {
+      const c10::IValue& value = chain.free_input(capture, free);
+      call.inputs.push_back(&value);
+      if (!value.isTensor()) continue;
+      const at::Tensor& tensor = value.toTensor();
+      if (!tensor.defined()) continue;
+      if (!found_device) device_type = tensor.device().type(), found_device = true;
+      input_requires_grad = input_requires_grad || tensor.requires_grad();
+    }
+    if (!found_device && !tensors_.empty() && tensors_[0].defined()) {
+      device_type = tensors_[0].device().type();
+    }
+    for (const auto& candidate : impls_) {
+      for (c10::DeviceType supported : candidate->options.devices) {
+        if (supported == device_type) call.impl = candidate.get();
+      }
+    }
+    if (call.impl == nullptr) return device;
+    for (std::size_t i = 0; i < chain.size(); ++i) {
+      const SlotBase* slot = chain.member_slot(i);
+      call.training_mode = call.training_mode || slot->module()->is_training();
+      call.members.push_back(slot->impl());
+    }
+    if (call.training_mode && !call.impl->options.training) return training;
+    if (call.impl->checks_applies && !call.impl->applies(call.members.data())) return declined;
+    if (mode.grad && !mode.inference) {
+      bool needs_grad = input_requires_grad;
+      for (std::size_t s = 0; s < tensors_.size() && !needs_grad; ++s) {
+        needs_grad = tensors_[s].requires_grad();
+      }
+      if (needs_grad) {
+        if (!call.impl->options.autograd) return grad;
+        invalidate();
+      }
+    }
+    return c10::nullopt;
+  }
 
   struct Prepared {
     const KernelImpl* impl = nullptr;
@@ -223,8 +233,8 @@ class KernelBinding final : public KernelRunner {
 
   bool fresh(const Prepared& prepared, const KernelImpl& impl) const {
     if (prepared.impl != &impl) return false;
-    for (std::size_t s = 0; s < sources_.size(); ++s) {
-      if (!prepared.stamps[s].matches(sources_[s])) return false;
+    for (std::size_t s = 0; s < tensors_.size(); ++s) {
+      if (!prepared.stamps[s].matches(tensors_[s])) return false;
     }
     return true;
   }
@@ -248,7 +258,7 @@ class KernelBinding final : public KernelRunner {
     next->state = impl.prepare(members);
     // Stamped after prepare: a prepare that re-points parameters into a fused layout changes
     // their storages, and that layout is what later calls must find.
-    for (const at::Tensor& source : sources_) next->stamps.push_back(TensorStamp::of(source));
+    for (const at::Tensor& tensor : tensors_) next->stamps.push_back(TensorStamp::of(tensor));
     measure(impl, *next);
     prepares_.fetch_add(1, std::memory_order_relaxed);
     const Prepared* fresh_state = next.get();
@@ -263,8 +273,8 @@ class KernelBinding final : public KernelRunner {
 
   void measure(const KernelImpl& impl, Prepared& prepared) const {
     std::set<const void*> model_storages, counted;
-    for (const at::Tensor& source : sources_) {
-      if (source.defined() && source.has_storage()) model_storages.insert(source.storage().data());
+    for (const at::Tensor& tensor : tensors_) {
+      if (tensor.defined() && tensor.has_storage()) model_storages.insert(tensor.storage().data());
     }
     for (const at::Tensor& tensor : impl.state_tensors(prepared.state.get())) {
       if (!tensor.defined() || !tensor.has_storage()) continue;
@@ -277,7 +287,8 @@ class KernelBinding final : public KernelRunner {
 
   std::string name_;
   std::vector<std::shared_ptr<const KernelImpl>> impls_;
-  std::vector<at::Tensor> sources_;  // every parameter and buffer of the members
+  std::vector<at::Tensor>
+      tensors_;  // every parameter and buffer of the members: what a prepared state derives from
   KernelPolicy policy_;
   std::atomic<std::uint64_t> runs_{0}, prepares_{0}, exceptions_{0}, checks_{0};
   std::atomic<bool> dirty_{false};
@@ -288,81 +299,5 @@ class KernelBinding final : public KernelRunner {
   std::atomic<int> readers_{0};
   std::vector<std::unique_ptr<Prepared>> owned_;  // current_ last; earlier ones until unread
 };
-
-/// Checks that kernel `name` fits `chain` (member types, free inputs, result) and binds it.
-/// `paths` are the members' paths as the caller's messages should show them.
-inline std::shared_ptr<KernelRunner> bind_kernel(const Chain& chain,
-                                                 const std::vector<std::string>& paths,
-                                                 const std::string& name, KernelPolicy policy) {
-  const auto impls = KernelRegistry::instance().find(name);
-  const std::string where =
-      fmt::format("kernel '{}' on chain [{}]", name, fmt::join(paths, " -> "));
-  if (impls.empty()) {
-    fail("fusion: unknown kernel '{}'; registered kernels: [{}]", name,
-         fmt::join(KernelRegistry::instance().names(), ", "));
-  }
-  const KernelImpl& impl = *impls.front();
-  if (impl.modules.size() != chain.size()) {
-    fail("fusion: {}: the kernel takes {} module(s) ({}), the chain has {} member(s)", where,
-         impl.modules.size(), fmt::join(impl.module_names, ", "), chain.size());
-  }
-  for (std::size_t i = 0; i < chain.size(); ++i) {
-    if (impl.modules[i] != chain.member_slot(i)->impl_type()) {
-      fail("fusion: {}: member #{} '{}' is a {}, but the kernel takes a {} there", where, i,
-           paths[i], c10::demangle(chain.member_slot(i)->impl_type().name()), impl.module_names[i]);
-    }
-  }
-  const auto& free = chain.free_inputs();
-  std::vector<std::string> chain_inputs;
-  for (const FreeInput& input : free) {
-    chain_inputs.push_back(
-        fmt::format("{} #{} of '{}'",
-                    chain.member_slot(input.member)->signature().params[input.param].type.name,
-                    input.param, paths[input.member]));
-  }
-  if (impl.inputs.size() != free.size()) {
-    std::vector<std::string> kernel_inputs;
-    for (const TypeInfo& type : impl.inputs) kernel_inputs.push_back(type.name);
-    fail(
-        "fusion: {}: the kernel takes {} free input(s) ({}), the chain has {}: [{}] (every "
-        "parameter no earlier member feeds, in member and parameter order)",
-        where, impl.inputs.size(), fmt::join(kernel_inputs, ", "), free.size(),
-        fmt::join(chain_inputs, ", "));
-  }
-  for (std::size_t j = 0; j < free.size(); ++j) {
-    const TypeInfo& expected =
-        chain.member_slot(free[j].member)->signature().params[free[j].param].type;
-    if (impl.inputs[j].type != expected.type) {
-      fail("fusion: {}: free input #{} is parameter {}, but the kernel takes a {} there", where, j,
-           chain_inputs[j], impl.inputs[j].name);
-    }
-  }
-  const auto& result = chain.member_slot(chain.size() - 1)->signature().outputs;
-  bool same_result = result.size() == impl.outputs.size();
-  for (std::size_t o = 0; same_result && o < result.size(); ++o) {
-    same_result = result[o].type == impl.outputs[o].type;
-  }
-  if (!same_result) {
-    std::vector<std::string> want, got;
-    for (const TypeInfo& type : result) want.push_back(type.name);
-    for (const TypeInfo& type : impl.outputs) got.push_back(type.name);
-    fail("fusion: {}: the kernel returns ({}), but the last member '{}' returns ({})", where,
-         fmt::join(got, ", "), paths.back(), fmt::join(want, ", "));
-  }
-  std::vector<at::Tensor> sources;
-  for (std::size_t i = 0; i < chain.size(); ++i) {
-    torch::nn::Module* module = chain.member_slot(i)->module();
-    for (const auto& tensor : module->parameters()) sources.push_back(tensor);
-    for (const auto& tensor : module->buffers()) sources.push_back(tensor);
-  }
-  if (const auto unversioned = KernelBinding::unversioned_tensors(sources)) {
-    TORCH_WARN("fusion: ", where, ": ", unversioned, " of the members' ", sources.size(),
-               " parameters and buffers are inference tensors (made under InferenceMode), which "
-               "keep no version counter: an in-place write to one (copy_, mul_) is not seen, and "
-               "the kernel keeps the state it prepared. Call fusion::refresh_kernels after such "
-               "a write");
-  }
-  return std::make_shared<KernelBinding>(name, impls, std::move(sources), policy);
-}
 
 }  // namespace fusion::detail

@@ -26,24 +26,24 @@ namespace fusion::detail {
 /// stand-ins read as NaN, so arithmetic on one shows. Cheap because it is on every fused call: the
 /// view is built directly, as at::detail::make_tensor lets extensions do (through the dispatcher,
 /// `expand` cost ~500 ns a call), and reused on the next call when nobody kept it.
-struct StandIns {
+struct PlaceholderStore {
   at::Tensor scalar;  // the one element every stand-in of this dtype and device views
   at::Tensor last;    // the last stand-in made, reused once nothing else holds it
 };
 /// This thread's stand-in storages: one entry per (dtype, device) it has seen.
-inline std::vector<StandIns>& stand_in_cache() {
-  thread_local std::vector<StandIns> cache;
+inline std::vector<PlaceholderStore>& placeholder_store() {
+  thread_local std::vector<PlaceholderStore> cache;
   return cache;
 }
 
 /// Whether `value` is or holds (in an optional or a list) a tensor stand-in made on this thread.
-inline bool holds_stand_in(const c10::IValue& value) {
+inline bool holds_placeholder(const c10::IValue& value) {
   if (value.isTensor()) {
     const at::Tensor& tensor = value.toTensor();
     if (!tensor.defined()) return false;
     const c10::StorageImpl* storage =
         tensor.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
-    for (const StandIns& entry : stand_in_cache()) {
+    for (const PlaceholderStore& entry : placeholder_store()) {
       if (storage != nullptr &&
           storage == entry.scalar.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl()) {
         return true;
@@ -53,20 +53,20 @@ inline bool holds_stand_in(const c10::IValue& value) {
   }
   if (value.isList()) {
     for (const c10::IValue& element : value.toListRef()) {
-      if (holds_stand_in(element)) return true;
+      if (holds_placeholder(element)) return true;
     }
   }
   return false;
 }
 
-inline at::Tensor stand_in(const at::Tensor& like) {
+inline at::Tensor placeholder_for(const at::Tensor& like) {
   if (!like.defined()) return like;
   // oneDNN's opaque layout has no empty_like (no strides): a fresh tensor of that layout.
   if (like.is_mkldnn()) return at::empty(like.sizes(), like.options());
   if (like.layout() != at::kStrided || like.is_quantized()) return at::empty_like(like);
-  std::vector<StandIns>& cache = stand_in_cache();
-  StandIns* entry = nullptr;
-  for (StandIns& candidate : cache) {
+  std::vector<PlaceholderStore>& cache = placeholder_store();
+  PlaceholderStore* entry = nullptr;
+  for (PlaceholderStore& candidate : cache) {
     if (candidate.scalar.scalar_type() == like.scalar_type() &&
         candidate.scalar.device() == like.device()) {
       entry = &candidate;
@@ -103,19 +103,19 @@ inline at::Tensor stand_in(const at::Tensor& like) {
 
 /// Values other than tensors are copies already: nothing of the caller's can be written through.
 template <typename T>
-T stand_in(const T& value) {
+T placeholder_for(const T& value) {
   return value;
 }
 template <typename T>
-c10::optional<T> stand_in(const c10::optional<T>& value) {
-  return value.has_value() ? c10::optional<T>(stand_in(*value)) : value;
+c10::optional<T> placeholder_for(const c10::optional<T>& value) {
+  return value.has_value() ? c10::optional<T>(placeholder_for(*value)) : value;
 }
 // On LibTorch 1.13 std::optional is another type, whose tensor must not be copied either; on 2.x
 // it is c10::optional and this overload drops out.
 template <typename T,
           typename = std::enable_if_t<!std::is_same_v<std::optional<T>, c10::optional<T>>>>
-std::optional<T> stand_in(const std::optional<T>& value) {
-  return value.has_value() ? std::optional<T>(stand_in(*value)) : value;
+std::optional<T> placeholder_for(const std::optional<T>& value) {
+  return value.has_value() ? std::optional<T>(placeholder_for(*value)) : value;
 }
 
 }  // namespace fusion::detail

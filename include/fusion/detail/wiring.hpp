@@ -75,7 +75,7 @@ inline std::vector<c10::optional<c10::IValue>> member_defaults(const Site& site,
 /// e.g. `x` for both `router(x)` and `experts(x, weights)`); failing that, like an unnamed
 /// parameter, the call argument, else the default (checked at call time: C++ default arguments
 /// are invisible here).
-inline std::vector<Source> plan_member(const std::vector<Site*>& members,
+inline std::vector<Origin> wire_member(const std::vector<Site*>& members,
                                        const std::vector<ModuleSpec>& specs,
                                        const std::vector<std::string>& patterns, std::size_t i) {
   const Site& site = *members[i];
@@ -111,18 +111,18 @@ inline std::vector<Source> plan_member(const std::vector<Site*>& members,
         site.path, patterns[i], describe_types(signature.outputs));
   }
 
-  std::vector<Source> sources(arity);
+  std::vector<Origin> origins(arity);
   const auto defaults = member_defaults(site, spec, where);
   for (std::size_t p = 0; p < arity; ++p) {
-    Source& source = sources[p];
-    source.fallback = defaults[p];
+    Origin& origin = origins[p];
+    origin.fallback = defaults[p];
     if (p >= spec.inputs.size()) continue;
     const std::string& name = spec.inputs[p];
     const ParamInfo& param = signature.params[p];
     // An earlier member's output of that name, the nearest winning; then an earlier input.
-    for (const Source::Kind kind : {Source::Kind::output, Source::Kind::input}) {
-      for (std::size_t k = i; k-- > 0 && source.kind == Source::Kind::call;) {
-        const bool outputs = kind == Source::Kind::output;
+    for (const Origin::Kind kind : {Origin::Kind::output, Origin::Kind::input}) {
+      for (std::size_t k = i; k-- > 0 && origin.kind == Origin::Kind::call;) {
+        const bool outputs = kind == Origin::Kind::output;
         const auto& names = outputs ? specs[k].outputs : specs[k].inputs;
         for (std::size_t o = 0; o < names.size(); ++o) {
           if (names[o] != name) continue;
@@ -135,13 +135,13 @@ inline std::vector<Source> plan_member(const std::vector<Site*>& members,
                 name, site.path, p, param.type.name, outputs ? "output" : "input", name,
                 members[k]->path, produced.name);
           }
-          source = Source{kind, static_cast<int>(k), static_cast<int>(o), false, source.fallback};
+          origin = Origin{kind, static_cast<int>(k), static_cast<int>(o), false, origin.fallback};
           break;
         }
       }
     }
   }
-  if (i > 0 && sources[0].kind == Source::Kind::call) {
+  if (i > 0 && origins[0].kind == Origin::Kind::call) {
     // The call argument is the placeholder the previous collector returned, not a real value.
     std::vector<std::string> outputs, inputs;
     for (std::size_t k = 0; k < i; ++k) {
@@ -155,18 +155,18 @@ inline std::vector<Source> plan_member(const std::vector<Site*>& members,
         spec.inputs.empty() ? std::string("not named in its spec") : "'" + spec.inputs[0] + "'",
         site.path, describe_names(outputs), describe_names(inputs), members[i - 1]->path);
   }
-  return sources;
+  return origins;
 }
 
 /// Marks the last consumer of each wired value, so the replay moves instead of copying and frees
 /// intermediate tensors as early as it can; marks the members whose inputs a later one reads.
 inline void mark_last_uses(std::vector<Member>& members) {
-  std::map<std::tuple<Source::Kind, int, int>, Source*> last;
+  std::map<std::tuple<Origin::Kind, int, int>, Origin*> last;
   for (Member& member : members) {
-    for (Source& source : member.sources) {
-      if (source.kind == Source::Kind::call) continue;
-      last[{source.kind, source.member, source.index}] = &source;
-      if (source.kind == Source::Kind::input) members[source.member].inputs_read_later = true;
+    for (Origin& origin : member.origins) {
+      if (origin.kind == Origin::Kind::call) continue;
+      last[{origin.kind, origin.member, origin.index}] = &origin;
+      if (origin.kind == Origin::Kind::input) members[origin.member].inputs_read_later = true;
     }
   }
   for (auto& entry : last) entry.second->last_use = true;

@@ -1,7 +1,8 @@
-// fusion::KernelOptions and fusion::KernelPolicy: where and when a kernel may run, and what a
-// chain does when it does not.
+// The options of fusion's calls: FuseOptions (fuse_modules), KernelOptions (register_kernel) and
+// KernelPolicy (what a chain with a kernel does on each call).
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include <c10/core/DeviceType.h>
@@ -34,6 +35,16 @@ enum class KernelPolicy {
   /// the default tolerance of their dtype (see VerifyOptions), throws a FusionError naming the
   /// kernel and the chain. Twice the work: for tests and for trying a new kernel.
   checked,
+};
+
+/// How fuse_modules builds chains (and a plan's rules).
+struct FuseOptions {
+  /// Skip bindings that some pattern lacks (a layer without the module) instead of failing.
+  bool skip_incomplete_chains = false;
+  /// A registered kernel (see register_kernel) to run in place of the replay; empty: replay.
+  /// With a kernel, a chain may have a single member: "replace this module's forward".
+  std::string kernel = {};
+  KernelPolicy policy = KernelPolicy::fallback;
 };
 
 }  // namespace fusion

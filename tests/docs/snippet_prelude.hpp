@@ -1,0 +1,19 @@
+// What the documentation's C++ snippets may assume: the library, the test models (RMSNorm and MLP
+// as the README writes them) and the names it uses for the user's things.
+#pragma once
+
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+#include <fusion/fusion.hpp>
+#include <fusion/kernels/batch_norm_folding.hpp>
+
+#include "models.hpp"
+
+namespace fusion_docs {
+using namespace models;
+// `model` in a statement snippet: a stack of norm + MLP blocks, children layers.0, layers.1, ...
+using Model = Stack;
+}  // namespace fusion_docs
