@@ -8,6 +8,7 @@ packages=(
   libtorch-dev          # LibTorch 1.13 (CPU)
   libopenblas0-openmp   # Debian's LibTorch links libblas.so.3: reference BLAS is ~50x slower
   libfmt-dev catch2 libbenchmark-dev nlohmann-json3-dev
+  clang-format          # scripts/check-format, in the `here` stage
 )
 
 missing=()

@@ -331,7 +331,8 @@ TEST_CASE("conv + batch norm folding: memory format, padding modes, modes and st
 
 TEST_CASE(
     "conv + batch norm folding on CUDA, after to(CUDA), dense and channels-last "
-    "(skipped without CUDA)") {
+    "(skipped without CUDA)",
+    "[cuda]") {
   if (!torch::cuda::is_available()) {
     WARN("CUDA is not available in this LibTorch build or machine: CUDA case skipped");
     return;

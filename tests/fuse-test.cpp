@@ -254,7 +254,8 @@ TEST_CASE("fusion leaves the model's state untouched") {
   }
 }
 
-TEST_CASE("one fused model called from 4 threads at once matches the unfused outputs") {
+TEST_CASE("one fused model called from 4 threads at once matches the unfused outputs",
+          "[threads]") {
   torch::manual_seed(8);
   Stack model(3);
   constexpr int threads = 4, inputs_per_thread = 8, rounds = 50;
@@ -372,7 +373,7 @@ TEST_CASE("members may live under different parents, and incomplete chains can b
   CHECK_FALSE(model->decoder->block(2).mlp.is_fused());
 }
 
-TEST_CASE("a fused model on CUDA gives the original outputs (skipped without CUDA)") {
+TEST_CASE("a fused model on CUDA gives the original outputs (skipped without CUDA)", "[cuda]") {
   if (!torch::cuda::is_available()) {
     WARN("CUDA is not available in this LibTorch build or machine: CUDA case skipped");
     return;

@@ -372,7 +372,7 @@ TEST_CASE("a kernel's prepared state is never stale, and never rebuilt for nothi
   }
 }
 
-TEST_CASE("8 threads share a kernel-equipped model, starting unprepared") {
+TEST_CASE("8 threads share a kernel-equipped model, starting unprepared", "[threads]") {
   register_test_kernels();
   torch::manual_seed(36);
   Stack model(3);
@@ -401,7 +401,8 @@ TEST_CASE("8 threads share a kernel-equipped model, starting unprepared") {
   CHECK(stats_of(model).prepares == 1);
 }
 
-TEST_CASE("attaching a kernel while another thread is in the chain's call is refused") {
+TEST_CASE("attaching a kernel while another thread is in the chain's call is refused",
+          "[threads]") {
   register_test_kernels();
   torch::manual_seed(38);
   Stack model(1);
@@ -431,7 +432,8 @@ TEST_CASE("attaching a kernel while another thread is in the chain's call is ref
   require_close(model(x), expected);
 }
 
-TEST_CASE("fusion changed while 4 threads run the model: refused or made, every forward exact") {
+TEST_CASE("fusion changed while 4 threads run the model: refused or made, every forward exact",
+          "[threads]") {
   register_test_kernels();
   torch::manual_seed(39);
   Stack model(3);
@@ -607,7 +609,8 @@ TEST_CASE("a plan reproduces the fusion of a model on its clone") {
   CHECK(fusion::fused_chains(other).empty());
 }
 
-TEST_CASE("kernels dispatch by device: a CUDA kernel runs on CUDA (skipped without CUDA)") {
+TEST_CASE("kernels dispatch by device: a CUDA kernel runs on CUDA (skipped without CUDA)",
+          "[cuda]") {
   if (!torch::cuda::is_available()) {
     WARN("CUDA is not available in this LibTorch build or machine: CUDA case skipped");
     return;

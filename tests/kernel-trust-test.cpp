@@ -401,7 +401,8 @@ TEST_CASE("use_kernel on modules that are not fused says so") {
 
 TEST_CASE(
     "fusion changed with a wait while 4 threads run the model: every change made, every "
-    "forward exact") {
+    "forward exact",
+    "[threads]") {
   register_trust_kernels();
   torch::manual_seed(57);
   Stack model(3);

@@ -255,7 +255,7 @@ TEST_CASE("Qwen3 kernels match the unfused model, in float32 and bf16, and gener
   require_within_kernel_tolerance(model(prompt), bf16_original);
 }
 
-TEST_CASE("on CUDA, replay and kernels match the unfused model (skipped without CUDA)") {
+TEST_CASE("on CUDA, replay and kernels match the unfused model (skipped without CUDA)", "[cuda]") {
   if (!torch::cuda::is_available()) {
     WARN("CUDA is not available in this LibTorch build or machine: CUDA case skipped");
     return;
@@ -329,7 +329,7 @@ TEST_CASE("a fused model saves with torch::save and loads into an unfused one") 
   CHECK(torch::equal(other(prompt), original));
 }
 
-TEST_CASE("fused generation from several threads at once gives identical ids") {
+TEST_CASE("fused generation from several threads at once gives identical ids", "[threads]") {
   auto model = random_model(6);
   std::vector<torch::Tensor> prompts{ids({1, 2, 3}), ids({10, 20, 30, 40}), ids({7}),
                                      ids({99, 98})};
@@ -352,7 +352,8 @@ TEST_CASE("fused generation from several threads at once gives identical ids") {
   CHECK(mismatches == 0);
 }
 
-TEST_CASE("stress: 8 threads x 2000 forwards and 8 generating threads on one fused model") {
+TEST_CASE("stress: 8 threads x 2000 forwards and 8 generating threads on one fused model",
+          "[threads]") {
   // FUSION_STRESS_FORWARDS lowers the count where each forward is slow (ThreadSanitizer).
   const char* env = std::getenv("FUSION_STRESS_FORWARDS");
   const int forwards = env != nullptr ? std::atoi(env) : 2000;

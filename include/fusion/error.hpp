@@ -9,12 +9,14 @@
 
 #include <fmt/format.h>
 
+#include "fusion/detail/abi.hpp"
+
 namespace fusion {
 
 /// Thrown for every mistake the library can detect: a bad pattern or spec at fuse time, a fused
 /// chain called out of order at call time. The message names the pattern, path, spec or value at
 /// fault. A failed `fuse_modules` leaves the model exactly as it was.
-class FusionError : public std::runtime_error {
+class FUSION_API FusionError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
@@ -30,7 +32,7 @@ template <typename... Args>
 /// FUSION_FAULT_INJECTION and make the Nth step reached throw std::bad_alloc (fault_countdown()
 /// = N; -1, the default, never), to prove it for every step; otherwise it compiles to nothing.
 #ifdef FUSION_FAULT_INJECTION
-inline std::atomic<long>& fault_countdown() {
+FUSION_API inline std::atomic<long>& fault_countdown() {
   static std::atomic<long> countdown{-1};
   return countdown;
 }

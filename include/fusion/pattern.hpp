@@ -27,14 +27,11 @@ class Pattern {
  public:
   explicit Pattern(std::string text) : text_(std::move(text)) {
     if (text_.empty()) detail::fail("fusion: empty pattern");
-    std::size_t start = 0;
-    while (true) {
-      const std::size_t dot = text_.find('.', start);
-      std::string segment = text_.substr(start, dot == std::string::npos ? dot : dot - start);
-      check_segment(segment, start);
-      segments_.push_back(std::move(segment));
-      if (dot == std::string::npos) break;
-      start = dot + 1;
+    std::size_t offset = 0;
+    for (std::string_view segment : split(text_)) {
+      check_segment(segment, offset);
+      segments_.emplace_back(segment);
+      offset += segment.size() + 1;
     }
   }
 
@@ -60,6 +57,21 @@ class Pattern {
 
   /// The binding values when `path` matches, else nullopt.
   std::optional<std::vector<std::string>> match(std::string_view path) const {
+    const std::vector<std::string_view> parts = split(path);
+    std::vector<std::string> binding;
+    std::vector<bool> failed((segments_.size() + 1) * (parts.size() + 1), false);
+    if (!match_from(0, parts, 0, binding, failed)) return std::nullopt;
+    return binding;
+  }
+
+  /// Whether a segment holds a wildcard (`*`, `?`, a class): it then binds what it matched.
+  static bool has_wildcard(std::string_view segment) {
+    return segment.find_first_of("*?[") != std::string_view::npos;
+  }
+
+ private:
+  /// A dotted path's segments, empty ones included (check_segment refuses those in patterns).
+  static std::vector<std::string_view> split(std::string_view path) {
     std::vector<std::string_view> parts;
     std::size_t start = 0;
     while (true) {
@@ -68,18 +80,10 @@ class Pattern {
       if (dot == std::string_view::npos) break;
       start = dot + 1;
     }
-    std::vector<std::string> binding;
-    std::vector<bool> failed((segments_.size() + 1) * (parts.size() + 1), false);
-    if (!match_from(0, parts, 0, binding, failed)) return std::nullopt;
-    return binding;
+    return parts;
   }
 
- private:
-  static bool has_wildcard(std::string_view segment) {
-    return segment.find_first_of("*?[") != std::string_view::npos;
-  }
-
-  void check_segment(const std::string& segment, std::size_t offset) const {
+  void check_segment(std::string_view segment, std::size_t offset) const {
     if (segment.empty()) {
       detail::fail(
           "fusion: malformed pattern '{}': empty segment at offset {} (leading, trailing or "

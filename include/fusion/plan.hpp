@@ -75,7 +75,7 @@ inline std::vector<std::string> pinned(const FusedChain& chain, const std::strin
       std::string piece = segment;
       if (segment == "**") {
         piece = chain.binding[bound++];
-      } else if (segment.find_first_of("*?[") != std::string::npos) {
+      } else if (Pattern::has_wildcard(segment)) {
         piece.clear();
         for (char c : chain.binding[bound]) piece += std::string("[") + c + "]";
         ++bound;

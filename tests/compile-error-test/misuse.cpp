@@ -1,7 +1,15 @@
 // Each FUSION_CASE is a misuse that must fail to compile with the static_assert named in
 // tests/CMakeLists.txt. FUSION_CASE 0 is the control: it must compile, proving the harness works.
 #include <torch/torch.h>
+#include <memory>
+
+// The kernel, verify and boxing cases need the whole library; the Slot cases (and the control)
+// only the Slot, which keeps the serial compile-error tests short.
+#if FUSION_CASE >= 6
+#include <fusion/fusion.hpp>
+#else
 #include <fusion/slot.hpp>
+#endif
 
 struct MutatesImpl : torch::nn::Module {
   torch::Tensor forward(torch::Tensor& x) { return x.add_(1); }
@@ -24,10 +32,32 @@ struct TakesRvalueImpl : torch::nn::Module {
 };
 TORCH_MODULE(TakesRvalue);
 
+struct TakesUniqueImpl : torch::nn::Module {
+  torch::Tensor forward(std::unique_ptr<int> p) { return torch::ones({*p}); }
+};
+TORCH_MODULE(TakesUnique);
+
 struct FineImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x) { return x; }
 };
 TORCH_MODULE(Fine);
+
+#if FUSION_CASE >= 6
+// Kernels over a FineImpl, each wrong in one way.
+struct OverloadedKernel {
+  torch::Tensor operator()(FineImpl&, const torch::Tensor& x) const { return x; }
+  torch::Tensor operator()(FineImpl&, const torch::Tensor& x, double) const { return x; }
+};
+struct ConstModuleKernel {
+  torch::Tensor operator()(const FineImpl&, const torch::Tensor& x) const { return x; }
+};
+struct StatelessCallKernel {  // prepare() without `const State&` first in operator()
+  struct State {};
+  State prepare(FineImpl&) const { return {}; }
+  torch::Tensor operator()(FineImpl&, const torch::Tensor& x) const { return x; }
+};
+struct Opaque {};
+#endif
 
 struct ParentImpl : torch::nn::Module {
   ParentImpl() {
@@ -53,6 +83,16 @@ int main() {
   fusion::Slot<Nullary> slot;
 #elif FUSION_CASE == 4
   fusion::Slot<TakesRvalue> slot;
+#elif FUSION_CASE == 6
+  fusion::register_kernel("overloaded", OverloadedKernel{});
+#elif FUSION_CASE == 7
+  fusion::register_kernel("const_module", ConstModuleKernel{});
+#elif FUSION_CASE == 8
+  fusion::register_kernel("stateless_call", StatelessCallKernel{});
+#elif FUSION_CASE == 9
+  fusion::verify(parent, [] { return Opaque{}; });
+#elif FUSION_CASE == 10
+  fusion::Slot<TakesUnique> slot;
 #endif
   return 0;
 }

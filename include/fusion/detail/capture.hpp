@@ -16,6 +16,8 @@
 #include <c10/core/AutogradState.h>
 #include <c10/core/InferenceMode.h>
 
+#include "fusion/detail/abi.hpp"
+
 namespace fusion::detail {
 
 /// The thread-local autograd mode a member was called in. The replay runs each member in its own
@@ -94,9 +96,11 @@ class ClearOnThrow {
   int exceptions_;
 };
 
+inline namespace FUSION_ABI_VERSION {
+
 /// Chains get small dense indices into the thread-local stores, recycled when a chain goes away;
 /// a uid that is never reused tells a recycled slot's stale state from the current chain's.
-class CaptureIndexPool {
+class FUSION_API CaptureIndexPool {
  public:
   static CaptureIndexPool& instance() {
     static auto* pool = new CaptureIndexPool();  // leaked: chains may outlive static destruction
@@ -126,7 +130,7 @@ class CaptureIndexPool {
 
 /// This thread's capture for the chain (index, uid) with `members` members. A deque keeps
 /// references stable while a nested chain (a chain inside a member being replayed) grows it.
-inline Capture& capture_for(std::size_t index, std::uint64_t uid, std::size_t members) {
+FUSION_API inline Capture& capture_for(std::size_t index, std::uint64_t uid, std::size_t members) {
   thread_local std::deque<Capture> store;
   while (store.size() <= index) store.emplace_back();
   Capture& capture = store[index];
@@ -139,5 +143,7 @@ inline Capture& capture_for(std::size_t index, std::uint64_t uid, std::size_t me
   }
   return capture;
 }
+
+}  // namespace FUSION_ABI_VERSION
 
 }  // namespace fusion::detail

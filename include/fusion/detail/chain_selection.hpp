@@ -70,8 +70,9 @@ struct Matches {
   std::vector<std::vector<Site*>> members;         // one per chain, members in pattern order
 };
 
-inline Matches match(torch::nn::Module& root, const std::vector<std::string>& patterns,
-                     const FuseOptions& options) {
+/// The patterns parsed, after the checks that need no model: enough of them, as many wildcards.
+inline std::vector<Pattern> parse_patterns(const std::vector<std::string>& patterns,
+                                           const FuseOptions& options) {
   if (patterns.empty() || (patterns.size() < 2 && options.kernel.empty())) {
     fail("fusion::fuse_modules: a chain needs at least 2 patterns (or 1 with a kernel), got {} {}",
          patterns.size(), describe_names(patterns));
@@ -86,11 +87,13 @@ inline Matches match(torch::nn::Module& root, const std::vector<std::string>& pa
           pattern.text(), pattern.wildcards(), parsed[0].text(), parsed[0].wildcards());
     }
   }
+  return parsed;
+}
 
-  Matches found;
-  found.sites = sites_under(root);
-
-  // Group matches by binding, chains in module order.
+/// Groups the sites the patterns match into chains by binding, in module order, keeping the
+/// complete ones (all of them, unless skip_incomplete_chains).
+inline void group_chains(Matches& found, const std::vector<Pattern>& parsed,
+                         const std::vector<std::string>& patterns, const FuseOptions& options) {
   std::vector<std::vector<Site*>> chains;
   std::vector<std::vector<std::string>> bindings;
   std::map<std::vector<std::string>, std::size_t> chain_of;
@@ -114,7 +117,6 @@ inline Matches match(torch::nn::Module& root, const std::vector<std::string>& pa
            no_match_reason(parsed[p], found.sites));
     }
   }
-
   for (std::size_t c = 0; c < chains.size(); ++c) {
     bool full = true;
     for (std::size_t p = 0; p < patterns.size() && full; ++p) {
@@ -135,7 +137,10 @@ inline Matches match(torch::nn::Module& root, const std::vector<std::string>& pa
   if (found.members.empty()) {
     fail("fusion::fuse_modules: no complete chain for patterns {}", describe_names(patterns));
   }
+}
 
+/// Every member is a Slot, not fused, and in one chain once.
+inline void check_members(const Matches& found, const std::vector<std::string>& patterns) {
   std::map<const SlotBase*, std::pair<std::size_t, std::size_t>> owner;  // -> (chain, pattern)
   for (std::size_t c = 0; c < found.members.size(); ++c) {
     for (std::size_t p = 0; p < patterns.size(); ++p) {
@@ -168,6 +173,15 @@ inline Matches match(torch::nn::Module& root, const std::vector<std::string>& pa
           describe_names(found.bindings[c]));
     }
   }
+}
+
+inline Matches match(torch::nn::Module& root, const std::vector<std::string>& patterns,
+                     const FuseOptions& options) {
+  const std::vector<Pattern> parsed = parse_patterns(patterns, options);
+  Matches found;
+  found.sites = sites_under(root);
+  group_chains(found, parsed, patterns, options);
+  check_members(found, patterns);
   return found;
 }
 

@@ -21,19 +21,10 @@
 
 namespace fusion::detail {
 
-/// Checks that kernel `name` fits `chain` (member types, free inputs, result) and binds it.
-/// `paths` are the members' paths as the caller's messages should show them.
-inline std::shared_ptr<KernelRunner> bind_kernel(const Chain& chain,
-                                                 const std::vector<std::string>& paths,
-                                                 const std::string& name, KernelPolicy policy) {
-  const auto impls = KernelRegistry::instance().find(name);
-  const std::string where =
-      fmt::format("kernel '{}' on chain [{}]", name, fmt::join(paths, " -> "));
-  if (impls.empty()) {
-    fail("fusion: unknown kernel '{}'; registered kernels: [{}]", name,
-         fmt::join(KernelRegistry::instance().names(), ", "));
-  }
-  const KernelImpl& impl = *impls.front();
+/// Whether `impl` takes the chain's member types, free inputs and result; a FusionError naming
+/// what differs otherwise. `where` names the kernel and the chain.
+inline void check_fit(const KernelImpl& impl, const Chain& chain,
+                      const std::vector<std::string>& paths, const std::string& where) {
   if (impl.modules.size() != chain.size()) {
     fail("fusion: {}: the kernel takes {} module(s) ({}), the chain has {} member(s)", where,
          impl.modules.size(), fmt::join(impl.module_names, ", "), chain.size());
@@ -81,6 +72,21 @@ inline std::shared_ptr<KernelRunner> bind_kernel(const Chain& chain,
     fail("fusion: {}: the kernel returns ({}), but the last member '{}' returns ({})", where,
          fmt::join(got, ", "), paths.back(), fmt::join(want, ", "));
   }
+}
+
+/// Checks that kernel `name` fits `chain` (member types, free inputs, result) and binds it.
+/// `paths` are the members' paths as the caller's messages should show them.
+inline std::shared_ptr<KernelRunner> bind_kernel(const Chain& chain,
+                                                 const std::vector<std::string>& paths,
+                                                 const std::string& name, KernelPolicy policy) {
+  const auto impls = KernelRegistry::instance().find(name);
+  const std::string where =
+      fmt::format("kernel '{}' on chain [{}]", name, fmt::join(paths, " -> "));
+  if (impls.empty()) {
+    fail("fusion: unknown kernel '{}'; registered kernels: [{}]", name,
+         fmt::join(KernelRegistry::instance().names(), ", "));
+  }
+  check_fit(*impls.front(), chain, paths, where);
   std::vector<at::Tensor> tensors;
   for (std::size_t i = 0; i < chain.size(); ++i) {
     torch::nn::Module* module = chain.member_slot(i)->module();

@@ -11,14 +11,17 @@
 
 #include <c10/core/DeviceType.h>
 
+#include "fusion/detail/abi.hpp"
 #include "fusion/detail/boxing.hpp"
 #include "fusion/detail/typed_kernel.hpp"
 #include "fusion/error.hpp"
 
 namespace fusion::detail {
 
+inline namespace FUSION_ABI_VERSION {
+
 /// Kernels by name; each name has one implementation per set of device types.
-class KernelRegistry {
+class FUSION_API KernelRegistry {
  public:
   static KernelRegistry& instance() {
     static auto* registry = new KernelRegistry();  // leaked: chains may outlive static destruction
@@ -78,5 +81,7 @@ class KernelRegistry {
   mutable std::mutex mutex_;
   std::map<std::string, std::vector<std::shared_ptr<const KernelImpl>>> kernels_;
 };
+
+}  // namespace FUSION_ABI_VERSION
 
 }  // namespace fusion::detail

@@ -16,6 +16,8 @@
 #include <c10/util/Optional.h>
 #include <c10/util/SmallVector.h>
 
+#include "fusion/detail/abi.hpp"
+
 namespace fusion::detail {
 
 /// A tensor with `like`'s shape, dtype and device that shares no memory with it: one element of
@@ -26,15 +28,19 @@ namespace fusion::detail {
 /// stand-ins read as NaN, so arithmetic on one shows. Cheap because it is on every fused call: the
 /// view is built directly, as at::detail::make_tensor lets extensions do (through the dispatcher,
 /// `expand` cost ~500 ns a call), and reused on the next call when nobody kept it.
+inline namespace FUSION_ABI_VERSION {
+
 struct PlaceholderStore {
   at::Tensor scalar;  // the one element every stand-in of this dtype and device views
   at::Tensor last;    // the last stand-in made, reused once nothing else holds it
 };
 /// This thread's stand-in storages: one entry per (dtype, device) it has seen.
-inline std::vector<PlaceholderStore>& placeholder_store() {
+FUSION_API inline std::vector<PlaceholderStore>& placeholder_store() {
   thread_local std::vector<PlaceholderStore> cache;
   return cache;
 }
+
+}  // namespace FUSION_ABI_VERSION
 
 /// Whether `value` is or holds (in an optional or a list) a tensor stand-in made on this thread.
 inline bool holds_placeholder(const c10::IValue& value) {

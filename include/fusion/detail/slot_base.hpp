@@ -20,6 +20,7 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/any_value.h>
 
+#include "fusion/detail/abi.hpp"
 #include "fusion/detail/boxing.hpp"
 
 namespace fusion::detail {
@@ -43,8 +44,10 @@ struct SignatureInfo {
   bool has_placeholder = true;    // whether the Slot can stand in for its result as a collector
 };
 
+inline namespace FUSION_ABI_VERSION {
+
 /// What a fused Slot calls instead of its module.
-class Dispatch {
+class FUSION_API Dispatch {
  public:
   explicit Dispatch(bool is_collector) : collects(is_collector) {}
   virtual ~Dispatch() = default;
@@ -62,7 +65,7 @@ class Dispatch {
 
 /// Finds the Slot bound to a child from (parent module, child name). Keyed by the `Module`
 /// subobject, which is what named_modules() hands out.
-class SlotTable {
+class FUSION_API SlotTable {
  public:
   static SlotTable& instance() {
     static auto* table = new SlotTable();  // leaked: static models may be destroyed after it
@@ -87,6 +90,8 @@ class SlotTable {
   mutable std::mutex mutex_;
   std::map<std::pair<const torch::nn::Module*, std::string>, SlotBase*> slots_;
 };
+
+}  // namespace FUSION_ABI_VERSION
 
 /// The part of a Slot that does not depend on its module type.
 class SlotBase {

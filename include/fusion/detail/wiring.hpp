@@ -69,21 +69,15 @@ inline std::vector<c10::optional<c10::IValue>> member_defaults(const Site& site,
   return defaults;
 }
 
-/// Plans where every parameter of member `i` comes from; throws FusionError if it cannot be wired.
-/// A parameter named in the spec takes the output of that name of the nearest earlier member;
-/// failing that, the input of that name of the nearest earlier member (what that member received,
-/// e.g. `x` for both `router(x)` and `experts(x, weights)`); failing that, like an unnamed
-/// parameter, the call argument, else the default (checked at call time: C++ default arguments
-/// are invisible here).
-inline std::vector<Origin> wire_member(const std::vector<Site*>& members,
-                                       const std::vector<ModuleSpec>& specs,
-                                       const std::vector<std::string>& patterns, std::size_t i) {
+/// Whether member `i`'s spec fits its forward(): input and output counts, names, and a
+/// placeholder to return if it is a collector. `where` names the spec.
+inline void check_spec(const std::vector<Site*>& members, const std::vector<ModuleSpec>& specs,
+                       const std::vector<std::string>& patterns, std::size_t i,
+                       const std::string& where) {
   const Site& site = *members[i];
   const ModuleSpec& spec = specs[i];
   const SignatureInfo& signature = site.slot->signature();
   const std::size_t arity = signature.params.size();
-  const std::string where =
-      fmt::format("spec #{} (pattern '{}', module '{}')", i, patterns[i], site.path);
 
   if (spec.inputs.size() > arity) {
     fail("fusion::fuse_modules: {} names {} inputs {} but forward() takes {} parameter(s) {}",
@@ -110,6 +104,24 @@ inline std::vector<Origin> wire_member(const std::vector<Site*>& members,
         "placeholder to return in its place. It can only be the last member of a chain",
         site.path, patterns[i], describe_types(signature.outputs));
   }
+}
+
+/// Plans where every parameter of member `i` comes from; throws FusionError if it cannot be wired.
+/// A parameter named in the spec takes the output of that name of the nearest earlier member;
+/// failing that, the input of that name of the nearest earlier member (what that member received,
+/// e.g. `x` for both `router(x)` and `experts(x, weights)`); failing that, like an unnamed
+/// parameter, the call argument, else the default (checked at call time: C++ default arguments
+/// are invisible here).
+inline std::vector<Origin> wire_member(const std::vector<Site*>& members,
+                                       const std::vector<ModuleSpec>& specs,
+                                       const std::vector<std::string>& patterns, std::size_t i) {
+  const Site& site = *members[i];
+  const ModuleSpec& spec = specs[i];
+  const SignatureInfo& signature = site.slot->signature();
+  const std::size_t arity = signature.params.size();
+  const std::string where =
+      fmt::format("spec #{} (pattern '{}', module '{}')", i, patterns[i], site.path);
+  check_spec(members, specs, patterns, i, where);
 
   std::vector<Origin> origins(arity);
   const auto defaults = member_defaults(site, spec, where);
