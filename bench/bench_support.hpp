@@ -1,7 +1,7 @@
 // Shared by the benchmarks. add_blas_context records which BLAS kernels and how many threads a
 // benchmark ran with, in the benchmark's context header: Debian's LibTorch links whatever
 // libblas.so.3 points to, and OpenBLAS 0.3.21 detects some virtual CPUs as "Prescott" and runs
-// generic kernels ~4x slower (OPENBLAS_CORETYPE overrides it).
+// generic kernels, much slower (docs/performance.md; OPENBLAS_CORETYPE overrides it).
 #pragma once
 
 #include <dlfcn.h>

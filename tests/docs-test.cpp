@@ -1,6 +1,7 @@
-// The documentation's printed examples are what the library prints: the README's `report` of its
-// example, and the form of a `verify` line in docs/semantics.md. (That every C++ block of the
-// documentation compiles is the docs.snippets test: docs/extract_snippets.cpp.)
+// The documentation is true: its printed examples are what the library prints (the README's
+// `report` of its example, the form of a `verify` line in docs/semantics.md), and the LibTorch
+// internals docs/compatibility.md lists behave as the library relies on. (That every C++ block of
+// the documentation compiles is the docs.snippets test: docs/extract_snippets.cpp.)
 #include "catch_compat.hpp"
 
 #include <fstream>
@@ -8,6 +9,8 @@
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include <fusion/kernels/batch_norm_folding.hpp>
 
 #include "models.hpp"
 
@@ -74,4 +77,78 @@ TEST_CASE("docs/semantics.md shows a verify line as verify prints one") {
   CHECK(std::regex_match(shown, form));
   INFO(printed);
   CHECK(std::regex_match(printed, form));
+}
+
+// docs/compatibility.md: each LibTorch internal the library relies on, checked where it is used
+// (detail/libtorch.hpp and the two named there). A failure here names the internal that changed.
+TEST_CASE("the LibTorch internals docs/compatibility.md lists behave as the library relies on") {
+  namespace d = fusion::detail;
+  SECTION("at::detail::make_tensor + set_sizes_and_strides: an all-zero-strides view") {
+    INFO("LibTorch changed at::detail::make_tensor or TensorImpl::set_sizes_and_strides");
+    const auto scalar = torch::full({}, 7.0);
+    const auto view = d::expanded_view(scalar, {2, 3});
+    CHECK(view.sizes() == c10::IntArrayRef({2, 3}));
+    CHECK(view.strides() == c10::IntArrayRef({0, 0}));
+    CHECK(d::storage_of(view) == d::storage_of(scalar));
+    CHECK(torch::equal(view, torch::full({2, 3}, 7.0)));
+    CHECK_THROWS(view.add_(1));  // more than one element refers to one memory location
+  }
+  SECTION("StorageImpl identity, held weakly: never reused, bytes still freed") {
+    INFO(
+        "LibTorch changed Storage::getWeakStorageImpl, weak_intrusive_ptr or StorageImpl's "
+        "lifetime");
+    auto parameter = torch::randn({1024, 1024});
+    for (int round = 0; round < 5; ++round) {
+      const auto old = d::weak_storage(parameter);
+      CHECK(d::target_of(old) == d::storage_of(parameter));
+      torch::NoGradGuard no_grad;
+      parameter.set_data(torch::randn({1024, 1024}));
+      CHECK(old.expired());                                  // the bytes went with the last tensor
+      CHECK(d::target_of(old) != d::storage_of(parameter));  // the object did not
+    }
+  }
+  SECTION("the version counter, and inference tensors without one") {
+    INFO("LibTorch changed TensorImpl::version_counter or is_inference");
+    auto tensor = torch::zeros({3});
+    const auto before = d::version_of(tensor);
+    CHECK(before >= 0);
+    tensor.add_(1);
+    CHECK(d::version_of(tensor) == before + 1);
+    c10::InferenceMode inference;
+    CHECK(d::version_of(torch::zeros({3})) == -1);
+  }
+  SECTION("AutogradState: grad and inference modes in one read") {
+    INFO("LibTorch changed c10::AutogradState");
+    {
+      torch::NoGradGuard no_grad;
+      CHECK_FALSE(d::autograd_state().get_grad_mode());
+    }
+    c10::InferenceMode inference;
+    CHECK(d::autograd_state().get_inference_mode());
+  }
+  SECTION("AnyModuleHolder's friendship: FORWARD_HAS_DEFAULT_ARGS defaults") {
+    INFO("LibTorch changed torch::nn::AnyModuleHolder or _forward_populate_default_args");
+    ScaleShift module;  // forward(x, scale = 2.0, shift = 1), declared
+    auto defaults = d::forward_defaults(*module, 3);  // AnyValue::get is not const
+    REQUIRE(defaults.size() == 3);
+    CHECK_FALSE(defaults[0].has_value());
+    REQUIRE(defaults[1].has_value());
+    REQUIRE(defaults[2].has_value());
+    CHECK(defaults[1]->get<double>() == 2.0);
+    CHECK(defaults[2]->get<int64_t>() == 1);
+  }
+  SECTION("TorchScript's prepacked oneDNN convolution, where LibTorch has it") {
+    if (!d::PrepackedConv2d::available()) {
+      WARN(
+          "mkldnn_prepacked::conv2d_prepack/conv2d_run are not registered in this LibTorch: the "
+          "folding kernels run the dense convolution instead");
+      return;
+    }
+    INFO("LibTorch changed mkldnn_prepacked::conv2d_prepack or conv2d_run");
+    const auto weight = torch::randn({8, 3, 3, 3});
+    const auto bias = torch::randn({8});
+    const d::PrepackedConv2d conv(weight, bias, {1, 1}, {1, 1}, {1, 1}, 1, "none");
+    const auto x = torch::randn({1, 3, 8, 8});
+    CHECK(torch::allclose(conv(x), torch::conv2d(x, weight, bias, 1, 1), 1e-4, 1e-4));
+  }
 }

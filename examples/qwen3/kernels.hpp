@@ -139,14 +139,13 @@ inline torch::Tensor silu_mul(const torch::Tensor& gate_up, int64_t inter) {
 /// packs the whole weight on every call); three paths do better (bench/qwen3-bench.cpp,
 /// BM_Projection, measures each against linear, the weights cycled so they come from memory as
 /// in a forward):
-///   - one row: the matrix-vector product, 0.35x-0.42x of linear's time. A decode step is one
-///     row per projection.
-///   - 2 to 256 rows: small_gemm (AVX-512, the weight read in place), 0.58x-0.84x on one thread
-///     and 0.50x-0.72x on two, where rows are at least 128 long (or 16 rows at most: short rows
-///     favour OpenBLAS).
+///   - one row: the matrix-vector product. A decode step is one row per projection.
+///   - 2 to 256 rows: small_gemm (AVX-512, the weight read in place), where rows are at least 128
+///     long (or 16 rows at most: short rows favour OpenBLAS).
 ///   - other shapes with 48 rows or more and at least 12M multiply-adds per thread: oneDNN
-///     (at::mkldnn_linear, the weight read as it is: no copy), 0.65x-0.80x at 128 rows.
-/// Results differ from linear's only by float32 summation order.
+///     (at::mkldnn_linear, the weight read as it is: no copy).
+/// The figures behind these thresholds are in docs/performance.md ("Projections"). Results differ
+/// from linear's only by float32 summation order.
 inline torch::Tensor project(const torch::Tensor& x, const torch::Tensor& weight,
                              const torch::Tensor& bias = {}) {
   const int64_t in = x.size(-1), out = weight.size(0);

@@ -149,15 +149,15 @@ class Slot final : public detail::SlotBase {
     std::array<c10::IValue, sizeof...(Args)> boxes{
         detail::Boxing<Param<I>>::box(Param<I>(std::forward<Args>(args)))...};
     if (dispatch.collects) {
-      Result stand_in = placeholder(boxes);
+      Result result = placeholder(boxes);
       if (dispatch.call(boxes.data(), boxes.size()) != detail::Dispatch::finish_unfused()) {
-        return stand_in;
+        return result;
       }
     } else {
       std::vector<c10::IValue>* outputs = dispatch.call(boxes.data(), boxes.size());
       if (outputs != detail::Dispatch::finish_unfused()) return detail::join<Result>(*outputs);
     }
-    // A pass that began before the chain was fused: its earlier members ran unfused.
+    // Called outside a pass of its chain (Chain::outside_pass): its arguments are real values.
     return Result(holder_->forward(detail::Boxing<Param<I>>::arg(boxes[I])...));
   }
 

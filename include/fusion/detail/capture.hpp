@@ -17,6 +17,7 @@
 #include <c10/core/InferenceMode.h>
 
 #include "fusion/detail/abi.hpp"
+#include "fusion/detail/libtorch.hpp"
 
 namespace fusion::detail {
 
@@ -28,7 +29,7 @@ struct Mode {
   bool inference = false;
 
   static Mode current() noexcept {
-    const c10::AutogradState& state = c10::AutogradState::get_tls_state();  // one TLS read
+    const c10::AutogradState& state = autograd_state();  // one TLS read
     return {state.get_grad_mode(), state.get_inference_mode()};
   }
   bool operator==(const Mode& other) const noexcept {

@@ -88,11 +88,10 @@ std::vector<int64_t> as_vector(const torch::ExpandingArray<D>& values) {
 /// LibTorch's prepacked oneDNN 2d convolution, the ops TorchScript's freezing uses
 /// (`mkldnn_prepacked::conv2d_prepack` and `conv2d_run`, registered by LibTorch builds with
 /// oneDNN, Debian's 1.13 among them), reached through the dispatcher. A pack is specific to an
-/// input shape: kept per shape, at most kShapes, least recently used out first. Measured against
-/// the plain folded convolution on ResNet-18's 3x3 layers (bench/cnn-bench.cpp, one thread):
-/// 0.98x at 64x56x56, 0.96x at 128x28x28, 0.91x at 256x14x14, 0.71x at 512x7x7, so it is used for
-/// every contiguous float32 input on the CPU; channels-last input takes the folded channels-last
-/// convolution, faster there.
+/// input shape: kept per shape, at most kShapes, least recently used out first. Faster than the
+/// plain folded convolution on every ResNet-18 3x3 layer shape (docs/performance.md,
+/// bench/cnn-bench.cpp), so it is used for every contiguous float32 input on the CPU;
+/// channels-last input takes the folded channels-last convolution, faster there.
 class PrepackedConv2d {
  public:
   static constexpr std::size_t kShapes = 8;

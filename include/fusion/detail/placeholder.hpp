@@ -1,4 +1,4 @@
-// The stand-in a collector returns for a result that only the replay computes.
+// The placeholder a collector returns for a result that only the replay computes.
 #pragma once
 
 #include <algorithm>
@@ -17,24 +17,17 @@
 #include <c10/util/SmallVector.h>
 
 #include "fusion/detail/abi.hpp"
+#include "fusion/detail/libtorch.hpp"
 
 namespace fusion::detail {
 
-/// A tensor with `like`'s shape, dtype and device that shares no memory with it: one element of
-/// this thread's stand-in storage for that dtype and device, expanded (all strides 0). A parent
-/// may read its metadata and pass it on to the next member. Anything else is not replayed; an
-/// in-place write on it fails in ATen ("more than one element of the written-to tensor refers to
-/// a single memory location") instead of silently writing into the caller's tensor, and floating
-/// stand-ins read as NaN, so arithmetic on one shows. Cheap because it is on every fused call: the
-/// view is built directly, as at::detail::make_tensor lets extensions do (through the dispatcher,
-/// `expand` cost ~500 ns a call), and reused on the next call when nobody kept it.
 inline namespace FUSION_ABI_VERSION {
 
 struct PlaceholderStore {
-  at::Tensor scalar;  // the one element every stand-in of this dtype and device views
-  at::Tensor last;    // the last stand-in made, reused once nothing else holds it
+  at::Tensor scalar;  // the one element every placeholder of this dtype and device views
+  at::Tensor last;    // the last placeholder made, reused once nothing else holds it
 };
-/// This thread's stand-in storages: one entry per (dtype, device) it has seen.
+/// This thread's placeholder storages: one entry per (dtype, device) it has seen.
 FUSION_API inline std::vector<PlaceholderStore>& placeholder_store() {
   thread_local std::vector<PlaceholderStore> cache;
   return cache;
@@ -42,18 +35,14 @@ FUSION_API inline std::vector<PlaceholderStore>& placeholder_store() {
 
 }  // namespace FUSION_ABI_VERSION
 
-/// Whether `value` is or holds (in an optional or a list) a tensor stand-in made on this thread.
+/// Whether `value` is or holds (in an optional or a list) a tensor placeholder made on this thread.
 inline bool holds_placeholder(const c10::IValue& value) {
   if (value.isTensor()) {
     const at::Tensor& tensor = value.toTensor();
     if (!tensor.defined()) return false;
-    const c10::StorageImpl* storage =
-        tensor.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+    const c10::StorageImpl* storage = storage_of(tensor);
     for (const PlaceholderStore& entry : placeholder_store()) {
-      if (storage != nullptr &&
-          storage == entry.scalar.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl()) {
-        return true;
-      }
+      if (storage != nullptr && storage == storage_of(entry.scalar)) return true;
     }
     return false;
   }
@@ -65,6 +54,13 @@ inline bool holds_placeholder(const c10::IValue& value) {
   return false;
 }
 
+/// A tensor with `like`'s shape, dtype and device that shares no memory with it: one element of
+/// this thread's placeholder storage for that dtype and device, expanded (all strides 0). A parent
+/// may read its metadata and pass it on to the next member. Anything else is not replayed; an
+/// in-place write on it fails in ATen ("more than one element of the written-to tensor refers to
+/// a single memory location") instead of silently writing into the caller's tensor, and floating
+/// placeholders read as NaN, so arithmetic on one shows. Cheap because it is on every fused call:
+/// the view is built directly (expanded_view), and reused on the next call when nobody kept it.
 inline at::Tensor placeholder_for(const at::Tensor& like) {
   if (!like.defined()) return like;
   // oneDNN's opaque layout has no empty_like (no strides): a fresh tensor of that layout.
@@ -88,7 +84,7 @@ inline at::Tensor placeholder_for(const at::Tensor& like) {
                      at::Tensor()});
     entry = &cache.back();
   }
-  // The last stand-in, if only this cache holds it and nothing changed it (a parent may have
+  // The last placeholder, if only this cache holds it and nothing changed it (a parent may have
   // called a metadata-changing op such as unsqueeze_ or requires_grad_ on it).
   at::Tensor& last = entry->last;
   if (last.defined() && last.use_count() == 1 && last.sizes() == like.sizes() &&
@@ -98,11 +94,7 @@ inline at::Tensor placeholder_for(const at::Tensor& like) {
                   [](int64_t stride) { return stride == 0; })) {
     return last;
   }
-  at::Tensor view = at::detail::make_tensor<c10::TensorImpl>(
-      c10::TensorImpl::VIEW, c10::Storage(entry->scalar.storage()), entry->scalar.key_set(),
-      entry->scalar.dtype());
-  const c10::SmallVector<int64_t, 8> strides(static_cast<std::size_t>(like.dim()), 0);
-  view.unsafeGetTensorImpl()->set_sizes_and_strides(like.sizes(), strides);
+  at::Tensor view = expanded_view(entry->scalar, like.sizes());
   if (!last.defined() || last.use_count() == 1) last = view;
   return view;
 }

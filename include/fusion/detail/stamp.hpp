@@ -9,6 +9,8 @@
 #include <c10/core/TensorImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include "fusion/detail/libtorch.hpp"
+
 namespace fusion::detail {
 
 /// One parameter or buffer of a chain's members, as a prepared state saw it.
@@ -32,14 +34,11 @@ struct TensorStamp {
     TensorStamp stamp;
     if (!tensor.defined()) return stamp;
     c10::TensorImpl* impl = tensor.unsafeGetTensorImpl();
-    const c10::Storage& storage = impl->unsafe_storage();
-    if (storage) {
-      stamp.storage = storage.getWeakStorageImpl();
-      stamp.data = storage.data();
-    }
+    stamp.storage = weak_storage(tensor);
+    stamp.data = data_of(impl);
     stamp.offset = impl->storage_offset();
     stamp.numel = impl->numel();
-    stamp.version = impl->is_inference() ? -1 : static_cast<std::int64_t>(tensor._version());
+    stamp.version = version_of(tensor);
     stamp.dtype = tensor.scalar_type();
     return stamp;
   }
@@ -49,19 +48,16 @@ struct TensorStamp {
   bool matches(const at::Tensor& tensor) const {
     if (!tensor.defined()) return numel < 0;
     c10::TensorImpl* impl = tensor.unsafeGetTensorImpl();
-    if (version >= 0) {
-      if (impl->is_inference() ||
-          static_cast<std::int64_t>(impl->version_counter().current_version()) != version) {
-        return false;
-      }
-    } else if (!impl->is_inference()) {
-      return false;
-    }
-    const c10::Storage& now = impl->unsafe_storage();
     // No device compare: a tensor moved to another device has another storage.
-    return now.unsafeGetStorageImpl() == storage._unsafe_get_target() &&
-           (now ? now.data() : nullptr) == data && impl->storage_offset() == offset &&
-           impl->numel() == numel && c10::typeMetaToScalarType(impl->dtype()) == dtype;
+    return version_of(tensor) == version && storage_of(tensor) == target_of(storage) &&
+           data_of(impl) == data && impl->storage_offset() == offset && impl->numel() == numel &&
+           c10::typeMetaToScalarType(impl->dtype()) == dtype;
+  }
+
+ private:
+  static const void* data_of(c10::TensorImpl* impl) {
+    const c10::Storage& storage = impl->unsafe_storage();
+    return storage ? storage.data() : nullptr;
   }
 };
 
