@@ -201,7 +201,7 @@ void BM_Projection(benchmark::State& state) {
   std::vector<torch::Tensor> weights;
   for (int64_t i = 0; i < copies; ++i) weights.push_back(torch::randn({out, in}) * 0.05);
   const auto x = torch::randn({1, rows, in});
-  if (max_diff(qwen3::kernels::project(x, weights[0]), torch::linear(x, weights[0])) > 1e-4) {
+  if (max_diff(fusion::kernels::project(x, weights[0]), torch::linear(x, weights[0])) > 1e-4) {
     state.SkipWithError("project differs from linear");
   }
   std::size_t next_linear = 0, next_project = 0;
@@ -214,7 +214,7 @@ void BM_Projection(benchmark::State& state) {
        {"project",
         [&] {
           benchmark::DoNotOptimize(
-              qwen3::kernels::project(x, weights[next_project++ % weights.size()]));
+              fusion::kernels::project(x, weights[next_project++ % weights.size()]));
         }}},
       "us", 1e6);
 }

@@ -151,68 +151,6 @@ void require_within_kernel_tolerance(const torch::Tensor& got, const torch::Tens
   REQUIRE(diff <= kernel_tolerance(expected));
 }
 
-TEST_CASE("the kernels' projection equals linear on every path it takes") {
-  // project() picks by shape and thread count: the matrix-vector product (1 row), small_gemm
-  // (AVX-512 CPUs; 2-256 rows, rows a multiple of 16 long, odd row and column counts exercising
-  // its remainders), oneDNN (many rows) or linear. Tolerance: float32 summation order, 1e-5 of
-  // the largest sum of term magnitudes (|x| |W|^T + |b|): relative to the output itself it fails
-  // where the terms cancel (seen: one output of 0.085 from 80 terms of ~1).
-  torch::NoGradGuard no_grad;
-  const int threads = at::get_num_threads();
-  for (int use_threads : {1, 2}) {
-    at::set_num_threads(use_threads);
-    for (int64_t rows : {1, 2, 3, 5, 16, 17, 64, 130, 300}) {
-      for (int64_t in : {64, 80, 128, 512}) {
-        for (int64_t out : {1, 3, 6, 130, 512}) {
-          for (bool with_bias : {false, true}) {
-            const auto x = torch::randn({1, rows, in});
-            const auto weight = torch::randn({out, in});
-            const auto bias = with_bias ? torch::randn({out}) : torch::Tensor();
-            const auto expected = torch::linear(x, weight, bias);
-            const auto got = qwen3::kernels::project(x, weight, bias);
-            INFO("threads " << use_threads << ", rows " << rows << ", in " << in << ", out " << out
-                            << (with_bias ? ", bias" : ""));
-            REQUIRE(got.sizes() == expected.sizes());
-            auto magnitude = torch::linear(x.abs(), weight.abs());
-            if (with_bias) magnitude = magnitude + bias.abs();
-            CHECK((got - expected).abs().max().item<double>() <=
-                  1e-5 * magnitude.max().item<double>());
-          }
-        }
-      }
-    }
-  }
-  at::set_num_threads(threads);
-  // Inputs that are views: transposed, and a slice of a wider tensor.
-  const auto weight = torch::randn({64, 128});
-  const auto wide = torch::randn({8, 256});
-  for (const auto& x : {torch::randn({128, 8}).t(), wide.narrow(1, 64, 128)}) {
-    CHECK(
-        (qwen3::kernels::project(x, weight) - torch::linear(x, weight)).abs().max().item<double>() <
-        1e-3);
-  }
-}
-
-TEST_CASE("the kernels' SiLU x up equals ATen's") {
-  // Vectorised (AVX-512 CPUs: a polynomial exp, 16 lanes and a masked remainder) or scalar.
-  // Tolerance: 1e-6 relative plus 1e-30 absolute, against silu(gate) * up.
-  for (int64_t rows : {1, 3, 128}) {
-    for (int64_t inter : {1, 15, 16, 17, 192, 1536}) {
-      auto gate_up = torch::randn({rows, 2 * inter}) * 6;
-      gate_up[0][0] = 100.0f;  // SiLU's saturated ends
-      if (inter > 1) gate_up[0][1] = -100.0f;
-      const auto parts = gate_up.chunk(2, -1);
-      const auto expected = torch::silu(parts[0]) * parts[1];
-      const auto got = qwen3::kernels::silu_mul(gate_up, inter);
-      INFO("rows " << rows << ", inter " << inter);
-      CHECK(torch::allclose(got, expected, 1e-6, 1e-30));
-    }
-  }
-  auto with_nan = torch::randn({2, 34});
-  with_nan[1][3] = std::numeric_limits<float>::quiet_NaN();
-  CHECK(std::isnan(qwen3::kernels::silu_mul(with_nan, 17)[1][3].item<float>()));
-}
-
 TEST_CASE("Qwen3 kernels match the unfused model, in float32 and bf16, and generate the same ids") {
   torch::NoGradGuard no_grad;
   const bool folded = GENERATE(false, true);

@@ -188,15 +188,26 @@ struct AttentionImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& hidden_states,
                         const PositionEmbeddings& position_embeddings,
                         const c10::optional<torch::Tensor>& attention_mask, KVCache* cache) {
-    return o_proj(attend_heads(q_proj(hidden_states), k_proj(hidden_states), v_proj(hidden_states),
-                               hidden_states.size(0), hidden_states.size(1), position_embeddings,
-                               attention_mask, cache));
+    return o_proj(after_projections(
+        {q_proj(hidden_states), k_proj(hidden_states), v_proj(hidden_states)}, hidden_states,
+        position_embeddings, attention_mask, cache));
   }
 
-  /// What lies between the q, k and v projections ([batch * seq or batch, seq, heads * head_dim])
-  /// and o_proj: per-head q/k norms, rotary embedding, cache, attention; returns the heads
-  /// concatenated, [batch, seq, heads * head_dim], contiguous. Kernels that compute the
-  /// projections their own way (one GEMM for q, k and v) call it between them.
+  /// The attention between its q, k and v projections (`qkv`, each [batch, seq, heads *
+  /// head_dim]) and o_proj. The library's norm -> projections kernel computes the three
+  /// projections as one GEMM and calls this (examples/qwen3/kernels.hpp).
+  torch::Tensor after_projections(const std::vector<torch::Tensor>& qkv,
+                                  const torch::Tensor& hidden_states,
+                                  const PositionEmbeddings& position_embeddings,
+                                  const c10::optional<torch::Tensor>& attention_mask,
+                                  KVCache* cache) {
+    return attend_heads(qkv[0], qkv[1], qkv[2], hidden_states.size(0), hidden_states.size(1),
+                        position_embeddings, attention_mask, cache);
+  }
+
+  /// Per-head q/k norms, rotary embedding, cache, attention, for the projections q_lin, k_lin,
+  /// v_lin ([batch, seq, heads * head_dim]); returns the heads concatenated, [batch, seq,
+  /// heads * head_dim], contiguous.
   torch::Tensor attend_heads(const torch::Tensor& q_lin, const torch::Tensor& k_lin,
                              const torch::Tensor& v_lin, int64_t b, int64_t s,
                              const PositionEmbeddings& position_embeddings,

@@ -87,6 +87,12 @@ inline std::shared_ptr<KernelRunner> bind_kernel(const Chain& chain,
          fmt::join(KernelRegistry::instance().names(), ", "));
   }
   check_fit(*impls.front(), chain, paths, where);
+  std::vector<void*> members;
+  for (std::size_t i = 0; i < chain.size(); ++i) members.push_back(chain.member_slot(i)->impl());
+  for (const auto& impl : impls) {
+    const std::string misfit = impl->misfit(members.data());
+    if (!misfit.empty()) fail("fusion: {}: {}", where, misfit);
+  }
   std::vector<at::Tensor> tensors;
   for (std::size_t i = 0; i < chain.size(); ++i) {
     torch::nn::Module* module = chain.member_slot(i)->module();

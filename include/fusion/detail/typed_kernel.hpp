@@ -45,6 +45,9 @@ class KernelImpl {
   virtual std::vector<at::Tensor> state_tensors(const void* state) const = 0;
   /// The kernel's own per-call verdict on the modules (its `applies`), when it has one.
   virtual bool applies(void* const* modules) const = 0;
+  /// What about the modules the kernel cannot take (its `misfit`, asked when it is attached),
+  /// empty when it takes them or has no misfit().
+  virtual std::string misfit(void* const* modules) const = 0;
 
   KernelOptions options;
   bool stateful = false;                   // has a prepare(), whose state is kept fresh
@@ -82,6 +85,10 @@ template <typename K, typename = void>
 struct has_applies : std::false_type {};
 template <typename K>
 struct has_applies<K, std::void_t<decltype(&K::applies)>> : std::true_type {};
+template <typename K, typename = void>
+struct has_misfit : std::false_type {};
+template <typename K>
+struct has_misfit<K, std::void_t<decltype(&K::misfit)>> : std::true_type {};
 template <typename S, typename = void>
 struct has_tensors : std::false_type {};
 template <typename S>
@@ -140,6 +147,7 @@ class TypedKernel final : public KernelImpl {
       check_prepare_modules(std::make_index_sequence<module_count>{});
     }
     if constexpr (has_applies<K>::value) check_applies(std::make_index_sequence<module_count>{});
+    if constexpr (has_misfit<K>::value) check_misfit(std::make_index_sequence<module_count>{});
     options = std::move(kernel_options);
     stateful = has_state;
     checks_applies = has_applies<K>::value;
@@ -170,6 +178,14 @@ class TypedKernel final : public KernelImpl {
     }
   }
 
+  std::string misfit(void* const* members) const override {
+    if constexpr (has_misfit<K>::value) {
+      return misfit_impl(members, std::make_index_sequence<module_count>{});
+    } else {
+      return {};
+    }
+  }
+
   std::vector<at::Tensor> state_tensors(const void* state) const override {
     if constexpr (has_state) {
       if constexpr (has_tensors<State>::value) {
@@ -188,6 +204,19 @@ class TypedKernel final : public KernelImpl {
                                      std::tuple<std::tuple_element_t<first_module + I, Params>...>>,
                   "fusion::register_kernel: applies() must be `bool applies(Members&...) const`, "
                   "taking the member modules as operator() does");
+  }
+  template <std::size_t... I>
+  static void check_misfit(std::index_sequence<I...>) {
+    using Signature = signature_of<decltype(&K::misfit)>;
+    static_assert(std::is_same_v<typename Signature::result, std::string> &&
+                      std::is_same_v<typename Signature::params,
+                                     std::tuple<std::tuple_element_t<first_module + I, Params>...>>,
+                  "fusion::register_kernel: misfit() must be `std::string misfit(Members&...) "
+                  "const`, taking the member modules as operator() does");
+  }
+  template <std::size_t... I>
+  std::string misfit_impl(void* const* members, std::index_sequence<I...>) const {
+    return kernel_.misfit(*static_cast<Module<I>*>(members[I])...);
   }
   template <std::size_t... I>
   bool applies_impl(void* const* members, std::index_sequence<I...>) const {

@@ -1,12 +1,11 @@
-// AVX-512 loops for the Qwen3 kernels, each with a check that the CPU runs it; the kernels fall
-// back to ATen's ops where it does not.
+// AVX-512 loops behind fusion::kernels' primitives, each used only where the CPU runs it (and the
+// user has not turned it off: fusion::kernels::set_avx512); the primitives fall back to ATen's ops
+// otherwise.
 //
-// small_gemm: y = x w^T for a few rows of x, float32, the projection the kernels run for 2 to
-// 256 rows, where it beats at::linear's OpenBLAS (whose 0.3.21 runs its AVX2 kernels on these
-// AVX-512 machines and packs the whole weight on every call). Each output is a dot product of a
-// row of x with a row of w, both contiguous along k, so w is read in place, once, in blocks of 4
-// rows that stay in L1 while every 4-row block of x passes over them: 16 accumulators of 16
-// lanes, reduced at the end. Only the summation order differs from linear's.
+// small_gemm: y = x w^T for a few rows of x, float32. Each output is a dot product of a row of x
+// with a row of w, both contiguous along k, so w is read in place, once, in blocks of 4 rows that
+// stay in L1 while every 4-row block of x passes over them: 16 accumulators of 16 lanes, reduced
+// at the end. Only the summation order differs from linear's.
 //
 // silu_mul_rows: SiLU(gate) * up in one pass, with a polynomial exp (Cephes' expf, within ~2 ulp).
 //
@@ -15,20 +14,52 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 
 #include <ATen/Parallel.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define QWEN3_SIMD 1
+#define FUSION_X86_SIMD 1
 #endif
 
-namespace qwen3 {
-namespace kernels {
+#include "fusion/detail/abi.hpp"
 
-#ifdef QWEN3_SIMD
-namespace simd_detail {
+namespace fusion::detail {
+
+inline namespace FUSION_ABI_VERSION {
+/// Whether the AVX-512 loops may run: the CPU has AVX-512F, FUSION_NO_AVX512 is unset, and
+/// set_avx512(false) was not called. One word per process (FUSION_API), read on every call.
+inline FUSION_API std::atomic<bool>& avx512_allowed() {
+  static std::atomic<bool> allowed{std::getenv("FUSION_NO_AVX512") == nullptr};
+  return allowed;
+}
+}  // namespace FUSION_ABI_VERSION
+
+inline bool cpu_has_avx512() {
+#ifdef FUSION_X86_SIMD
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
+inline bool avx512_enabled() {
+  return cpu_has_avx512() && avx512_allowed().load(std::memory_order_relaxed);
+}
+
+#ifdef FUSION_X86_SIMD
+// GCC 12 reports the intrinsics' own _mm512_undefined_* operands as uninitialised once inlined
+// (a false positive of its middle end); the loops below read nothing uninitialised.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+namespace simd {
 
 /// y[i][j] = dot(x row i, w row j) for i < MB, j < NB; rows of x and w are k floats apart,
 /// rows of y n floats apart.
@@ -114,13 +145,14 @@ __attribute__((target("avx512f"))) inline __m512 exp_ps(__m512 x) {
 }
 
 /// Rows [begin, end) of silu_mul_rows.
-__attribute__((target("avx512f"))) inline void silu_mul_range(const float* gate_up, float* out,
+__attribute__((target("avx512f"))) inline void silu_mul_range(const float* gate, const float* up,
+                                                              int64_t stride, float* out,
                                                               int64_t inter, int64_t begin,
                                                               int64_t end) {
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t r = begin; r < end; ++r) {
-    const float* g = gate_up + r * 2 * inter;
-    const float* u = g + inter;
+    const float* g = gate + r * stride;
+    const float* u = up + r * stride;
     float* o = out + r * inter;
     for (int64_t i = 0; i < inter; i += 16) {
       const __mmask16 mask = inter - i >= 16 ? 0xFFFF : (1u << (inter - i)) - 1;
@@ -133,38 +165,34 @@ __attribute__((target("avx512f"))) inline void silu_mul_range(const float* gate_
   }
 }
 
-}  // namespace simd_detail
-
-/// Whether this CPU (and OS) runs the loops below.
-inline bool simd_supported() {
-  static const bool supported = __builtin_cpu_supports("avx512f");
-  return supported;
-}
+}  // namespace simd
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 /// y [m, n] = x [m, k] times w [n, k] transposed; all row-major and contiguous, k a multiple of
-/// 16. The output columns are split across LibTorch's threads in runs of at least ~4M
-/// multiply-adds: below that one thread was faster here.
+/// 16; only where avx512_enabled(). The output columns are split across LibTorch's threads in
+/// runs of at least ~4M multiply-adds (below that one thread was faster).
 inline void small_gemm(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n) {
   const int64_t blocks = (n + 3) / 4;
   const int64_t grain = std::max<int64_t>(1, 4'000'000 / std::max<int64_t>(1, m * k * 4));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    simd_detail::column_range(x, w, y, m, k, n, begin * 4, std::min(n, end * 4));
+    simd::column_range(x, w, y, m, k, n, begin * 4, std::min(n, end * 4));
   });
 }
 
-/// out [rows, inter] = SiLU(gate) * up for gate_up [rows, 2 * inter] (gate, then up, per row);
-/// both contiguous.
-inline void silu_mul_rows(const float* gate_up, float* out, int64_t rows, int64_t inter) {
+/// out [rows, inter] = SiLU(gate) * up, gate and up rows `stride` floats apart (contiguous
+/// along inter), out contiguous; only where avx512_enabled().
+inline void silu_mul_rows(const float* gate, const float* up, int64_t stride, float* out,
+                          int64_t rows, int64_t inter) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, inter));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    simd_detail::silu_mul_range(gate_up, out, inter, begin, end);
+    simd::silu_mul_range(gate, up, stride, out, inter, begin, end);
   });
 }
 #else
-inline bool simd_supported() { return false; }
-inline void silu_mul_rows(const float*, float*, int64_t, int64_t) {}
 inline void small_gemm(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
+inline void silu_mul_rows(const float*, const float*, int64_t, float*, int64_t, int64_t) {}
 #endif
 
-}  // namespace kernels
-}  // namespace qwen3
+}  // namespace fusion::detail

@@ -1,0 +1,236 @@
+// The CPU primitives behind the transformer kernels (fusion/kernels/transformer.hpp), public so
+// that a user's own kernel can use them: a row-wise RMSNorm in one pass, an activation times a
+// second input in one pass, a projection computed by whichever GEMM is fastest for its shape, and
+// the packing of several weights into one storage without a second copy.
+//
+// Each takes any tensor and computes what the ATen expression in its comment computes; the fast
+// paths cover float32 on the CPU, everything else goes to those ATen ops (CUDA included).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+
+#include "fusion/detail/simd.hpp"
+
+namespace fusion::kernels {
+
+/// Turns the hand-written AVX-512 loops off (false) or back on (true, the default where the CPU
+/// has AVX-512F); returns the previous setting. The paths then taken are the ones a CPU without
+/// AVX-512 takes: for tests and benchmarks. The environment variable FUSION_NO_AVX512 starts a
+/// process with them off.
+inline bool set_avx512(bool enabled) {
+  return detail::avx512_allowed().exchange(enabled, std::memory_order_relaxed);
+}
+
+/// Whether the AVX-512 loops run on this CPU now.
+inline bool avx512_enabled() { return detail::avx512_enabled(); }
+
+/// The activations of transformer MLPs.
+enum class Activation {
+  silu,       // x * sigmoid(x) (Llama, Qwen, Mistral: "silu", "swish")
+  gelu,       // the exact, erf form (BERT, "gelu")
+  gelu_tanh,  // the tanh approximation (GPT-2's "gelu_new", Gemma's "gelu_pytorch_tanh")
+  relu,
+};
+
+inline const char* to_string(Activation activation) {
+  switch (activation) {
+    case Activation::silu:
+      return "silu";
+    case Activation::gelu:
+      return "gelu";
+    case Activation::gelu_tanh:
+      return "gelu_tanh";
+    case Activation::relu:
+      return "relu";
+  }
+  return "?";
+}
+
+/// activation(x), as ATen computes it.
+inline at::Tensor activate(const at::Tensor& x, Activation activation) {
+  switch (activation) {
+    case Activation::silu:
+      return at::silu(x);
+    case Activation::gelu:
+      return at::gelu(x);
+    case Activation::gelu_tanh:
+      return at::gelu(x, "tanh");
+    case Activation::relu:
+      return at::relu(x);
+  }
+  return x;
+}
+
+/// RMSNorm over the last dimension: x * rsqrt(mean(x^2) + eps), times `weight` when defined,
+/// computed in float32 (as Llama's and Qwen's RMSNorm compute it). Float32 on the CPU: one pass
+/// per row instead of ATen's eight ops; eight partial sums keep the loop fast without
+/// -ffast-math. Returns [rows, dim], contiguous.
+inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t dim = x.size(-1);
+  const bool fast = x.scalar_type() == at::kFloat && x.device().is_cpu() &&
+                    (!weight.defined() || weight.scalar_type() == at::kFloat);
+  if (!fast) {
+    auto xf = x.to(at::kFloat);
+    xf = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+    auto out = xf.to(x.scalar_type());
+    if (weight.defined()) out = weight * out;
+    return out.reshape({-1, dim});
+  }
+  const auto input = x.contiguous();
+  auto out = at::empty({dim == 0 ? 0 : input.numel() / dim, dim}, input.options());
+  const float* in = input.data_ptr<float>();
+  const auto w = weight.defined() ? weight.contiguous() : weight;
+  const float* scale_by = w.defined() ? w.data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+  const auto feps = static_cast<float>(eps);
+  at::parallel_for(0, out.size(0), std::max<int64_t>(1, 16384 / std::max<int64_t>(1, dim)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       const float* row = in + r * dim;
+                       float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                       int64_t i = 0;
+                       for (; i + 8 <= dim; i += 8) {
+                         for (int k = 0; k < 8; ++k) partial[k] += row[i + k] * row[i + k];
+                       }
+                       float sum = 0;
+                       for (; i < dim; ++i) sum += row[i] * row[i];
+                       for (float p : partial) sum += p;
+                       const float scale = 1.0f / std::sqrt(sum / static_cast<float>(dim) + feps);
+                       float* dst = o + r * dim;
+                       if (scale_by != nullptr) {
+                         for (int64_t j = 0; j < dim; ++j) dst[j] = scale_by[j] * (row[j] * scale);
+                       } else {
+                         for (int64_t j = 0; j < dim; ++j) dst[j] = row[j] * scale;
+                       }
+                     }
+                   });
+  return out;
+}
+
+/// activation(gate) * up for gate and up of one shape [rows, inter] (views of one [rows, 2 inter]
+/// GEMM output are fine), into a new [rows, inter]: one pass over the data for SiLU in float32
+/// (AVX-512, or a scalar loop up to 4096 elements: past that ATen's vectorised exp wins), ATen's
+/// two ops otherwise.
+inline at::Tensor activation_mul(const at::Tensor& gate, const at::Tensor& up,
+                                 Activation activation) {
+  const bool rows_of_floats = gate.dim() == 2 && up.sizes() == gate.sizes() &&
+                              gate.scalar_type() == at::kFloat && up.scalar_type() == at::kFloat &&
+                              gate.device().is_cpu() && up.device().is_cpu() &&
+                              gate.stride(1) == 1 && up.stride(1) == 1 &&
+                              gate.stride(0) == up.stride(0);
+  if (activation == Activation::silu && rows_of_floats) {
+    const int64_t rows = gate.size(0), inter = gate.size(1);
+    const int64_t stride = rows > 1 ? gate.stride(0) : inter;
+    auto out = at::empty({rows, inter}, gate.options());
+    const float* g = gate.data_ptr<float>();
+    const float* u = up.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    if (avx512_enabled()) {
+      detail::silu_mul_rows(g, u, stride, o, rows, inter);
+      return out;
+    }
+    if (rows * inter <= 4096) {
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t i = 0; i < inter; ++i) {
+          const float x = g[r * stride + i];
+          o[r * inter + i] = x / (1.0f + std::exp(-x)) * u[r * stride + i];
+        }
+      }
+      return out;
+    }
+  }
+  return activate(gate, activation).mul_(up);
+}
+
+/// How a projection's weight is stored: [out, in] as torch::nn::Linear, or [in, out] as
+/// GPT-2's Conv1D (transformers' `pytorch_utils.Conv1D`).
+enum class WeightLayout { out_in, in_out };
+
+/// x [..., in] times the weight, plus bias: at::linear's result (at::addmm's for in_out), by
+/// whichever GEMM is fastest for the shape. For float32 on the CPU with an [out, in] weight:
+///   - one row: the matrix-vector product (a decode step);
+///   - 2 to 256 rows of a length that is a multiple of 16, at least 128 long (or at most 16
+///     rows): small_gemm, the weight read in place (AVX-512 CPUs only);
+///   - 48 rows or more and at least 12M multiply-adds per thread: oneDNN's matmul on the weight
+///     as it is (at::mkldnn_linear: no copy);
+///   - otherwise at::linear (the BLAS).
+/// docs/performance.md ("Projections") has the measurements behind these thresholds. Results
+/// differ from linear's only by float32 summation order.
+inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
+                          const at::Tensor& bias = {},
+                          WeightLayout layout = WeightLayout::out_in) {
+  const int64_t in = x.size(-1);
+  const int64_t out = layout == WeightLayout::out_in ? weight.size(0) : weight.size(1);
+  const int64_t rows = in == 0 ? 0 : x.numel() / in;
+  auto sizes = x.sizes().vec();
+  sizes.back() = out;
+  if (layout == WeightLayout::in_out) {
+    const auto x2 = x.reshape({rows, in});
+    auto y = bias.defined() ? at::addmm(bias, x2, weight) : at::mm(x2, weight);
+    return y.view(sizes);
+  }
+  if (rows == 0 || !x.device().is_cpu() || x.scalar_type() != at::kFloat ||
+      weight.scalar_type() != at::kFloat) {
+    return at::linear(x, weight, bias);
+  }
+  const auto x2 = x.reshape({rows, in}).contiguous();
+  at::Tensor y;
+  if (rows == 1) {
+    y = at::mv(weight, x2.view({in}));
+  } else if (rows <= 256 && in % 16 == 0 && (in >= 128 || rows <= 16) && weight.is_contiguous() &&
+             avx512_enabled()) {
+    y = at::empty({rows, out}, x2.options());
+    detail::small_gemm(x2.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), rows,
+                       in, out);
+  } else if (rows >= 48 && static_cast<double>(rows) * in * out >= 12e6 * at::get_num_threads() &&
+             at::hasMKLDNN()) {
+    return at::mkldnn_linear(x2.to_mkldnn(), weight, bias).to_dense().view(sizes);
+  } else {
+    return at::linear(x2, weight, bias).view(sizes);
+  }
+  if (bias.defined()) y.add_(bias);
+  return y.view(sizes);
+}
+
+/// `parts` (tensors of one dtype and device, all but the first dimension equal) as views of one
+/// storage, stacked along dim 0, without a second copy: if they already are such views, in
+/// order, that storage is returned as is; else it is allocated once, the values moved there, and
+/// each tensor re-pointed at its slice (`set_data`), so the model, its optimizer and a kernel
+/// read the same bytes and the old storages are freed. Runs without recording gradients.
+inline at::Tensor stack_in_place(const std::vector<at::Tensor>& parts) {
+  bool adjacent = true;
+  int64_t rows = 0, elements = 0;
+  for (const auto& part : parts) {
+    adjacent = adjacent && part.is_contiguous() && part.storage().is_alias_of(parts[0].storage()) &&
+               part.storage_offset() == parts[0].storage_offset() + elements;
+    rows += part.size(0);
+    elements += part.numel();
+  }
+  if (adjacent) {
+    auto sizes = parts[0].sizes().vec();
+    sizes[0] = rows;
+    std::vector<int64_t> strides(sizes.size(), 1);
+    for (std::size_t d = sizes.size() - 1; d > 0; --d) strides[d - 1] = strides[d] * sizes[d];
+    return at::empty({0}, parts[0].options())
+        .set_(parts[0].storage(), parts[0].storage_offset(), sizes, strides);
+  }
+  c10::NoGradGuard no_grad;
+  auto stacked = at::cat(parts);
+  int64_t offset = 0;
+  for (auto part : parts) {
+    const int64_t n = part.size(0);
+    part.set_data(stacked.narrow(0, offset, n));
+    offset += n;
+  }
+  return stacked;
+}
+
+}  // namespace fusion::kernels
