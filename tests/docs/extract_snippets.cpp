@@ -4,8 +4,8 @@
 //   extract_snippets OUT.cpp FILE.md...
 //
 // Each Markdown file's blocks go into a namespace of their own, in order. A block whose first line
-// of code declares something (#include, struct, class, template, namespace, using, TORCH_MODULE)
-// is code at namespace scope; any other block is a sequence of statements, compiled as the body of
+// of code declares something (#include, struct, class, template, namespace, using, TORCH_MODULE;
+// a namespace alias is passed over) is code at namespace scope; any other block is a sequence of statements, compiled as the body of
 // a function whose parameters are the names the documentation uses for the user's things (`model`,
 // `x`, `sample_input`, `patterns`, `specs`: see snippet_prelude.hpp). #include lines are dropped:
 // the prelude includes the library.
@@ -31,6 +31,8 @@ bool declares(const std::vector<std::string>& lines) {
   for (const auto& line : lines) {
     const std::string code = trimmed(line);
     if (code.empty() || starts_with(code, "//")) continue;
+    // A namespace alias is a statement too: `namespace fk = fusion::kernels;` opens many snippets.
+    if (starts_with(code, "namespace ") && code.find('=') != std::string::npos) continue;
     for (const char* keyword :
          {"#include", "struct ", "class ", "template", "namespace ", "using ", "TORCH_MODULE"}) {
       if (starts_with(code, keyword)) return true;
