@@ -24,6 +24,7 @@
 #include <fmt/ranges.h>
 
 #include "checkpoint.hpp"
+#include "demo.hpp"
 #include "kernels.hpp"
 #include "npy.hpp"
 #include "qwen3.hpp"
@@ -40,20 +41,6 @@ struct Options {
   std::string expect;
 };
 
-std::vector<int64_t> parse_ids(const std::string& text) {
-  std::vector<int64_t> ids;
-  std::stringstream in(text);
-  std::string item;
-  while (std::getline(in, item, ',')) {
-    std::size_t used = 0;
-    const long long id = std::stoll(item, &used);
-    if (used != item.size()) throw std::invalid_argument("bad input id '" + item + "'");
-    ids.push_back(id);
-  }
-  if (ids.empty()) throw std::invalid_argument("--input-ids needs at least one id");
-  return ids;
-}
-
 Options parse(int argc, char** argv) {
   Options options;
   for (int i = 1; i < argc; ++i) {
@@ -65,7 +52,7 @@ Options parse(int argc, char** argv) {
     if (arg == "--model-dir") {
       options.model_dir = value();
     } else if (arg == "--input-ids") {
-      options.input_ids = parse_ids(value());
+      options.input_ids = demo::parse_ids(value());
     } else if (arg == "--generate") {
       options.generate = std::stoll(value());
     } else if (arg == "--save-logits") {
@@ -93,49 +80,19 @@ qwen3::ForCausalLM tiny_model() {
   return model;
 }
 
-std::vector<int64_t> new_ids(const torch::Tensor& generated, int64_t prompt) {
-  const auto tail = generated[0].slice(0, prompt).contiguous();
-  return {tail.data_ptr<int64_t>(), tail.data_ptr<int64_t>() + tail.numel()};
-}
-
-double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
-  return (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>();
-}
-
-/// What another implementation computed for the same model (transformers/make_models.py).
-struct Expected {
-  torch::Tensor logits;  // [seq, vocab], float32
-  torch::Tensor ids;     // [1, prompt + generated]
-  std::string refusal;   // else: what loading must be refused with
-};
-
-Expected read_expected(const std::string& path, Options& options) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error("cannot open " + path);
-  const auto j = nlohmann::json::parse(in);
-  if (j.contains("refusal")) return {{}, {}, j.at("refusal").get<std::string>()};
-  options.input_ids = j.at("input_ids").get<std::vector<int64_t>>();
-  options.generate = j.at("max_new_tokens").get<int64_t>();
-  const auto shape = j.at("logits").at("shape").get<std::vector<int64_t>>();
-  const auto file =
-      std::filesystem::path(path).parent_path() / j.at("logits").at("file").get<std::string>();
-  auto logits = torch::empty(shape, torch::kFloat32);
-  std::ifstream data(file, std::ios::binary);
-  data.read(static_cast<char*>(logits.data_ptr()), static_cast<std::streamsize>(logits.nbytes()));
-  if (!data || data.peek() != EOF)
-    throw std::runtime_error(file.string() + ": not " +
-                             fmt::format("[{}] float32", fmt::join(shape, ", ")));
-  return {logits, torch::tensor(j.at("generated_ids").get<std::vector<int64_t>>()).unsqueeze(0),
-          ""};
-}
-
 }  // namespace
 
 int main(int argc, char** argv) try {
   Options options = parse(argc, argv);
   torch::NoGradGuard no_grad;
-  c10::optional<Expected> expected;
-  if (!options.expect.empty()) expected = read_expected(options.expect, options);
+  c10::optional<demo::Expected> expected;
+  if (!options.expect.empty()) {
+    expected = demo::read_expected(options.expect);
+    if (expected->refusal.empty()) {
+      options.input_ids = expected->input_ids;
+      options.generate = expected->max_new_tokens;
+    }
+  }
   qwen3::ForCausalLM model{nullptr};
   qwen3::GenerationConfig generation;
   if (options.model_dir.empty()) {
@@ -182,7 +139,7 @@ int main(int argc, char** argv) try {
   bool ok = true;
   if (expected) {
     const double scale = std::max(1.0, expected->logits.abs().max().item<double>());
-    const double diff = max_diff(original[0], expected->logits);
+    const double diff = demo::max_diff(original[0], expected->logits);
     std::cout << fmt::format("Max diff original vs transformers: {:g} (tolerance {:g})\n", diff,
                              1e-4 * scale);
     ok = diff <= 1e-4 * scale;
@@ -198,7 +155,7 @@ int main(int argc, char** argv) try {
     if (expected) {
       const bool same = torch::equal(original_generated, expected->ids);
       std::cout << fmt::format("Generated ids (transformers): [{}]  {}\n",
-                               fmt::join(new_ids(expected->ids, ids.size(1)), ", "),
+                               fmt::join(demo::new_ids(expected->ids, ids.size(1)), ", "),
                                same ? "identical" : "DIFFERENT");
       ok = ok && same;
     }
@@ -209,7 +166,7 @@ int main(int argc, char** argv) try {
   std::cout << fusion::report(model);
 
   const auto fused = model(ids);
-  const double fused_diff = max_diff(fused, original);
+  const double fused_diff = demo::max_diff(fused, original);
   std::cout << "Max diff fused vs original: " << fused_diff << "\n";
   ok = ok && fused_diff == 0;
   if (!options.save_logits.empty()) {
@@ -222,15 +179,15 @@ int main(int argc, char** argv) try {
     const bool same = torch::equal(generated, original_generated);
     const auto prompt = ids.size(1);
     std::cout << fmt::format("Generated ids (original): [{}]\n",
-                             fmt::join(new_ids(original_generated, prompt), ", "));
+                             fmt::join(demo::new_ids(original_generated, prompt), ", "));
     std::cout << fmt::format("Generated ids (fused):    [{}]  {}\n",
-                             fmt::join(new_ids(generated, prompt), ", "),
+                             fmt::join(demo::new_ids(generated, prompt), ", "),
                              same ? "identical" : "DIFFERENT");
     ok = ok && same;
   }
 
   fusion::unfuse_modules(model);
-  const double unfused_diff = max_diff(model(ids), original);
+  const double unfused_diff = demo::max_diff(model(ids), original);
   std::cout << "Max diff unfused vs original: " << unfused_diff << "\n";
   ok = ok && unfused_diff == 0;
 
@@ -240,7 +197,7 @@ int main(int argc, char** argv) try {
   const auto with_kernels = model(ids);
   const double scale = std::max(1.0, original.abs().max().item<double>());
   const double tolerance = (original.scalar_type() == torch::kFloat32 ? 1e-4 : 5e-2) * scale;
-  const double kernel_diff = max_diff(with_kernels, original);
+  const double kernel_diff = demo::max_diff(with_kernels, original);
   std::cout << fmt::format("Max diff with kernels vs original: {:g} (tolerance {:g})\n",
                            kernel_diff, tolerance);
   ok = ok && kernel_diff <= tolerance;
@@ -253,7 +210,7 @@ int main(int argc, char** argv) try {
     const auto generated = generate();
     const bool same = torch::equal(generated, original_generated);
     std::cout << fmt::format("Generated ids (kernels):  [{}]  {}\n",
-                             fmt::join(new_ids(generated, ids.size(1)), ", "),
+                             fmt::join(demo::new_ids(generated, ids.size(1)), ", "),
                              same ? "identical" : "DIFFERENT");
     ok = ok && same;
   }

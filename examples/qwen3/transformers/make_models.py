@@ -1,5 +1,5 @@
 """Saves seeded random Qwen3 models with Hugging Face transformers, and what transformers computes
-for them, for the C++ port to match (examples/qwen3/transformers/parity.sh runs it in a Debian sid
+for them, for the C++ port to match (examples/common/transformers-parity.sh runs it in a Debian sid
 chroot, whose python3-transformers is 5.x).
 
     python3 make_models.py OUT_DIR
