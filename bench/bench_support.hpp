@@ -19,7 +19,32 @@
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
+/// The CPU's model name, family, and whether it has AVX-512F and AVX512_BF16 (from /proc/cpuinfo).
+inline std::string cpu_description() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line, model = "?", family = "?", flags;
+  while (std::getline(cpuinfo, line)) {
+    const auto value = line.substr(line.find(':') == std::string::npos ? line.size()
+                                                                         : line.find(':') + 1);
+    const auto trimmed = value.empty() || value[0] != ' ' ? value : value.substr(1);
+    if (line.rfind("model name", 0) == 0) model = trimmed;
+    if (line.rfind("cpu family", 0) == 0) family = trimmed;
+    if (line.rfind("flags", 0) == 0) {
+      flags = " " + trimmed + " ";
+      break;
+    }
+  }
+  const bool avx512 = flags.find(" avx512f ") != std::string::npos;
+  const bool bf16 = flags.find(" avx512_bf16 ") != std::string::npos;
+  return model + ", family " + family + (avx512 ? ", AVX-512" : ", no AVX-512") +
+         (bf16 ? ", AVX512_BF16" : "");
+}
+
 inline void add_blas_context() {
+  benchmark::AddCustomContext("cpu", cpu_description());
+  const char* no_avx512 = std::getenv("FUSION_NO_AVX512");
+  benchmark::AddCustomContext("fusion_avx512_loops", no_avx512 != nullptr ? "off (FUSION_NO_AVX512)"
+                                                                          : "on where the CPU has them");
   using CoreName = char* (*)();
   auto core = reinterpret_cast<CoreName>(::dlsym(RTLD_DEFAULT, "openblas_get_corename"));
   benchmark::AddCustomContext("blas", core != nullptr ? std::string("OpenBLAS, core ") + core()

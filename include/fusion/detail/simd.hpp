@@ -7,6 +7,10 @@
 // stay in L1 while every 4-row block of x passes over them: 16 accumulators of 16 lanes, reduced
 // at the end. Only the summation order differs from linear's.
 //
+// small_gemm_kn: y = x w for a weight stored [in, out] (GPT-2's Conv1D), read in place: panels
+// of 64 output columns, each row of the panel loaded once per block of 4 rows of x and multiplied
+// by a broadcast element of each, 16 accumulators of 16 lanes.
+//
 // silu_mul_rows: SiLU(gate) * up in one pass, with a polynomial exp (Cephes' expf, within ~2 ulp).
 //
 // Both split their work across threads through at::parallel_for, which runs in parallel only in
@@ -126,6 +130,81 @@ __attribute__((target("avx512f"))) inline void column_range(const float* x, cons
   }
 }
 
+/// y[i][j0 + c] = sum_p x[i][p] * w[p][j0 + c] for i < MB and the 16 NB columns from j0 (the
+/// last `tail` lanes masked off when fewer remain): w stored [k, n], row-major, so each step
+/// of p loads NB vectors of one row of w and broadcasts one x per row into MB x NB accumulators.
+template <int MB, int NB>
+__attribute__((target("avx512f"))) inline void block_kn(const float* x, const float* w, float* y,
+                                                        int64_t k, int64_t n, __mmask16 last) {
+  __m512 acc[MB][NB];
+  for (int i = 0; i < MB; ++i) {
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < k; ++p) {
+    __m512 wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      wv[j] = _mm512_maskz_loadu_ps(j == NB - 1 ? last : __mmask16(0xFFFF), w + p * n + 16 * j);
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m512 xv = _mm512_set1_ps(x[i * k + p]);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    for (int j = 0; j < NB; ++j) {
+      _mm512_mask_storeu_ps(y + i * n + 16 * j, j == NB - 1 ? last : __mmask16(0xFFFF), acc[i][j]);
+    }
+  }
+}
+
+/// The columns [j0, j0 + width) of small_gemm_kn, width <= 64, for all m rows.
+template <int NB>
+__attribute__((target("avx512f"))) inline void panel_kn(const float* x, const float* w, float* y,
+                                                        int64_t m, int64_t k, int64_t n,
+                                                        int64_t j0, int64_t width) {
+  const int64_t rest = width - 16 * (NB - 1);
+  const __mmask16 last = rest >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rest) - 1);
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) block_kn<4, NB>(x + i * k, w + j0, y + i * n + j0, k, n, last);
+  switch (m - i) {
+    case 3:
+      block_kn<3, NB>(x + i * k, w + j0, y + i * n + j0, k, n, last);
+      break;
+    case 2:
+      block_kn<2, NB>(x + i * k, w + j0, y + i * n + j0, k, n, last);
+      break;
+    case 1:
+      block_kn<1, NB>(x + i * k, w + j0, y + i * n + j0, k, n, last);
+      break;
+    default:
+      break;
+  }
+}
+
+/// Column panels [begin, end) (64 columns each) of small_gemm_kn, on this thread.
+__attribute__((target("avx512f"))) inline void panel_range_kn(const float* x, const float* w,
+                                                              float* y, int64_t m, int64_t k,
+                                                              int64_t n, int64_t begin,
+                                                              int64_t end) {
+  for (int64_t panel = begin; panel < end; ++panel) {
+    const int64_t j0 = panel * 64, width = std::min<int64_t>(64, n - j0);
+    switch ((width + 15) / 16) {
+      case 4:
+        panel_kn<4>(x, w, y, m, k, n, j0, width);
+        break;
+      case 3:
+        panel_kn<3>(x, w, y, m, k, n, j0, width);
+        break;
+      case 2:
+        panel_kn<2>(x, w, y, m, k, n, j0, width);
+        break;
+      default:
+        panel_kn<1>(x, w, y, m, k, n, j0, width);
+        break;
+    }
+  }
+}
+
 /// e^x per lane: x = n ln2 + r, e^r by Cephes' expf polynomial, times 2^n by scalef (which
 /// gives 0 and inf past the float range). x is clamped to [-104, 88.7]; NaN stays NaN.
 __attribute__((target("avx512f"))) inline __m512 exp_ps(__m512 x) {
@@ -181,6 +260,18 @@ inline void small_gemm(const float* x, const float* w, float* y, int64_t m, int6
   });
 }
 
+/// y [m, n] = x [m, k] times w [k, n] (GPT-2's Conv1D layout); all row-major and contiguous;
+/// only where avx512_enabled(). Panels of 64 output columns are split across LibTorch's threads
+/// in runs of at least ~4M multiply-adds.
+inline void small_gemm_kn(const float* x, const float* w, float* y, int64_t m, int64_t k,
+                          int64_t n) {
+  const int64_t panels = (n + 63) / 64;
+  const int64_t grain = std::max<int64_t>(1, 4'000'000 / std::max<int64_t>(1, m * k * 64));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    simd::panel_range_kn(x, w, y, m, k, n, begin, end);
+  });
+}
+
 /// out [rows, inter] = SiLU(gate) * up, gate and up rows `stride` floats apart (contiguous
 /// along inter), out contiguous; only where avx512_enabled().
 inline void silu_mul_rows(const float* gate, const float* up, int64_t stride, float* out,
@@ -192,6 +283,7 @@ inline void silu_mul_rows(const float* gate, const float* up, int64_t stride, fl
 }
 #else
 inline void small_gemm(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
+inline void small_gemm_kn(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
 inline void silu_mul_rows(const float*, const float*, int64_t, float*, int64_t, int64_t) {}
 #endif
 

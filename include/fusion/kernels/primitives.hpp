@@ -155,7 +155,9 @@ inline at::Tensor activation_mul(const at::Tensor& gate, const at::Tensor& up,
 enum class WeightLayout { out_in, in_out };
 
 /// x [..., in] times the weight, plus bias: at::linear's result (at::addmm's for in_out), by
-/// whichever GEMM is fastest for the shape. For float32 on the CPU with an [out, in] weight:
+/// whichever GEMM is fastest for the shape. For float32 on the CPU with an [in, out] weight: 1 to
+/// 256 rows go to small_gemm_kn (AVX-512 CPUs only; the weight read in place), others to addmm.
+/// With an [out, in] weight:
 ///   - one row: the matrix-vector product (a decode step);
 ///   - 2 to 256 rows of a length that is a multiple of 16, at least 128 long (or at most 16
 ///     rows): small_gemm, the weight read in place (AVX-512 CPUs only);
@@ -174,6 +176,15 @@ inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
   sizes.back() = out;
   if (layout == WeightLayout::in_out) {
     const auto x2 = x.reshape({rows, in});
+    if (rows > 0 && rows <= 256 && x.device().is_cpu() && x.scalar_type() == at::kFloat &&
+        weight.scalar_type() == at::kFloat && weight.is_contiguous() && avx512_enabled()) {
+      const auto xc = x2.contiguous();
+      auto y = at::empty({rows, out}, xc.options());
+      detail::small_gemm_kn(xc.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(),
+                            rows, in, out);
+      if (bias.defined()) y.add_(bias);
+      return y.view(sizes);
+    }
     auto y = bias.defined() ? at::addmm(bias, x2, weight) : at::mm(x2, weight);
     return y.view(sizes);
   }
