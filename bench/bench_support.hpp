@@ -24,8 +24,8 @@ inline std::string cpu_description() {
   std::ifstream cpuinfo("/proc/cpuinfo");
   std::string line, model = "?", family = "?", flags;
   while (std::getline(cpuinfo, line)) {
-    const auto value = line.substr(line.find(':') == std::string::npos ? line.size()
-                                                                         : line.find(':') + 1);
+    const auto value =
+        line.substr(line.find(':') == std::string::npos ? line.size() : line.find(':') + 1);
     const auto trimmed = value.empty() || value[0] != ' ' ? value : value.substr(1);
     if (line.rfind("model name", 0) == 0) model = trimmed;
     if (line.rfind("cpu family", 0) == 0) family = trimmed;
@@ -43,8 +43,9 @@ inline std::string cpu_description() {
 inline void add_blas_context() {
   benchmark::AddCustomContext("cpu", cpu_description());
   const char* no_avx512 = std::getenv("FUSION_NO_AVX512");
-  benchmark::AddCustomContext("fusion_avx512_loops", no_avx512 != nullptr ? "off (FUSION_NO_AVX512)"
-                                                                          : "on where the CPU has them");
+  benchmark::AddCustomContext("fusion_avx512_loops", no_avx512 != nullptr
+                                                         ? "off (FUSION_NO_AVX512)"
+                                                         : "on where the CPU has them");
   using CoreName = char* (*)();
   auto core = reinterpret_cast<CoreName>(::dlsym(RTLD_DEFAULT, "openblas_get_corename"));
   benchmark::AddCustomContext("blas", core != nullptr ? std::string("OpenBLAS, core ") + core()

@@ -77,7 +77,8 @@ BENCHMARK(BM_GPT2ForwardKernels)
 /// ln_2 + mlp of one block, as the block calls them.
 struct NormMLPImpl : torch::nn::Module {
   explicit NormMLPImpl(const gpt2::Config& c) {
-    norm = fusion::register_slot(*this, "norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.n_embd})));
+    norm = fusion::register_slot(*this, "norm",
+                                 torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.n_embd})));
     mlp = fusion::register_slot(*this, "mlp", gpt2::MLP(c));
   }
   torch::Tensor forward(const torch::Tensor& x) { return mlp(norm(x)); }

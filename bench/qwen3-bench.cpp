@@ -191,7 +191,7 @@ BENCHMARK(BM_NormMLPChain)
     ->MinTime(1.0);
 
 /// One projection of `rows` rows through an [out, in] float32 weight: at::linear against
-/// qwen3::kernels::project (which picks the matrix-vector product, small_gemm or oneDNN by shape).
+/// fusion::kernels::project (the path measured fastest for the shape).
 /// The weights are cycled through copies that together exceed the L3 cache, so that each call
 /// reads its weight from memory, as a forward through several layers does.
 void BM_Projection(benchmark::State& state) {

@@ -119,7 +119,8 @@ struct GPTImpl : torch::nn::Module {
     wte = register_module("wte", torch::nn::Embedding(vocab, hidden));
     h = register_module("h", torch::nn::ModuleList());
     for (int64_t i = 0; i < layers; ++i) h->push_back(GPTBlock(hidden, heads));
-    ln_f = fusion::register_slot(*this, "ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({hidden})));
+    ln_f = fusion::register_slot(*this, "ln_f",
+                                 torch::nn::LayerNorm(torch::nn::LayerNormOptions({hidden})));
     lm_head = fusion::register_slot(
         *this, "lm_head", torch::nn::Linear(torch::nn::LinearOptions(hidden, vocab).bias(false)));
     lm_head->weight = wte->weight;  // tied, as GPT-2's
@@ -143,10 +144,9 @@ TORCH_MODULE(GPT);
 
 void register_gpt_kernels() {
   static const bool once = [] {
-    fk::register_norm_mlp("test.gpt.ln_mlp",
-                          fk::plain_mlp(fk::transposed(&GPTMLPImpl::c_fc),
-                                        fk::transposed(&GPTMLPImpl::c_proj),
-                                        fk::Activation::gelu_tanh));
+    fk::register_norm_mlp("test.gpt.ln_mlp", fk::plain_mlp(fk::transposed(&GPTMLPImpl::c_fc),
+                                                           fk::transposed(&GPTMLPImpl::c_proj),
+                                                           fk::Activation::gelu_tanh));
     fk::register_norm_projections("test.gpt.ln_attention", fk::layer_norm(),
                                   fk::projections(fk::transposed(&GPTAttentionImpl::c_attn)),
                                   &GPTAttentionImpl::after_projections,
@@ -183,8 +183,8 @@ void register_llama_kernels() {
     using models::RMSNormImpl;
     fk::register_norm_mlp("test.llama.rmsnorm_mlp",
                           fk::rms_norm(&RMSNormImpl::weight, &RMSNormImpl::eps),
-                          fk::gated_mlp(&MLPImpl::gate_proj, &MLPImpl::up_proj,
-                                        &MLPImpl::down_proj, fk::Activation::silu));
+                          fk::gated_mlp(&MLPImpl::gate_proj, &MLPImpl::up_proj, &MLPImpl::down_proj,
+                                        fk::Activation::silu));
     return true;
   }();
   (void)once;
@@ -196,14 +196,15 @@ fusion::Plan llama_plan(bool folded) {
   options.kernel = folded ? "test.llama.rmsnorm_mlp.folded" : "test.llama.rmsnorm_mlp";
   const fusion::ModuleSpec hidden{{"hidden_states"}, {"hidden_states"}};
   fusion::Plan plan;
-  plan.rules.push_back({{"layers.*.post_attention_layernorm", "layers.*.mlp"}, {hidden, hidden},
-                        options});
+  plan.rules.push_back(
+      {{"layers.*.post_attention_layernorm", "layers.*.mlp"}, {hidden, hidden}, options});
   return plan;
 }
 
 }  // namespace
 
-TEST_CASE("a Llama-style norm -> MLP gets the library kernel from its layout, without a weight copy") {
+TEST_CASE(
+    "a Llama-style norm -> MLP gets the library kernel from its layout, without a weight copy") {
   torch::NoGradGuard no_grad;
   const bool folded = GENERATE(false, true);
   INFO((folded ? "folded" : "default (no weight copy)"));
@@ -326,36 +327,46 @@ TEST_CASE("attaching a layout kernel checks every tensor it reads, naming member
   }
   SECTION("down") {
     block.mlp->down_proj->weight.set_data(torch::randn({128, 100}));
-    fails("member 'down_proj': parameter 'weight' has shape [128, 100], which does not take the "
-          "192 features");
+    fails(
+        "member 'down_proj': parameter 'weight' has shape [128, 100], which does not take the "
+        "192 features");
   }
   SECTION("a dtype") {
     block.mlp->up_proj->weight.set_data(torch::randn({192, 128}, torch::kDouble));
-    fails("member 'up_proj': parameter 'weight' is Double on cpu, member 'gate_proj''s is Float "
-          "on cpu");
+    fails(
+        "member 'up_proj': parameter 'weight' is Double on cpu, member 'gate_proj''s is Float "
+        "on cpu");
   }
   SECTION("an input size") {
     block.mlp->up_proj->weight.set_data(torch::randn({192, 64}));
-    fails("member 'up_proj': parameter 'weight' has shape [192, 64] ([out, in]), 64 input "
-          "features where member 'gate_proj' has 128");
+    fails(
+        "member 'up_proj': parameter 'weight' has shape [192, 64] ([out, in]), 64 input "
+        "features where member 'gate_proj' has 128");
   }
 }
 
 TEST_CASE("project equals linear (addmm for [in, out] weights) on every path it takes") {
-  // project() picks by shape and thread count: the matrix-vector product (1 row), small_gemm
-  // (AVX-512 CPUs; 2-256 rows, rows a multiple of 16 long, odd row and column counts exercising
-  // its remainders), oneDNN (many rows) or linear; with the AVX-512 loops off, what a CPU without
-  // them takes. Tolerance: float32 summation order, 1e-5 of the largest sum of term magnitudes
+  // project() takes, per shape, the path measured fastest here: the BLAS, the hand-written
+  // AVX-512 loops (2-256 rows; odd row and column counts exercise their remainders) or oneDNN
+  // (48 rows or more); one row of an [out, in] weight is the matrix-vector product. Each path is
+  // forced in turn, and measured choice too; with the AVX-512 loops off, the paths of a CPU
+  // without them. Tolerance: float32 summation order, 1e-5 of the largest sum of term magnitudes
   // (|x| |W|^T + |b|): relative to the output itself it fails where the terms cancel.
   torch::NoGradGuard no_grad;
   const int threads = at::get_num_threads();
-  with_and_without_avx512([&] {
-    for (int use_threads : {1, 2}) {
-      at::set_num_threads(use_threads);
-      for (int64_t rows : {1, 2, 3, 5, 16, 17, 64, 130, 300}) {
-        for (int64_t in : {64, 80, 128, 512}) {
-          for (int64_t out : {1, 3, 130, 512}) {
-            for (bool with_bias : {false, true}) {
+  using fk::GemmPath;
+  for (const auto path : {std::optional<GemmPath>(), std::optional<GemmPath>(GemmPath::blas),
+                          std::optional<GemmPath>(GemmPath::hand_written),
+                          std::optional<GemmPath>(GemmPath::onednn)}) {
+    const auto before = fk::force_gemm_path(path);
+    INFO("path " << (path ? static_cast<int>(*path) : -1));
+    with_and_without_avx512([&] {
+      for (int use_threads : {1, 2}) {
+        at::set_num_threads(use_threads);
+        for (int64_t rows : {1, 2, 3, 5, 16, 17, 64, 130, 300}) {
+          for (int64_t in : {64, 80, 128, 512}) {
+            for (int64_t out : {1, 3, 130, 512}) {
+              const bool with_bias = (rows + out) % 2 == 1;
               const auto x = torch::randn({1, rows, in});
               const auto weight = torch::randn({out, in});
               const auto bias = with_bias ? torch::randn({out}) : torch::Tensor();
@@ -376,8 +387,9 @@ TEST_CASE("project equals linear (addmm for [in, out] weights) on every path it 
           }
         }
       }
-    }
-  });
+    });
+    fk::force_gemm_path(before);
+  }
   at::set_num_threads(threads);
   // Inputs that are views: transposed, and a slice of a wider tensor.
   const auto weight = torch::randn({64, 128});
@@ -402,8 +414,8 @@ TEST_CASE("activation_mul equals activation(gate) * up, for packed and separate 
           const auto parts = gate_up.chunk(2, -1);
           const auto expected = fk::activate(parts[0], activation) * parts[1];
           INFO(fk::to_string(activation) << ", rows " << rows << ", inter " << inter);
-          CHECK(torch::allclose(fk::activation_mul(parts[0], parts[1], activation), expected,
-                                1e-6, 1e-30));
+          CHECK(torch::allclose(fk::activation_mul(parts[0], parts[1], activation), expected, 1e-6,
+                                1e-30));
           // ATen's vectorised paths differ in the last bits between strided and contiguous inputs.
           const auto gate = parts[0].contiguous(), up = parts[1].contiguous();
           CHECK(torch::allclose(fk::activation_mul(gate, up, activation),

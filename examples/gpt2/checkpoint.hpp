@@ -80,7 +80,8 @@ inline Config load_config(const std::filesystem::path& dir) {
 inline void load_weights(LMHeadModelImpl& model, const std::filesystem::path& dir) {
   auto entries = checkpoint::index_directory(dir);
   bool prefixed = false;
-  for (const auto& entry : entries) prefixed = prefixed || entry.first.rfind("transformer.", 0) == 0;
+  for (const auto& entry : entries)
+    prefixed = prefixed || entry.first.rfind("transformer.", 0) == 0;
   if (!prefixed) {
     checkpoint::Entries renamed;
     for (auto& [key, value] : entries) {

@@ -102,8 +102,9 @@ TEST_CASE("GPT-2 fused: the replay is exact, the library kernels within toleranc
     CHECK((chain.stats.state_bytes > 0) == folded);
   }
   if (tied) CHECK(model->lm_head->weight.is_same(model->transformer->wte->weight));
-  const auto report = fusion::verify(model, [&] { return model(prompt); },
-                                     1e-4 * std::max(1.0, original.abs().max().item<double>()));
+  const auto report = fusion::verify(
+      model, [&] { return model(prompt); },
+      1e-4 * std::max(1.0, original.abs().max().item<double>()));
   INFO(report.to_string());
   CHECK(report.ok());
 }

@@ -108,8 +108,8 @@ struct AttentionImpl : torch::nn::Module {
     if (s > 1) {
       // Query i (at position total - s + i) sees keys 0..total - s + i.
       const auto masked = torch::ones({s, total}, torch::kBool).triu(total - s + 1);
-      weights = weights.masked_fill(masked.to(weights.device()),
-                                    std::numeric_limits<float>::lowest());
+      weights =
+          weights.masked_fill(masked.to(weights.device()), std::numeric_limits<float>::lowest());
     }
     weights = torch::softmax(weights, -1);
     return torch::matmul(weights, v).transpose(1, 2).reshape({b, s, embd});
@@ -170,7 +170,8 @@ TORCH_MODULE(Model);
 /// parameter of its own, as checkpoints have no lm_head.weight), else a parameter.
 struct LMHeadImpl : torch::nn::Module {
   LMHeadImpl(const torch::Tensor& tied, int64_t vocab, int64_t embd, bool tie) {
-    weight = tie ? tied : register_parameter("weight", torch::empty({vocab, embd}).normal_(0, 0.02));
+    weight =
+        tie ? tied : register_parameter("weight", torch::empty({vocab, embd}).normal_(0, 0.02));
   }
   torch::Tensor forward(const torch::Tensor& x) { return torch::linear(x, weight); }
   torch::Tensor weight, bias;  // bias: none (undefined)
@@ -181,8 +182,8 @@ struct LMHeadModelImpl : torch::nn::Module {
   explicit LMHeadModelImpl(const Config& c) : config(c) {
     transformer = register_module("transformer", Model(c));
     lm_head = fusion::register_slot(
-        *this, "lm_head", LMHead(transformer->wte->weight, c.vocab_size, c.n_embd,
-                                 c.tie_word_embeddings));
+        *this, "lm_head",
+        LMHead(transformer->wte->weight, c.vocab_size, c.n_embd, c.tie_word_embeddings));
   }
 
   /// input_ids [batch, seq] (int64) -> logits [batch, seq, vocab]
@@ -198,8 +199,7 @@ struct LMHeadModelImpl : torch::nn::Module {
     }
     if (seen + input_ids.size(1) > config.n_positions) {
       throw std::out_of_range("gpt2: " + std::to_string(seen + input_ids.size(1)) +
-                              " positions, past n_positions " +
-                              std::to_string(config.n_positions));
+                              " positions, past n_positions " + std::to_string(config.n_positions));
     }
     return lm_head(transformer->forward(input_ids, cache));
   }

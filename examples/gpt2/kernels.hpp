@@ -27,10 +27,9 @@ inline void register_kernels() {
                                   fk::projections(fk::transposed(&AttentionImpl::c_attn)),
                                   &AttentionImpl::after_projections,
                                   fk::transposed(&AttentionImpl::c_proj));
-    fk::register_norm_mlp("gpt2.ln_mlp",
-                          fk::plain_mlp(fk::transposed(&MLPImpl::c_fc),
-                                        fk::transposed(&MLPImpl::c_proj),
-                                        fk::Activation::gelu_tanh));
+    fk::register_norm_mlp(
+        "gpt2.ln_mlp", fk::plain_mlp(fk::transposed(&MLPImpl::c_fc),
+                                     fk::transposed(&MLPImpl::c_proj), fk::Activation::gelu_tanh));
     fk::register_norm_lm_head("gpt2.ln_lm_head", fk::layer_norm(), fk::itself<LMHeadImpl>());
     return true;
   }();

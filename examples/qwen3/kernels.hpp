@@ -27,8 +27,8 @@ inline void register_kernels() {
     namespace fk = fusion::kernels;
     const auto norm = fk::rms_norm(&RMSNormImpl::weight, &RMSNormImpl::eps);
     fk::register_norm_mlp("qwen3.rmsnorm_mlp", norm,
-                          fk::gated_mlp(&MLPImpl::gate_proj, &MLPImpl::up_proj,
-                                        &MLPImpl::down_proj, fk::Activation::silu));
+                          fk::gated_mlp(&MLPImpl::gate_proj, &MLPImpl::up_proj, &MLPImpl::down_proj,
+                                        fk::Activation::silu));
     fk::register_norm_projections(
         "qwen3.rmsnorm_attention", norm,
         fk::projections(&AttentionImpl::q_proj, &AttentionImpl::k_proj, &AttentionImpl::v_proj),

@@ -188,9 +188,9 @@ struct AttentionImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& hidden_states,
                         const PositionEmbeddings& position_embeddings,
                         const c10::optional<torch::Tensor>& attention_mask, KVCache* cache) {
-    return o_proj(after_projections(
-        {q_proj(hidden_states), k_proj(hidden_states), v_proj(hidden_states)}, hidden_states,
-        position_embeddings, attention_mask, cache));
+    return o_proj(
+        after_projections({q_proj(hidden_states), k_proj(hidden_states), v_proj(hidden_states)},
+                          hidden_states, position_embeddings, attention_mask, cache));
   }
 
   /// The attention between its q, k and v projections (`qkv`, each [batch, seq, heads *

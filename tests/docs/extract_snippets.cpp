@@ -5,10 +5,10 @@
 //
 // Each Markdown file's blocks go into a namespace of their own, in order. A block whose first line
 // of code declares something (#include, struct, class, template, namespace, using, TORCH_MODULE;
-// a namespace alias is passed over) is code at namespace scope; any other block is a sequence of statements, compiled as the body of
-// a function whose parameters are the names the documentation uses for the user's things (`model`,
-// `x`, `sample_input`, `patterns`, `specs`: see snippet_prelude.hpp). #include lines are dropped:
-// the prelude includes the library.
+// a namespace alias is passed over) is code at namespace scope; any other block is a sequence of
+// statements, compiled as the body of a function whose parameters are the names the documentation
+// uses for the user's things (`model`, `x`, `sample_input`, `patterns`, `specs`: see
+// snippet_prelude.hpp). #include lines are dropped: the prelude includes the library.
 #include <cctype>
 #include <fstream>
 #include <iostream>

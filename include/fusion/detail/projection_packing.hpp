@@ -70,8 +70,7 @@ inline PackedProjections pack(std::vector<Projection> parts, bool fold, const at
     std::vector<at::Tensor> weights, biases;
     for (const auto& p : parts) {
       const auto w = (p.layout == WeightLayout::out_in ? p.weight : p.weight.t()).to(at::kDouble);
-      auto b = p.bias.defined() ? p.bias.to(at::kDouble)
-                                : at::zeros({w.size(0)}, w.options());
+      auto b = p.bias.defined() ? p.bias.to(at::kDouble) : at::zeros({w.size(0)}, w.options());
       if (shift.defined()) b = b + at::mv(w, shift.to(at::kDouble));
       weights.push_back(scale.defined() ? w * scale.to(at::kDouble) : w);
       biases.push_back(b);
@@ -152,8 +151,9 @@ std::string projections_misfit(const kernels::NormLayout<Norm>& layout, Norm& no
   const auto first = parts[0].get(owner);
   const int64_t dim = in_features(first);
   if (in_features_out != nullptr) *in_features_out = dim;
-  for (const auto& [what, tensor] : {std::pair<const char*, at::Tensor>{"weight", layout.weight(norm)},
-                                     {"bias", layout.bias ? layout.bias(norm) : at::Tensor()}}) {
+  for (const auto& [what, tensor] :
+       {std::pair<const char*, at::Tensor>{"weight", layout.weight(norm)},
+        {"bias", layout.bias ? layout.bias(norm) : at::Tensor()}}) {
     if (!tensor.defined()) continue;
     if (tensor.dim() != 1 || tensor.size(0) != dim) {
       return fmt::format("the norm's {} has shape {}, but {}'s input has {} features", what,
@@ -166,11 +166,12 @@ std::string projections_misfit(const kernels::NormLayout<Norm>& layout, Norm& no
       return fmt::format("{}: parameter 'weight' is not a matrix", name(part));
     }
     if (in_features(p) != dim) {
-      return fmt::format("{}: parameter 'weight' has shape {} ({}), {} input features where {} "
-                         "has {}",
-                         name(part), p.weight.sizes(),
-                         p.layout == WeightLayout::out_in ? "[out, in]" : "[in, out]",
-                         in_features(p), name(parts[0]), dim);
+      return fmt::format(
+          "{}: parameter 'weight' has shape {} ({}), {} input features where {} "
+          "has {}",
+          name(part), p.weight.sizes(),
+          p.layout == WeightLayout::out_in ? "[out, in]" : "[in, out]", in_features(p),
+          name(parts[0]), dim);
     }
     if (p.bias.defined() && (p.bias.dim() != 1 || p.bias.size(0) != out_features(p))) {
       return fmt::format("{}: parameter 'bias' has shape {}, expected [{}]", name(part),

@@ -160,8 +160,8 @@ __attribute__((target("avx512f"))) inline void block_kn(const float* x, const fl
 /// The columns [j0, j0 + width) of small_gemm_kn, width <= 64, for all m rows.
 template <int NB>
 __attribute__((target("avx512f"))) inline void panel_kn(const float* x, const float* w, float* y,
-                                                        int64_t m, int64_t k, int64_t n,
-                                                        int64_t j0, int64_t width) {
+                                                        int64_t m, int64_t k, int64_t n, int64_t j0,
+                                                        int64_t width) {
   const int64_t rest = width - 16 * (NB - 1);
   const __mmask16 last = rest >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rest) - 1);
   int64_t i = 0;

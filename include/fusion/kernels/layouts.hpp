@@ -69,16 +69,18 @@ NormLayout<Norm> rms_norm(at::Tensor Norm::*weight, Eps Norm::*eps) {
 /// (an undefined tensor: none).
 template <typename Norm, typename Eps>
 NormLayout<Norm> layer_norm(at::Tensor Norm::*weight, at::Tensor Norm::*bias, Eps Norm::*eps) {
-  return {NormKind::layer_norm, detail::read_tensor(weight), detail::read_tensor(bias),
-          detail::read_eps(eps), {}};
+  return {NormKind::layer_norm,
+          detail::read_tensor(weight),
+          detail::read_tensor(bias),
+          detail::read_eps(eps),
+          {}};
 }
 
 /// torch::nn::LayerNorm: its weight, bias, eps and normalized_shape (one size: the last).
 inline NormLayout<torch::nn::LayerNormImpl> layer_norm() {
   using Impl = torch::nn::LayerNormImpl;
   return {NormKind::layer_norm, detail::read_tensor(&Impl::weight),
-          detail::read_tensor(&Impl::bias),
-          [](Impl& norm) { return norm.options.eps(); },
+          detail::read_tensor(&Impl::bias), [](Impl& norm) { return norm.options.eps(); },
           [](Impl& norm) { return norm.options.normalized_shape(); }};
 }
 
@@ -114,8 +116,8 @@ using kernels::ProjectionLayout;
 using kernels::WeightLayout;
 
 template <typename Owner, typename Member>
-using projection_module_t = std::remove_reference_t<decltype(*(std::declval<Owner&>().*
-                                                               std::declval<Member Owner::*>()))>;
+using projection_module_t =
+    std::remove_reference_t<decltype(*(std::declval<Owner&>().*std::declval<Member Owner::*>()))>;
 
 template <typename Owner, typename Member>
 ProjectionLayout<Owner> projection(Member Owner::*member, WeightLayout layout) {
@@ -123,11 +125,10 @@ ProjectionLayout<Owner> projection(Member Owner::*member, WeightLayout layout) {
   static_assert(std::is_base_of_v<torch::nn::Module, Module>,
                 "fusion::kernels: a projection member must hold a module (torch::nn::Linear, a "
                 "fusion::Slot of one, or a holder of a module with weight and bias)");
-  static_assert(std::is_same_v<std::decay_t<decltype(std::declval<Module&>().weight)>,
-                               at::Tensor> &&
-                    std::is_same_v<std::decay_t<decltype(std::declval<Module&>().bias)>,
-                                   at::Tensor>,
-                "fusion::kernels: a projection's module needs `weight` and `bias` tensor members");
+  static_assert(
+      std::is_same_v<std::decay_t<decltype(std::declval<Module&>().weight)>, at::Tensor> &&
+          std::is_same_v<std::decay_t<decltype(std::declval<Module&>().bias)>, at::Tensor>,
+      "fusion::kernels: a projection's module needs `weight` and `bias` tensor members");
   return {layout,
           [member, layout](Owner& owner) {
             Module& m = *(owner.*member);
@@ -154,7 +155,10 @@ ProjectionLayout<Owner> transposed(Member Owner::*member) {
 /// The module itself as the projection (an lm_head that is a torch::nn::Linear), [out, in].
 template <typename Module>
 ProjectionLayout<Module> itself(WeightLayout layout = WeightLayout::out_in) {
-  return {layout, [layout](Module& m) { return Projection{m.weight, m.bias, layout}; },
+  return {layout,
+          [layout](Module& m) {
+            return Projection{m.weight, m.bias, layout};
+          },
           [](Module& m) -> const torch::nn::Module* { return &m; }};
 }
 

@@ -10,13 +10,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <mutex>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 
+#include "fusion/detail/gemm_choice.hpp"
 #include "fusion/detail/simd.hpp"
 
 namespace fusion::kernels {
@@ -121,11 +126,10 @@ inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double
 /// two ops otherwise.
 inline at::Tensor activation_mul(const at::Tensor& gate, const at::Tensor& up,
                                  Activation activation) {
-  const bool rows_of_floats = gate.dim() == 2 && up.sizes() == gate.sizes() &&
-                              gate.scalar_type() == at::kFloat && up.scalar_type() == at::kFloat &&
-                              gate.device().is_cpu() && up.device().is_cpu() &&
-                              gate.stride(1) == 1 && up.stride(1) == 1 &&
-                              gate.stride(0) == up.stride(0);
+  const bool rows_of_floats =
+      gate.dim() == 2 && up.sizes() == gate.sizes() && gate.scalar_type() == at::kFloat &&
+      up.scalar_type() == at::kFloat && gate.device().is_cpu() && up.device().is_cpu() &&
+      gate.stride(1) == 1 && up.stride(1) == 1 && gate.stride(0) == up.stride(0);
   if (activation == Activation::silu && rows_of_floats) {
     const int64_t rows = gate.size(0), inter = gate.size(1);
     const int64_t stride = rows > 1 ? gate.stride(0) : inter;
@@ -154,60 +158,71 @@ inline at::Tensor activation_mul(const at::Tensor& gate, const at::Tensor& up,
 /// GPT-2's Conv1D (transformers' `pytorch_utils.Conv1D`).
 enum class WeightLayout { out_in, in_out };
 
-/// x [..., in] times the weight, plus bias: at::linear's result (at::addmm's for in_out), by
-/// whichever GEMM is fastest for the shape. For float32 on the CPU with an [in, out] weight: 1 to
-/// 256 rows go to small_gemm_kn (AVX-512 CPUs only; the weight read in place), others to addmm.
-/// With an [out, in] weight:
-///   - one row: the matrix-vector product (a decode step);
-///   - 2 to 256 rows of a length that is a multiple of 16, at least 128 long (or at most 16
-///     rows): small_gemm, the weight read in place (AVX-512 CPUs only);
-///   - 48 rows or more and at least 12M multiply-adds per thread: oneDNN's matmul on the weight
-///     as it is (at::mkldnn_linear: no copy);
-///   - otherwise at::linear (the BLAS).
-/// docs/performance.md ("Projections") has the measurements behind these thresholds. Results
-/// differ from linear's only by float32 summation order.
+/// Makes project() take `path` wherever it can compute the shape (std::nullopt: measure, the
+/// default); returns the previous setting. For tests and benchmarks of one path.
+inline std::optional<GemmPath> force_gemm_path(std::optional<GemmPath> path) {
+  auto& choices = detail::GemmChoices::instance();
+  std::lock_guard<std::mutex> lock(choices.mutex);
+  std::swap(choices.forced, path);
+  return path;
+}
+
+/// Forgets the paths measured so far (after changing the thread count or the BLAS settings).
+inline void reset_gemm_choices() {
+  auto& choices = detail::GemmChoices::instance();
+  std::lock_guard<std::mutex> lock(choices.mutex);
+  choices.chosen.clear();
+}
+
+/// x [..., in] times the weight, plus bias: at::linear's result (at::addmm's for in_out). Float32
+/// on the CPU takes whichever of the BLAS, the hand-written AVX-512 loops (2-256 rows; 1-256 for
+/// [in, out]; rows a multiple of 16 long for [out, in]) and oneDNN's matmul (48 rows or more,
+/// [out, in]) was measured fastest for the shape on this machine the first time it came
+/// (detail/gemm_choice.hpp), one row of an [out, in] weight the matrix-vector product. Every path
+/// reads the weight in place. Results differ from linear's only by float32 summation order.
 inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
-                          const at::Tensor& bias = {},
-                          WeightLayout layout = WeightLayout::out_in) {
+                          const at::Tensor& bias = {}, WeightLayout layout = WeightLayout::out_in) {
   const int64_t in = x.size(-1);
-  const int64_t out = layout == WeightLayout::out_in ? weight.size(0) : weight.size(1);
+  const bool in_out = layout == WeightLayout::in_out;
+  const int64_t out = in_out ? weight.size(1) : weight.size(0);
   const int64_t rows = in == 0 ? 0 : x.numel() / in;
   auto sizes = x.sizes().vec();
   sizes.back() = out;
-  if (layout == WeightLayout::in_out) {
-    const auto x2 = x.reshape({rows, in});
-    if (rows > 0 && rows <= 256 && x.device().is_cpu() && x.scalar_type() == at::kFloat &&
-        weight.scalar_type() == at::kFloat && weight.is_contiguous() && avx512_enabled()) {
-      const auto xc = x2.contiguous();
-      auto y = at::empty({rows, out}, xc.options());
-      detail::small_gemm_kn(xc.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(),
-                            rows, in, out);
-      if (bias.defined()) y.add_(bias);
-      return y.view(sizes);
-    }
-    auto y = bias.defined() ? at::addmm(bias, x2, weight) : at::mm(x2, weight);
-    return y.view(sizes);
-  }
+  const auto blas = [&](const at::Tensor& x2) {
+    if (!in_out) return at::linear(x2, weight, bias);
+    return bias.defined() ? at::addmm(bias, x2, weight) : at::mm(x2, weight);
+  };
   if (rows == 0 || !x.device().is_cpu() || x.scalar_type() != at::kFloat ||
       weight.scalar_type() != at::kFloat) {
-    return at::linear(x, weight, bias);
+    return blas(x.reshape({rows, in})).view(sizes);
   }
   const auto x2 = x.reshape({rows, in}).contiguous();
-  at::Tensor y;
-  if (rows == 1) {
-    y = at::mv(weight, x2.view({in}));
-  } else if (rows <= 256 && in % 16 == 0 && (in >= 128 || rows <= 16) && weight.is_contiguous() &&
-             avx512_enabled()) {
-    y = at::empty({rows, out}, x2.options());
-    detail::small_gemm(x2.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), rows,
-                       in, out);
-  } else if (rows >= 48 && static_cast<double>(rows) * in * out >= 12e6 * at::get_num_threads() &&
-             at::hasMKLDNN()) {
-    return at::mkldnn_linear(x2.to_mkldnn(), weight, bias).to_dense().view(sizes);
-  } else {
-    return at::linear(x2, weight, bias).view(sizes);
+  if (rows == 1 && !in_out) {
+    auto y = at::mv(weight, x2.view({in}));
+    if (bias.defined()) y.add_(bias);
+    return y.view(sizes);
   }
-  if (bias.defined()) y.add_(bias);
+  at::Tensor y;
+  const auto hand_written = [&] {
+    y = at::empty({rows, out}, x2.options());
+    (in_out ? detail::small_gemm_kn : detail::small_gemm)(
+        x2.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), rows, in, out);
+    if (bias.defined()) y.add_(bias);
+  };
+  std::vector<std::pair<GemmPath, std::function<void()>>> candidates{
+      {GemmPath::blas, [&] { y = blas(x2); }}};
+  if (avx512_enabled() && weight.is_contiguous() && rows <= 256 &&
+      (in_out || (in % 16 == 0 && (in >= 128 || rows <= 16)))) {
+    candidates.emplace_back(GemmPath::hand_written, hand_written);
+  }
+  if (!in_out && rows >= 48 && at::hasMKLDNN()) {
+    candidates.emplace_back(
+        GemmPath::onednn, [&] { y = at::mkldnn_linear(x2.to_mkldnn(), weight, bias).to_dense(); });
+  }
+  const auto path = detail::choose_gemm(in_out ? 1 : 0, rows, in, out, candidates);
+  for (const auto& candidate : candidates) {
+    if (candidate.first == path) candidate.second();
+  }
   return y.view(sizes);
 }
 

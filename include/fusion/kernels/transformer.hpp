@@ -25,11 +25,13 @@
 // parameter that does not fit.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <torch/nn/modules/linear.h>
 
 #include "fusion/detail/projection_packing.hpp"
 #include "fusion/kernel.hpp"
@@ -82,17 +84,17 @@ struct NormMLP {
     if (mlp_layout.gate &&
         detail::out_features(first) != detail::out_features(mlp_layout.up.get(mlp))) {
       return fmt::format("the gate and up projections give {} and {} features",
-                         detail::out_features(first),
-                         detail::out_features(mlp_layout.up.get(mlp)));
+                         detail::out_features(first), detail::out_features(mlp_layout.up.get(mlp)));
     }
     const auto down = mlp_layout.down.get(mlp);
     if (!down.weight.defined() || down.weight.dim() != 2 ||
         detail::in_features(down) != detail::out_features(mlp_layout.up.get(mlp))) {
-      return fmt::format("member '{}': parameter 'weight' has shape {}, which does not take the {} "
-                         "features of the layer before",
-                         child_name(mlp, mlp_layout.down.module(mlp)),
-                         down.weight.defined() ? down.weight.sizes() : at::IntArrayRef{},
-                         detail::out_features(mlp_layout.up.get(mlp)));
+      return fmt::format(
+          "member '{}': parameter 'weight' has shape {}, which does not take the {} "
+          "features of the layer before",
+          child_name(mlp, mlp_layout.down.module(mlp)),
+          down.weight.defined() ? down.weight.sizes() : at::IntArrayRef{},
+          detail::out_features(mlp_layout.up.get(mlp)));
     }
     return {};
   }
@@ -100,9 +102,8 @@ struct NormMLP {
   at::Tensor operator()(const State& state, Norm& norm, MLP& mlp, const at::Tensor& x) const {
     const auto normed = detail::normalise(x, norm_layout, norm, fold);
     const auto first = detail::project_all(normed, state.first);
-    const auto hidden = mlp_layout.gate
-                            ? activation_mul(first[0], first[1], mlp_layout.activation)
-                            : activate(first[0], mlp_layout.activation);
+    const auto hidden = mlp_layout.gate ? activation_mul(first[0], first[1], mlp_layout.activation)
+                                        : activate(first[0], mlp_layout.activation);
     const auto down = mlp_layout.down.get(mlp);
     const auto out = project(hidden, down.weight, down.bias, down.layout);
     auto sizes = x.sizes().vec();
@@ -221,7 +222,8 @@ template <typename Norm, typename Attention, typename... Rest>
 void register_norm_projections(
     const std::string& name, NormLayout<Norm> norm, ProjectionGroup<Attention> group,
     at::Tensor (Attention::*after)(const std::vector<at::Tensor>&, const at::Tensor&, Rest...),
-    typename detail::identity<std::optional<ProjectionLayout<Attention>>>::type output = std::nullopt,
+    typename detail::identity<std::optional<ProjectionLayout<Attention>>>::type output =
+        std::nullopt,
     KernelOptions options = transformer_kernel_options()) {
   using Kernel = NormProjections<Norm, Attention, Rest...>;
   register_kernel(name, Kernel{norm, group, after, output, false}, options);

@@ -1,0 +1,99 @@
+// Which GEMM a float32 projection on the CPU runs: measured, not guessed. The same shape is fastest
+// on different paths on different machines (OpenBLAS 0.3.21 runs generic kernels on some AVX-512
+// CPUs and its AVX-512 ones on others; oneDNN's matmul wins on large shapes, the hand-written
+// loops on a few rows), so the first call of each shape times every path that can compute it on
+// that call's own operands and keeps the fastest for the rest of the process.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+#include "fusion/detail/abi.hpp"
+
+namespace fusion::kernels {
+/// The ways fusion::kernels::project can compute a float32 projection on the CPU.
+enum class GemmPath {
+  blas,          // at::linear / at::addmm: the BLAS LibTorch links (OpenBLAS on Debian)
+  hand_written,  // small_gemm / small_gemm_kn: AVX-512 loops reading the weight in place
+  onednn,        // at::mkldnn_linear: oneDNN's matmul on the weight as it is ([out, in] only)
+};
+}  // namespace fusion::kernels
+
+namespace fusion::detail {
+
+inline namespace FUSION_ABI_VERSION {
+/// The path chosen per shape (layout, row bucket, in, out, threads), and a path forced by
+/// force_gemm_path. One table per process (FUSION_API).
+struct FUSION_API GemmChoices {
+  static GemmChoices& instance() {
+    static auto* choices = new GemmChoices();  // leaked: kernels may run during static destruction
+    return *choices;
+  }
+  std::mutex mutex;
+  std::map<std::tuple<int, int64_t, int64_t, int64_t, int>, kernels::GemmPath> chosen;
+  std::optional<kernels::GemmPath> forced;
+};
+}  // namespace FUSION_ABI_VERSION
+
+/// Rows grouped so that a prompt of any length costs few measurements: exact up to 16, then
+/// powers of two.
+inline int64_t row_bucket(int64_t rows) {
+  if (rows <= 16) return rows;
+  int64_t bucket = 32;
+  while (bucket < rows) bucket *= 2;
+  return bucket;
+}
+
+/// The path for this shape among `candidates` (each computes the same product): the forced one
+/// when it is a candidate; else the one measured fastest the first time the shape came, each
+/// timed twice after one warm-up run, the faster of its two runs counting.
+inline kernels::GemmPath choose_gemm(
+    int layout, int64_t rows, int64_t in, int64_t out,
+    const std::vector<std::pair<kernels::GemmPath, std::function<void()>>>& candidates) {
+  auto& choices = GemmChoices::instance();
+  const auto key = std::make_tuple(layout, row_bucket(rows), in, out, at::get_num_threads());
+  // A path this call cannot take (forced, or chosen while the AVX-512 loops were on) gives way
+  // to the first candidate, the BLAS.
+  const auto available = [&](kernels::GemmPath path) {
+    for (const auto& candidate : candidates) {
+      if (candidate.first == path) return path;
+    }
+    return candidates.front().first;
+  };
+  {
+    std::lock_guard<std::mutex> lock(choices.mutex);
+    if (choices.forced) return available(*choices.forced);
+    const auto it = choices.chosen.find(key);
+    if (it != choices.chosen.end()) return available(it->second);
+  }
+  if (candidates.size() == 1) return candidates.front().first;
+  using Clock = std::chrono::steady_clock;
+  auto best = candidates.front().first;
+  double best_seconds = 0;
+  for (const auto& [path, run] : candidates) {
+    run();
+    double seconds = 0;
+    for (int repeat = 0; repeat < 2; ++repeat) {
+      const auto start = Clock::now();
+      run();
+      const double took = std::chrono::duration<double>(Clock::now() - start).count();
+      seconds = repeat == 0 ? took : std::min(seconds, took);
+    }
+    if (path == candidates.front().first || seconds < best_seconds) {
+      best = path;
+      best_seconds = seconds;
+    }
+  }
+  std::lock_guard<std::mutex> lock(choices.mutex);
+  return choices.chosen.emplace(key, best).first->second;
+}
+
+}  // namespace fusion::detail
