@@ -12,6 +12,7 @@
 #include <memory>
 #include <thread>
 
+#include "forward_runners.hpp"
 #include "models.hpp"
 
 using namespace models;
@@ -444,24 +445,8 @@ TEST_CASE("fusion changed while 4 threads run the model: refused or made, every 
     inputs.push_back(torch::randn({1 + i % 3, 16}));
     expected.push_back(model(inputs.back()));
   }
-  std::atomic<bool> stop{false};
-  std::atomic<int> forwards{0}, wrong{0}, unexpected{0}, started{0};
-  std::vector<std::thread> runners;
-  for (int t = 0; t < 4; ++t) {
-    runners.emplace_back([&, t] {
-      torch::NoGradGuard guard;
-      ++started;
-      for (std::size_t k = static_cast<std::size_t>(t); !stop; k = (k + 1) % inputs.size()) {
-        // A pass that began unfused and met a chain fused meanwhile finishes unfused.
-        try {
-          if (!torch::allclose(model(inputs[k]), expected[k], 0, kTolerance)) ++wrong;
-          ++forwards;
-        } catch (...) {
-          ++unexpected;
-        }
-      }
-    });
-  }
+  // A pass that began unfused and met a chain fused meanwhile finishes unfused: still exact.
+  fusion_test::ForwardRunners<Stack> runners(model, inputs, expected, 0, kTolerance);
   int changes = 0, refused = 0, misreported = 0;
   const auto change = [&](auto&& make_change) {
     try {
@@ -474,7 +459,6 @@ TEST_CASE("fusion changed while 4 threads run the model: refused or made, every 
     }
   };
   const int cycles = std::getenv("FUSION_STRESS_FORWARDS") != nullptr ? 40 : 300;
-  while (started < 4) std::this_thread::yield();  // changes race forwards from the start
   const auto fused = [&] { return !fusion::fused_chains(model).empty(); };
   for (int i = 0; i < cycles; ++i) {
     if (!fused()) change([&] { fusion::fuse_modules(model, block_patterns(), block_specs()); });
@@ -482,13 +466,12 @@ TEST_CASE("fusion changed while 4 threads run the model: refused or made, every 
     if (fused()) change([&] { fusion::use_kernel(model, {"**"}, ""); });
     if (fused()) change([&] { fusion::unfuse_modules(model); });
   }
-  stop = true;
-  for (auto& runner : runners) runner.join();
-  INFO(forwards << " forwards, " << changes << " changes made, " << refused << " refused");
-  CHECK(wrong == 0);
-  CHECK(unexpected == 0);
+  runners.stop();
+  INFO(runners.forwards << " forwards, " << changes << " changes made, " << refused << " refused");
+  CHECK(runners.wrong == 0);
+  CHECK(runners.failed == 0);
   CHECK(misreported == 0);
-  CHECK(forwards > 0);
+  CHECK(runners.forwards > 0);
   // How many changes get through depends on timing (all may be refused while 4 threads keep every
   // chain busy); that they succeed once the threads stop is checked here.
   if (!fused()) fusion::fuse_modules(model, block_patterns(), block_specs());

@@ -15,6 +15,7 @@
 
 #include <fusion/kernels/batch_norm_folding.hpp>
 
+#include "forward_runners.hpp"
 #include "models.hpp"
 
 using namespace models;
@@ -413,24 +414,7 @@ TEST_CASE(
     inputs.push_back(torch::randn({1 + i % 3, 16}));
     expected.push_back(model(inputs.back()));
   }
-  std::atomic<bool> stop{false};
-  std::atomic<int> forwards{0}, wrong{0}, failed{0}, started{0};
-  std::vector<std::thread> runners;
-  for (int t = 0; t < 4; ++t) {
-    runners.emplace_back([&, t] {
-      torch::NoGradGuard guard;
-      ++started;
-      for (std::size_t k = static_cast<std::size_t>(t); !stop; k = (k + 1) % inputs.size()) {
-        try {
-          if (!torch::allclose(model(inputs[k]), expected[k], 1e-5, 1e-5)) ++wrong;
-          ++forwards;
-        } catch (...) {
-          ++failed;
-        }
-      }
-    });
-  }
-  while (started < 4) std::this_thread::yield();
+  fusion_test::ForwardRunners<Stack> runners(model, inputs, expected, 1e-5, 1e-5);
   const auto wait = std::chrono::seconds(20);
   // Fewer cycles under ThreadSanitizer (scripts/run-sanitizers sets FUSION_STRESS_FORWARDS).
   const int cycles = std::getenv("FUSION_STRESS_FORWARDS") != nullptr ? 10 : 50;
@@ -442,11 +426,10 @@ TEST_CASE(
     CHECK(fusion::unfuse_modules(model, wait) == 3);
     changes += 4;
   }
-  stop = true;
-  for (auto& runner : runners) runner.join();
-  INFO(forwards << " forwards, " << changes << " changes");
+  runners.stop();
+  INFO(runners.forwards << " forwards, " << changes << " changes");
   CHECK(changes == 4 * cycles);
-  CHECK(failed == 0);
-  CHECK(wrong == 0);
-  CHECK(forwards > 0);
+  CHECK(runners.failed == 0);
+  CHECK(runners.wrong == 0);
+  CHECK(runners.forwards > 0);
 }

@@ -33,6 +33,51 @@ inline std::vector<int64_t> parse_ids(const std::string& text) {
   return ids;
 }
 
+/// The demos' command line: [--model-dir DIR] [--input-ids 1,2,3] [--generate N]
+/// [--save-logits FILE] [--save-kernel-logits FILE] [--folded] [--expect FILE].
+struct Options {
+  std::string model_dir;
+  std::vector<int64_t> input_ids{1, 2, 3, 4, 5, 6, 7, 8};
+  int64_t generate = 0;
+  std::string save_logits;
+  std::string save_kernel_logits;
+  bool folded = false;
+  std::string expect;
+};
+
+inline Options parse(int argc, char** argv) {
+  Options options;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw std::invalid_argument(arg + " needs a value");
+      return argv[++i];
+    };
+    if (arg == "--model-dir") {
+      options.model_dir = value();
+    } else if (arg == "--input-ids") {
+      options.input_ids = parse_ids(value());
+    } else if (arg == "--generate") {
+      options.generate = std::stoll(value());
+    } else if (arg == "--save-logits") {
+      options.save_logits = value();
+    } else if (arg == "--save-kernel-logits") {
+      options.save_kernel_logits = value();
+    } else if (arg == "--folded") {
+      options.folded = true;
+    } else if (arg == "--expect") {
+      options.expect = value();
+    } else {
+      throw std::invalid_argument(
+          "unknown option " + arg +
+          "\nusage: " + std::filesystem::path(argv[0]).filename().string() +
+          " [--model-dir DIR] [--input-ids 1,2,3] [--generate N] [--save-logits FILE] "
+          "[--save-kernel-logits FILE] [--folded] [--expect FILE]");
+    }
+  }
+  return options;
+}
+
 /// The ids generated after a prompt of `prompt` ids, for printing.
 inline std::vector<int64_t> new_ids(const torch::Tensor& generated, int64_t prompt) {
   const auto tail = generated[0].slice(0, prompt).contiguous();

@@ -31,48 +31,6 @@
 
 namespace {
 
-struct Options {
-  std::string model_dir;
-  std::vector<int64_t> input_ids{1, 2, 3, 4, 5, 6, 7, 8};
-  int64_t generate = 0;
-  std::string save_logits;
-  std::string save_kernel_logits;
-  bool folded = false;
-  std::string expect;
-};
-
-Options parse(int argc, char** argv) {
-  Options options;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw std::invalid_argument(arg + " needs a value");
-      return argv[++i];
-    };
-    if (arg == "--model-dir") {
-      options.model_dir = value();
-    } else if (arg == "--input-ids") {
-      options.input_ids = demo::parse_ids(value());
-    } else if (arg == "--generate") {
-      options.generate = std::stoll(value());
-    } else if (arg == "--save-logits") {
-      options.save_logits = value();
-    } else if (arg == "--save-kernel-logits") {
-      options.save_kernel_logits = value();
-    } else if (arg == "--folded") {
-      options.folded = true;
-    } else if (arg == "--expect") {
-      options.expect = value();
-    } else {
-      throw std::invalid_argument("unknown option " + arg +
-                                  "\nusage: qwen3_fusion [--model-dir DIR] [--input-ids 1,2,3] "
-                                  "[--generate N] [--save-logits FILE] [--save-kernel-logits FILE] "
-                                  "[--folded] [--expect FILE]");
-    }
-  }
-  return options;
-}
-
 /// The default model: tiny, random, seeded, so the demo runs with nothing downloaded.
 qwen3::ForCausalLM tiny_model() {
   qwen3::ForCausalLM model(qwen3::Config{});
@@ -83,7 +41,7 @@ qwen3::ForCausalLM tiny_model() {
 }  // namespace
 
 int main(int argc, char** argv) try {
-  Options options = parse(argc, argv);
+  demo::Options options = demo::parse(argc, argv);
   torch::NoGradGuard no_grad;
   c10::optional<demo::Expected> expected;
   if (!options.expect.empty()) {

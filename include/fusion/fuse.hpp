@@ -12,6 +12,7 @@
 #include <fmt/ranges.h>
 
 #include "fusion/detail/chain.hpp"
+#include "fusion/detail/chain_roles.hpp"
 #include "fusion/detail/quiesce.hpp"
 #include "fusion/detail/sites.hpp"
 #include "fusion/error.hpp"

@@ -11,6 +11,7 @@
 #include <fusion/kernels/batch_norm_folding.hpp>
 #include <fusion/kernels/transformer.hpp>
 
+#include "gpt2.hpp"  // examples/gpt2/README.md declares its kernels
 #include "models.hpp"
 
 namespace fusion_docs {

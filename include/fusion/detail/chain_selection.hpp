@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 
 #include "fusion/detail/chain.hpp"
+#include "fusion/detail/chain_roles.hpp"
 #include "fusion/detail/kernel_attach.hpp"
 #include "fusion/detail/quiesce.hpp"
 #include "fusion/detail/sites.hpp"
