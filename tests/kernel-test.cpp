@@ -98,7 +98,7 @@ struct BlockingMLP {
 };
 
 void register_test_kernels() {
-  static const bool once = [] {
+  fusion::register_kernels_once("test.kernels", [] {
     fusion::register_kernel("test.blocking_mlp", BlockingMLP{});
     fusion::register_kernel("test.norm_mlp", NormMLP{});
     fusion::register_kernel("test.plain_norm_mlp", PlainNormMLP{},
@@ -109,9 +109,7 @@ void register_test_kernels() {
     fusion::register_kernel("test.takes_linear", TakesLinear{});
     fusion::register_kernel("test.takes_double", TakesDouble{});
     fusion::register_kernel("test.returns_pair", ReturnsPair{});
-    return true;
-  }();
-  (void)once;
+  });
 }
 
 fusion::FuseOptions with_kernel(const std::string& name,
@@ -680,11 +678,8 @@ struct Tracked {
 };
 
 TEST_CASE("a kernel's prepared state is freed when its chain is unfused or the model destroyed") {
-  static const bool registered = [] {
-    fusion::register_kernel("test.tracked", Tracked{});
-    return true;
-  }();
-  (void)registered;
+  fusion::register_kernels_once("test.tracked",
+                                [] { fusion::register_kernel("test.tracked", Tracked{}); });
   torch::NoGradGuard no_grad;
   const auto x = torch::randn({2, 16});
   {
@@ -719,11 +714,8 @@ struct Throwing {
 };
 
 TEST_CASE("an exception thrown by a kernel leaves nothing captured; the next forward is right") {
-  static const bool registered = [] {
-    fusion::register_kernel("test.throwing", Throwing{});
-    return true;
-  }();
-  (void)registered;
+  fusion::register_kernels_once("test.throwing",
+                                [] { fusion::register_kernel("test.throwing", Throwing{}); });
   torch::manual_seed(33);
   torch::NoGradGuard no_grad;
   Stack model(2);

@@ -77,7 +77,7 @@ struct ThrowingNormMLP {
 };
 
 void register_trust_kernels() {
-  static const bool once = [] {
+  fusion::register_kernels_once("test.trust", [] {
     fusion::register_kernel("trust.copied_weight", CopiedWeight{});
     fusion::register_kernel("trust.shifted", ShiftedNormMLP{});
     fusion::register_kernel("trust.keepdim", KeepdimNormMLP{});
@@ -85,9 +85,7 @@ void register_trust_kernels() {
     fusion::register_kernel("trust.never", NeverNormMLP{});
     fusion::register_kernel("trust.throwing", ThrowingNormMLP{});
     fusion::kernels::register_builtin_kernels();
-    return true;
-  }();
-  (void)once;
+  });
 }
 
 fusion::FuseOptions with_kernel(const std::string& name,

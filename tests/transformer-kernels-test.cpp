@@ -143,7 +143,7 @@ struct GPTImpl : torch::nn::Module {
 TORCH_MODULE(GPT);
 
 void register_gpt_kernels() {
-  static const bool once = [] {
+  fusion::register_kernels_once("test.gpt", [] {
     fk::register_norm_mlp("test.gpt.ln_mlp", fk::plain_mlp(fk::transposed(&GPTMLPImpl::c_fc),
                                                            fk::transposed(&GPTMLPImpl::c_proj),
                                                            fk::Activation::gelu_tanh));
@@ -152,9 +152,7 @@ void register_gpt_kernels() {
                                   &GPTAttentionImpl::after_projections,
                                   fk::transposed(&GPTAttentionImpl::c_proj));
     fk::register_norm_lm_head("test.gpt.ln_lm_head", fk::layer_norm());
-    return true;
-  }();
-  (void)once;
+  });
 }
 
 fusion::Plan gpt_plan(bool folded) {
@@ -178,16 +176,14 @@ fusion::Plan gpt_plan(bool folded) {
 // --- Llama-style: the test models' RMSNorm -> MLP (gate, up, down as torch::nn::Linear) ----------
 
 void register_llama_kernels() {
-  static const bool once = [] {
+  fusion::register_kernels_once("test.llama", [] {
     using models::MLPImpl;
     using models::RMSNormImpl;
     fk::register_norm_mlp("test.llama.rmsnorm_mlp",
                           fk::rms_norm(&RMSNormImpl::weight, &RMSNormImpl::eps),
                           fk::gated_mlp(&MLPImpl::gate_proj, &MLPImpl::up_proj, &MLPImpl::down_proj,
                                         fk::Activation::silu));
-    return true;
-  }();
-  (void)once;
+  });
 }
 
 fusion::Plan llama_plan(bool folded) {

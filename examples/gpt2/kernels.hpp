@@ -21,7 +21,7 @@ namespace gpt2 {
 /// Registers the kernels above (CPU and CUDA; eval mode, no autograd). Safe to call more than
 /// once.
 inline void register_kernels() {
-  static const bool registered = [] {
+  fusion::register_kernels_once("gpt2", [] {
     namespace fk = fusion::kernels;
     fk::register_norm_projections("gpt2.ln_attention", fk::layer_norm(),
                                   fk::projections(fk::transposed(&AttentionImpl::c_attn)),
@@ -31,9 +31,7 @@ inline void register_kernels() {
         "gpt2.ln_mlp", fk::plain_mlp(fk::transposed(&MLPImpl::c_fc),
                                      fk::transposed(&MLPImpl::c_proj), fk::Activation::gelu_tanh));
     fk::register_norm_lm_head("gpt2.ln_lm_head", fk::layer_norm(), fk::itself<LMHeadImpl>());
-    return true;
-  }();
-  (void)registered;
+  });
 }
 
 /// The plan that fuses both chains of every block and ln_f with lm_head, each with its kernel

@@ -23,7 +23,7 @@ namespace qwen3 {
 /// Registers the kernels above (CPU and CUDA; eval mode, no autograd). Safe to call more than
 /// once.
 inline void register_kernels() {
-  static const bool registered = [] {
+  fusion::register_kernels_once("qwen3", [] {
     namespace fk = fusion::kernels;
     const auto norm = fk::rms_norm(&RMSNormImpl::weight, &RMSNormImpl::eps);
     fk::register_norm_mlp("qwen3.rmsnorm_mlp", norm,
@@ -34,9 +34,7 @@ inline void register_kernels() {
         fk::projections(&AttentionImpl::q_proj, &AttentionImpl::k_proj, &AttentionImpl::v_proj),
         &AttentionImpl::after_projections, fk::linear(&AttentionImpl::o_proj));
     fk::register_norm_lm_head("qwen3.rmsnorm_lm_head", norm);
-    return true;
-  }();
-  (void)registered;
+  });
 }
 
 /// The plan that fuses both chains of every layer, and the final norm with lm_head where the

@@ -51,6 +51,17 @@ void register_kernel(const std::string& name, Kernel kernel, KernelOptions optio
                                                    std::move(kernel), std::move(options)));
 }
 
+/// Runs `registrations` (register_kernel calls) the first time it is called for `group` in this
+/// process, and does nothing later: for functions such as register_builtin_kernels() that any
+/// code may call before fusing. The record is the registry's, so it holds across shared
+/// libraries built with hidden visibility, where a function-local `static` would run once per
+/// library and the second library's registrations would fail as duplicates. Returns whether
+/// this call ran them.
+template <typename Registrations>
+bool register_kernels_once(const std::string& group, Registrations&& registrations) {
+  return detail::KernelRegistry::instance().once(group, std::forward<Registrations>(registrations));
+}
+
 /// The names of the registered kernels, sorted.
 inline std::vector<std::string> registered_kernels() {
   return detail::KernelRegistry::instance().names();

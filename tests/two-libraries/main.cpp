@@ -12,6 +12,10 @@ int main() {
   const auto seen = kernels_seen_by_b();
   bool ok = std::find(seen.begin(), seen.end(), "two_libraries.doubling") != seen.end();
   std::cout << "b sees a's kernel: " << (ok ? "yes" : "NO") << "\n";
+  const bool ran_again = register_once_in_b();
+  std::cout << "a group registered in a, once in b: " << (ran_again ? "RAN AGAIN" : "not again")
+            << "\n";
+  ok = ok && !ran_again;
   try {
     ok = fuse_in_b(*model) == 1 && ok;  // b finds a's Slots and a's kernel
     model->eval();

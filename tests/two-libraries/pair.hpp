@@ -25,5 +25,6 @@ TWO_LIBRARIES_EXPORT void register_doubling_kernel();
 TWO_LIBRARIES_EXPORT torch::Tensor run_in_a(PairImpl& model, const torch::Tensor& x);
 // Library b: fuses the model with a's kernel, and reports.
 TWO_LIBRARIES_EXPORT std::size_t fuse_in_b(PairImpl& model);
+TWO_LIBRARIES_EXPORT bool register_once_in_b();
 TWO_LIBRARIES_EXPORT std::vector<std::string> kernels_seen_by_b();
 TWO_LIBRARIES_EXPORT std::string report_from_b(PairImpl& model);

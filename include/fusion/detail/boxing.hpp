@@ -250,6 +250,13 @@ struct TypeInfo {
   bool accepts(const TypeInfo& from) const { return type == from.type || optional_of == from.type; }
 };
 
+/// "(T1, T2)": the names of `types`, for messages.
+inline std::string describe_types(const std::vector<TypeInfo>& types) {
+  std::string names;
+  for (const TypeInfo& type : types) names += (names.empty() ? "" : ", ") + type.name;
+  return "(" + names + ")";
+}
+
 template <typename T>
 c10::IValue box(T&& value) {
   return Boxing<std::decay_t<T>>::box(std::forward<T>(value));

@@ -5,8 +5,8 @@
 #include <cstddef>
 #include <iterator>
 #include <memory>
-#include <utility>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/ivalue.h>

@@ -44,12 +44,10 @@ inline void check_fit(const KernelImpl& impl, const Chain& chain,
                     input.param, paths[input.member]));
   }
   if (impl.inputs.size() != free.size()) {
-    std::vector<std::string> kernel_inputs;
-    for (const TypeInfo& type : impl.inputs) kernel_inputs.push_back(type.name);
     fail(
-        "fusion: {}: the kernel takes {} free input(s) ({}), the chain has {}: [{}] (every "
+        "fusion: {}: the kernel takes {} free input(s) {}, the chain has {}: [{}] (every "
         "parameter no earlier member feeds, in member and parameter order)",
-        where, impl.inputs.size(), fmt::join(kernel_inputs, ", "), free.size(),
+        where, impl.inputs.size(), describe_types(impl.inputs), free.size(),
         fmt::join(chain_inputs, ", "));
   }
   for (std::size_t j = 0; j < free.size(); ++j) {
@@ -66,11 +64,8 @@ inline void check_fit(const KernelImpl& impl, const Chain& chain,
     same_result = result[o].type == impl.outputs[o].type;
   }
   if (!same_result) {
-    std::vector<std::string> want, got;
-    for (const TypeInfo& type : result) want.push_back(type.name);
-    for (const TypeInfo& type : impl.outputs) got.push_back(type.name);
-    fail("fusion: {}: the kernel returns ({}), but the last member '{}' returns ({})", where,
-         fmt::join(got, ", "), paths.back(), fmt::join(want, ", "));
+    fail("fusion: {}: the kernel returns {}, but the last member '{}' returns {}", where,
+         describe_types(impl.outputs), paths.back(), describe_types(result));
   }
 }
 

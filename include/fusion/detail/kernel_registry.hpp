@@ -2,9 +2,11 @@
 // taking the same modules and inputs and returning the same result.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -62,6 +64,22 @@ class FUSION_API KernelRegistry {
     return it == kernels_.end() ? std::vector<std::shared_ptr<const KernelImpl>>{} : it->second;
   }
 
+  /// Runs `registrations` unless a call for `group` ran it already (or is running it); false
+  /// then. A `registrations` that throws leaves the group unmarked.
+  bool once(const std::string& group, const std::function<void()>& registrations) {
+    // Recursive: registrations may run another group's (register_builtin_kernels inside a
+    // user's); not mutex_, which add() takes.
+    std::lock_guard<std::recursive_mutex> lock(once_mutex_);
+    if (!groups_.insert(group).second) return false;
+    try {
+      registrations();
+    } catch (...) {
+      groups_.erase(group);
+      throw;
+    }
+    return true;
+  }
+
   std::vector<std::string> names() const {
     std::lock_guard<std::mutex> lock(mutex_);
     std::vector<std::string> result;
@@ -80,6 +98,8 @@ class FUSION_API KernelRegistry {
 
   mutable std::mutex mutex_;
   std::map<std::string, std::vector<std::shared_ptr<const KernelImpl>>> kernels_;
+  std::recursive_mutex once_mutex_;
+  std::set<std::string> groups_;  // the groups register_kernels_once ran
 };
 
 }  // namespace FUSION_ABI_VERSION

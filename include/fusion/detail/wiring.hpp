@@ -20,12 +20,6 @@
 
 namespace fusion::detail {
 
-inline std::string describe_types(const std::vector<TypeInfo>& types) {
-  std::vector<std::string> names;
-  for (const TypeInfo& type : types) names.push_back(type.name);
-  return fmt::format("({})", fmt::join(names, ", "));
-}
-
 inline std::string describe_params(const SignatureInfo& signature) {
   std::vector<TypeInfo> types;
   for (const ParamInfo& param : signature.params) types.push_back(param.type);

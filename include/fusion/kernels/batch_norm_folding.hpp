@@ -244,7 +244,7 @@ struct LayerNormLinear {
 
 /// Registers the built-in kernels above (once; later calls do nothing).
 inline void register_builtin_kernels() {
-  static const bool once = [] {
+  fusion::register_kernels_once("fusion.builtin", [] {
     using namespace torch::nn;
     // Folding is plain tensor arithmetic: one implementation serves the CPU and CUDA.
     const KernelOptions eval_only{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
@@ -262,9 +262,7 @@ inline void register_builtin_kernels() {
     KernelOptions any_mode = eval_only;
     any_mode.training = true;
     register_kernel("fusion.layernorm_linear", LayerNormLinear{}, any_mode);
-    return true;
-  }();
-  (void)once;
+  });
 }
 
 }  // namespace fusion::kernels
