@@ -23,7 +23,7 @@ def models():
         vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=512))
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_positions=256, n_embd=512, n_layer=4,
-                                      n_head=8))
+                                      n_head=8, bos_token_id=None, eos_token_id=None))
     return [("Qwen3", qwen3.eval()), ("GPT-2", gpt2.eval())]
 
 
