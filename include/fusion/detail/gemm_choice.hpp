@@ -5,9 +5,10 @@
 // that call's own operands and keeps the fastest for the rest of the process.
 #pragma once
 
+#include <array>
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
-#include <functional>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -52,21 +53,23 @@ inline int64_t row_bucket(int64_t rows) {
   return bucket;
 }
 
-/// The path for this shape among `candidates` (each computes the same product): the forced one
-/// when it is a candidate; else the one measured fastest the first time the shape came, each
-/// timed twice after one warm-up run, the faster of its two runs counting.
-inline kernels::GemmPath choose_gemm(
-    int layout, int64_t rows, int64_t in, int64_t out,
-    const std::vector<std::pair<kernels::GemmPath, std::function<void()>>>& candidates) {
+/// The path for this shape among `paths` (each computes the same product; the first, the BLAS,
+/// always can): the forced one when it is among them; else the one measured fastest the first
+/// time the shape came, `run(path)` timed twice per path after one warm-up run, the faster of its
+/// two runs counting. After the first call of a shape: one lookup, no allocation.
+template <std::size_t N, typename Run>
+kernels::GemmPath choose_gemm(int layout, int64_t rows, int64_t in, int64_t out,
+                              const std::array<kernels::GemmPath, N>& paths, std::size_t count,
+                              Run&& run) {
   auto& choices = GemmChoices::instance();
   const auto key = std::make_tuple(layout, row_bucket(rows), in, out, at::get_num_threads());
   // A path this call cannot take (forced, or chosen while the AVX-512 loops were on) gives way
-  // to the first candidate, the BLAS.
+  // to the first, the BLAS.
   const auto available = [&](kernels::GemmPath path) {
-    for (const auto& candidate : candidates) {
-      if (candidate.first == path) return path;
+    for (std::size_t i = 0; i < count; ++i) {
+      if (paths[i] == path) return path;
     }
-    return candidates.front().first;
+    return paths[0];
   };
   {
     std::lock_guard<std::mutex> lock(choices.mutex);
@@ -74,21 +77,21 @@ inline kernels::GemmPath choose_gemm(
     const auto it = choices.chosen.find(key);
     if (it != choices.chosen.end()) return available(it->second);
   }
-  if (candidates.size() == 1) return candidates.front().first;
+  if (count == 1) return paths[0];
   using Clock = std::chrono::steady_clock;
-  auto best = candidates.front().first;
+  auto best = paths[0];
   double best_seconds = 0;
-  for (const auto& [path, run] : candidates) {
-    run();
+  for (std::size_t i = 0; i < count; ++i) {
+    run(paths[i]);
     double seconds = 0;
     for (int repeat = 0; repeat < 2; ++repeat) {
       const auto start = Clock::now();
-      run();
+      run(paths[i]);
       const double took = std::chrono::duration<double>(Clock::now() - start).count();
       seconds = repeat == 0 ? took : std::min(seconds, took);
     }
-    if (path == candidates.front().first || seconds < best_seconds) {
-      best = path;
+    if (i == 0 || seconds < best_seconds) {
+      best = paths[i];
       best_seconds = seconds;
     }
   }

@@ -8,9 +8,9 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
-#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -202,28 +202,25 @@ inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
     if (bias.defined()) y.add_(bias);
     return y.view(sizes);
   }
-  at::Tensor y;
-  const auto hand_written = [&] {
-    y = at::empty({rows, out}, x2.options());
+  std::array<GemmPath, 3> paths{GemmPath::blas};
+  std::size_t count = 1;
+  if (avx512_enabled() && weight.is_contiguous() && rows <= 256 &&
+      (in_out || (in % 16 == 0 && (in >= 128 || rows <= 16)))) {
+    paths[count++] = GemmPath::hand_written;
+  }
+  if (!in_out && rows >= 48 && at::hasMKLDNN()) paths[count++] = GemmPath::onednn;
+  const auto run = [&](GemmPath path) {
+    if (path == GemmPath::onednn) {
+      return at::mkldnn_linear(x2.to_mkldnn(), weight, bias).to_dense();
+    }
+    if (path == GemmPath::blas) return blas(x2);
+    auto y = at::empty({rows, out}, x2.options());
     (in_out ? detail::small_gemm_kn : detail::small_gemm)(
         x2.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), rows, in, out);
     if (bias.defined()) y.add_(bias);
+    return y;
   };
-  std::vector<std::pair<GemmPath, std::function<void()>>> candidates{
-      {GemmPath::blas, [&] { y = blas(x2); }}};
-  if (avx512_enabled() && weight.is_contiguous() && rows <= 256 &&
-      (in_out || (in % 16 == 0 && (in >= 128 || rows <= 16)))) {
-    candidates.emplace_back(GemmPath::hand_written, hand_written);
-  }
-  if (!in_out && rows >= 48 && at::hasMKLDNN()) {
-    candidates.emplace_back(
-        GemmPath::onednn, [&] { y = at::mkldnn_linear(x2.to_mkldnn(), weight, bias).to_dense(); });
-  }
-  const auto path = detail::choose_gemm(in_out ? 1 : 0, rows, in, out, candidates);
-  for (const auto& candidate : candidates) {
-    if (candidate.first == path) candidate.second();
-  }
-  return y.view(sizes);
+  return run(detail::choose_gemm(in_out ? 1 : 0, rows, in, out, paths, count, run)).view(sizes);
 }
 
 /// `parts` (tensors of one dtype and device, all but the first dimension equal) as views of one
