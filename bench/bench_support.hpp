@@ -19,6 +19,8 @@
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
+#include <fusion/detail/blis.hpp>
+
 /// The CPU's model name, family, and whether it has AVX-512F and AVX512_BF16 (from /proc/cpuinfo).
 inline std::string cpu_description() {
   std::ifstream cpuinfo("/proc/cpuinfo");
@@ -50,6 +52,10 @@ inline void add_blas_context() {
   auto core = reinterpret_cast<CoreName>(::dlsym(RTLD_DEFAULT, "openblas_get_corename"));
   benchmark::AddCustomContext("blas", core != nullptr ? std::string("OpenBLAS, core ") + core()
                                                       : std::string("not OpenBLAS"));
+  benchmark::AddCustomContext("blis",
+                              fusion::detail::Blis::instance().available()
+                                  ? std::string("BLIS ") + fusion::detail::Blis::instance().version
+                                  : std::string("not found (or FUSION_NO_BLIS)"));
   benchmark::AddCustomContext("torch_threads", std::to_string(at::get_num_threads()));
   const char* wait = std::getenv("OMP_WAIT_POLICY");
   benchmark::AddCustomContext("OMP_WAIT_POLICY", wait != nullptr ? wait : "(unset)");

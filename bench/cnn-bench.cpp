@@ -12,7 +12,12 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <functional>
 #include <string>
+#include <utility>
+#include <vector>
+
+#include <fusion/hardswish.hpp>
 
 #include "bench_support.hpp"
 #include "resnet.hpp"
@@ -61,6 +66,49 @@ BENCHMARK(BM_ResNet18Folding)
     ->Args({8, 112})
     ->Unit(benchmark::kMillisecond)
     ->MinTime(3.0);
+
+/// The layers of MobileNet-style CNNs: conv + bn + an activation other than ReLU, unfused against
+/// fusion.conv2d_bn_<activation> (the activation in place on the kernel's output), batch 1.
+/// depthwise 0: pointwise 1x1, channels -> channels; 1: depthwise 3x3 (groups = channels).
+void BM_ConvBatchNormActivation(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  namespace nn = torch::nn;
+  const bool depthwise = state.range(0) == 1;
+  const int64_t channels = state.range(1), size = state.range(2);
+  auto options = depthwise ? nn::Conv2dOptions(channels, channels, 3).padding(1).groups(channels)
+                           : nn::Conv2dOptions(channels, channels, 1);
+  const nn::Conv2d conv(options.bias(false));
+  const nn::BatchNorm2d bn(channels);
+  const std::string names[] = {"relu6", "silu", "hardswish", "gelu"};
+  const std::string& name = names[state.range(3)];
+  fusion::Sequential unfused = state.range(3) == 0   ? fusion::Sequential(conv, bn, nn::ReLU6())
+                               : state.range(3) == 1 ? fusion::Sequential(conv, bn, nn::SiLU())
+                               : state.range(3) == 2
+                                   ? fusion::Sequential(conv, bn, fusion::Hardswish())
+                                   : fusion::Sequential(conv, bn, nn::GELU());
+  bn->running_mean.normal_(0, 0.2);
+  bn->running_var.uniform_(0.5, 1.5);
+  unfused->eval();
+  auto fused = std::dynamic_pointer_cast<fusion::SequentialImpl>(unfused->clone());
+  fusion::kernels::register_builtin_kernels();
+  fusion::FuseOptions fuse;
+  fuse.kernel = "fusion.conv2d_bn_" + name;
+  fusion::fuse_modules(*fused, {"0", "1", "2"},
+                       std::vector<fusion::ModuleSpec>(3, fusion::ModuleSpec{{"x"}, {"x"}}), fuse);
+  const auto x = torch::randn({1, channels, size, size});
+  state.counters["max_diff"] = max_diff(fused->forward(x), unfused->forward(x));
+  state.SetLabel(name + (depthwise ? ", depthwise 3x3" : ", pointwise 1x1"));
+  time_rotating(state,
+                {{"unfused", [&] { benchmark::DoNotOptimize(unfused->forward(x)); }},
+                 {"kernel", [&] { benchmark::DoNotOptimize(fused->forward(x)); }}},
+                "us", 1e6);
+}
+BENCHMARK(BM_ConvBatchNormActivation)
+    ->ArgNames({"depthwise", "channels", "size", "activation"})
+    ->ArgsProduct({{0, 1}, {96}, {56}, {0, 1, 2, 3}})
+    ->ArgsProduct({{0, 1}, {576}, {14}, {0, 1, 2, 3}})
+    ->Unit(benchmark::kMicrosecond)
+    ->MinTime(1.0);
 
 /// One conv(3x3, pad 1) + bn + relu layer of ResNet-18: channels x size x size, batch 1.
 void BM_ConvBatchNormReLU(benchmark::State& state) {

@@ -1,14 +1,16 @@
-// fusion::Sequential and the built-in folding kernels (conv+bn(+relu), linear+bn,
-// layernorm+linear).
+// fusion::Sequential and the built-in CNN kernels: conv (+ batch norm) (+ an activation), conv
+// transpose + batch norm, linear + batch norm, layer norm + linear.
 #include "catch_compat.hpp"
 
 #include <atomic>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <fusion/fusion.hpp>
+#include <fusion/hardswish.hpp>
 #include <fusion/kernels/batch_norm_folding.hpp>
 
 using fusion_test::Contains;
@@ -69,6 +71,60 @@ struct StemImpl : nn::Cloneable<StemImpl> {
   fusion::Sequential features{nullptr};
 };
 TORCH_MODULE(Stem);
+
+/// An activation as the kernel names call it, and a fresh module computing it. LeakyReLU and
+/// GELU with options other than their defaults: a kernel that ignored them would differ.
+struct Activation {
+  std::string name;
+  std::function<void(fusion::SequentialImpl&)> push;
+};
+
+std::vector<Activation> activations() {
+  return {
+      {"relu", [](fusion::SequentialImpl& s) { s.push_back(nn::ReLU()); }},
+      {"relu6", [](fusion::SequentialImpl& s) { s.push_back(nn::ReLU6()); }},
+      {"silu", [](fusion::SequentialImpl& s) { s.push_back(nn::SiLU()); }},
+      {"hardswish", [](fusion::SequentialImpl& s) { s.push_back(fusion::Hardswish()); }},
+      {"leaky_relu",
+       [](fusion::SequentialImpl& s) {
+         s.push_back(nn::LeakyReLU(nn::LeakyReLUOptions().negative_slope(0.3)));
+       }},
+      {"gelu", [](fusion::SequentialImpl& s) { s.push_back(nn::GELU()); }},
+      {"gelu",  // the tanh approximation
+       [](fusion::SequentialImpl& s) {
+         s.push_back(nn::GELU(nn::GELUOptions().approximate("tanh")));
+       }},
+  };
+}
+
+/// Conv{dims}d (+ BatchNorm) with these options, 8 -> 16 channels, kernel 3, padding 1.
+template <typename Options>
+Options conv_options(Options options, int64_t groups, int64_t stride, int64_t dilation, bool bias) {
+  return options.stride(stride).dilation(dilation).groups(groups).padding(1).bias(bias);
+}
+
+void push_conv(fusion::SequentialImpl& model, int64_t dims, int64_t groups, int64_t stride,
+               int64_t dilation, bool bias, bool batch_norm) {
+  if (dims == 1) {
+    model.push_back(
+        nn::Conv1d(conv_options(nn::Conv1dOptions(8, 16, 3), groups, stride, dilation, bias)));
+    if (batch_norm) model.push_back(nn::BatchNorm1d(16));
+  } else if (dims == 2) {
+    model.push_back(
+        nn::Conv2d(conv_options(nn::Conv2dOptions(8, 16, 3), groups, stride, dilation, bias)));
+    if (batch_norm) model.push_back(nn::BatchNorm2d(16));
+  } else {
+    model.push_back(
+        nn::Conv3d(conv_options(nn::Conv3dOptions(8, 16, 3), groups, stride, dilation, bias)));
+    if (batch_norm) model.push_back(nn::BatchNorm3d(16));
+  }
+}
+
+std::vector<std::string> member_paths(std::size_t n) {
+  std::vector<std::string> paths;
+  for (std::size_t i = 0; i < n; ++i) paths.push_back(std::to_string(i));
+  return paths;
+}
 
 }  // namespace
 
@@ -419,4 +475,167 @@ TEST_CASE("linear + batch norm and layer norm + linear folding match the modules
     CHECK(torch::equal(model->forward(x), original));
     CHECK(stats_of(*model).replays_declined == 1);
   }
+}
+
+TEST_CASE(
+    "conv (+ batch norm) + activation kernels match the modules, for every convolution "
+    "shape and activation") {
+  fusion::kernels::register_builtin_kernels();
+  torch::manual_seed(61);
+  struct Case {
+    std::string name;
+    int64_t groups, stride, dilation;
+    bool bias;
+  };
+  const auto kase =
+      GENERATE(Case{"plain", 1, 1, 1, true}, Case{"depthwise, no bias", 8, 1, 1, false},
+               Case{"grouped, strided, dilated", 2, 2, 2, true});
+  const int64_t dims = GENERATE(1, 2, 3);
+  const bool batch_norm = GENERATE(true, false);
+  INFO(kase.name << ", Conv" << dims << "d" << (batch_norm ? " + BatchNorm" : ""));
+  std::vector<int64_t> shape{2, 8};
+  shape.insert(shape.end(), dims, dims == 3 ? 7 : 12);
+  const auto x = torch::randn(shape);
+  for (const auto& activation : activations()) {
+    INFO("activation " << activation.name);
+    fusion::Sequential model;
+    push_conv(*model, dims, kase.groups, kase.stride, kase.dilation, kase.bias, batch_norm);
+    activation.push(*model);
+    if (batch_norm) randomize_batch_norm(*model->ptr(1));
+    model->eval();
+    torch::NoGradGuard no_grad;
+    const auto original = model->forward(x);
+    const std::string name =
+        "fusion.conv" + std::to_string(dims) + "d" + (batch_norm ? "_bn_" : "_") + activation.name;
+    fusion::fuse_modules(model, member_paths(model->size()), specs(model->size()), kernel(name));
+    require_close(model->forward(x), original);
+    CHECK(stats_of(*model).runs == 1);
+    if (dims == 2) {
+      const auto channels_last = model->forward(x.contiguous(torch::MemoryFormat::ChannelsLast));
+      CHECK(channels_last.is_contiguous(torch::MemoryFormat::ChannelsLast));
+      require_close(channels_last.contiguous(), original);
+      if (at::hasMKLDNN()) {  // oneDNN's layout in and out, the activation too
+        const auto blocked = model->forward(x.to_mkldnn());
+        CHECK(blocked.is_mkldnn());
+        require_close(blocked.to_dense(), original);
+      }
+    }
+    // An unbatched input goes through the modules, which decide what it means.
+    if (!batch_norm) {
+      const auto unbatched = x[0];
+      fusion::unfuse_modules(model);
+      const auto expected = model->forward(unbatched);
+      fusion::fuse_modules(model, member_paths(model->size()), specs(model->size()), kernel(name));
+      CHECK(torch::equal(model->forward(unbatched), expected));
+    }
+  }
+}
+
+TEST_CASE("conv + activation: no weight copy, runs in training mode, replays for gradients") {
+  fusion::kernels::register_builtin_kernels();
+  torch::manual_seed(62);
+  fusion::Sequential model(nn::Conv2d(nn::Conv2dOptions(4, 6, 3).padding(1)), nn::SiLU());
+  const auto x = torch::randn({2, 4, 9, 9});
+  const auto original = model->forward(x);
+  fusion::fuse_modules(model, {"0", "1"}, specs(2), kernel("fusion.conv2d_silu"));
+  {
+    torch::NoGradGuard no_grad;
+    require_close(model->forward(x), original);  // training mode (the default): nothing folded
+    CHECK(stats_of(*model).runs == 1);
+    // The dense weight is the convolution's own; only oneDNN's packed forms are prepared.
+    CHECK(stats_of(*model).state_bytes == 0);
+  }
+  const auto y = model->forward(x);  // grad mode, parameters requiring grad: the replay
+  CHECK(stats_of(*model).runs == 1);
+  CHECK(stats_of(*model).replays_grad == 1);
+  y.sum().backward();
+  CHECK(model->ptr<nn::Conv2dImpl>(0)->weight.grad().defined());
+}
+
+TEST_CASE("conv transpose + batch norm folding matches the modules") {
+  fusion::kernels::register_builtin_kernels();
+  torch::manual_seed(63);
+  struct Case {
+    std::string name;
+    int64_t groups, stride, output_padding, dilation;
+    bool bias, affine;
+  };
+  const auto kase = GENERATE(Case{"plain", 1, 1, 0, 1, true, true},
+                             Case{"upsampling: stride 2, output padding 1", 1, 2, 1, 1, true, true},
+                             Case{"grouped, dilated, no bias", 2, 1, 0, 2, false, true},
+                             Case{"depthwise, strided, no affine", 8, 2, 1, 1, true, false});
+  const int64_t dims = GENERATE(1, 2, 3);
+  INFO(kase.name << ", ConvTranspose" << dims << "d");
+  const auto with_options = [&](auto options) {
+    return options.stride(kase.stride)
+        .output_padding(kase.output_padding)
+        .dilation(kase.dilation)
+        .groups(kase.groups)
+        .padding(1)
+        .bias(kase.bias);
+  };
+  fusion::Sequential model;
+  const int64_t out = kase.groups == 8 ? 8 : 12;
+  if (dims == 1) {
+    model->push_back(nn::ConvTranspose1d(with_options(nn::ConvTranspose1dOptions(8, out, 3))));
+    model->push_back(nn::BatchNorm1d(nn::BatchNorm1dOptions(out).affine(kase.affine)));
+  } else if (dims == 2) {
+    model->push_back(nn::ConvTranspose2d(with_options(nn::ConvTranspose2dOptions(8, out, 3))));
+    model->push_back(nn::BatchNorm2d(nn::BatchNorm2dOptions(out).affine(kase.affine)));
+  } else {
+    model->push_back(nn::ConvTranspose3d(with_options(nn::ConvTranspose3dOptions(8, out, 3))));
+    model->push_back(nn::BatchNorm3d(nn::BatchNorm3dOptions(out).affine(kase.affine)));
+  }
+  randomize_batch_norm(*model->ptr(1));
+  model->eval();
+  std::vector<int64_t> shape{2, 8};
+  shape.insert(shape.end(), dims, dims == 3 ? 5 : 9);
+  const auto x = torch::randn(shape);
+  torch::NoGradGuard no_grad;
+  const auto original = model->forward(x);
+  const std::string name = "fusion.conv_transpose" + std::to_string(dims) + "d_bn";
+  fusion::fuse_modules(model, {"0", "1"}, specs(2), kernel(name));
+  require_close(model->forward(x), original);
+  CHECK(stats_of(*model).runs == 1);
+  CHECK(stats_of(*model).prepares == 1);
+
+  SECTION("weights and statistics changed after fusing are folded again") {
+    auto* conv = model->ptr(0).get();
+    for (auto& item : conv->named_parameters()) item.value().mul_(0.5);
+    model->ptr<nn::Module>(1)->named_buffers()["running_mean"].add_(0.25);
+    const auto fused = model->forward(x);
+    CHECK(stats_of(*model).prepares == 2);
+    fusion::unfuse_modules(model);
+    require_close(fused, model->forward(x));
+  }
+  SECTION("training mode replays") {
+    model->train();
+    model->forward(x);
+    CHECK(stats_of(*model).replays_training == 1);
+  }
+  SECTION("an output_size argument: the modules compute it") {
+    // (LibTorch 1.13's ConvTranspose ignores the dilation when it checks output_size.)
+    if (dims != 2 || kase.dilation != 1) return;
+    using Kernel =
+        fusion::kernels::ConvTransposeBatchNorm<2, nn::ConvTranspose2dImpl, nn::BatchNorm2dImpl>;
+    auto& conv = *model->ptr<nn::ConvTranspose2dImpl>(0);
+    auto& bn = *model->ptr<nn::BatchNorm2dImpl>(1);
+    const auto state = Kernel().prepare(conv, bn);
+    // With stride 2 the other valid size (output padding 0); else the only one.
+    const std::vector<int64_t> size{original.size(2) - (kase.stride > 1 ? 1 : 0),
+                                    original.size(3) - (kase.stride > 1 ? 1 : 0)};
+    const auto expected = bn.forward(conv.forward(x, at::IntArrayRef(size)));
+    CHECK(torch::equal(Kernel()(state, conv, bn, x, at::IntArrayRef(size)), expected));
+    require_close(Kernel()(state, conv, bn, x, c10::nullopt), original);
+  }
+}
+
+TEST_CASE("fusion::Hardswish computes torch::hardswish and prints as itself") {
+  fusion::Hardswish hardswish;
+  const auto x = torch::linspace(-5, 5, 41);
+  CHECK(torch::equal(hardswish(x), torch::hardswish(x)));
+  CHECK(hardswish->parameters().empty());
+  std::ostringstream printed;
+  printed << *hardswish;
+  CHECK(printed.str() == "fusion::Hardswish()");
 }

@@ -13,6 +13,7 @@
 
 #include <fusion/kernels/transformer.hpp>
 
+#include "forward_runners.hpp"
 #include "models.hpp"
 
 using fusion_test::Contains;
@@ -300,6 +301,31 @@ TEST_CASE("a GPT-2-style model: LayerNorm, [in, out] weights, packed c_attn, tie
   CHECK(report.ok());
 }
 
+TEST_CASE(
+    "4 threads run a Llama-style model with kernels from the first call: prepare and the "
+    "measured GEMM choice race, every forward within tolerance",
+    "[threads]") {
+  torch::manual_seed(7);
+  models::Stack model(2, 128, 192);
+  model->eval();
+  std::vector<torch::Tensor> inputs, expected;
+  {
+    torch::NoGradGuard no_grad;
+    for (int64_t rows : {1, 2, 16, 40, 128}) {
+      inputs.push_back(torch::randn({1, rows, 128}));
+      expected.push_back(model(inputs.back()));
+    }
+  }
+  fk::reset_gemm_choices();  // every shape is measured while the threads call it
+  fusion::fuse_modules(model, llama_plan(/*folded=*/false));
+  fusion_test::ForwardRunners<models::Stack> runners(model, inputs, expected, 1e-4, 1e-5);
+  while (runners.forwards < 200) std::this_thread::yield();
+  runners.stop();
+  CHECK(runners.wrong == 0);
+  CHECK(runners.failed == 0);
+  for (const auto& chain : fusion::fused_chains(model)) CHECK(chain.stats.prepares == 1);
+}
+
 TEST_CASE("attaching a layout kernel checks every tensor it reads, naming member and parameter") {
   torch::NoGradGuard no_grad;
   models::Stack model(2, 128, 192);
@@ -342,19 +368,22 @@ TEST_CASE("attaching a layout kernel checks every tensor it reads, naming member
 }
 
 TEST_CASE("project equals linear (addmm for [in, out] weights) on every path it takes") {
-  // project() takes, per shape, the path measured fastest here: the BLAS, the hand-written
-  // AVX-512 loops (2-256 rows; odd row and column counts exercise their remainders) or oneDNN
-  // (48 rows or more); one row of an [out, in] weight is the matrix-vector product. Each path is
-  // forced in turn, and measured choice too; with the AVX-512 loops off, the paths of a CPU
-  // without them. Tolerance: float32 summation order, 1e-5 of the largest sum of term magnitudes
+  // project() takes, per shape, the path measured fastest here: the BLAS (one row of an
+  // [out, in] weight: the matrix-vector product), the hand-written AVX-512 loops (1-256 rows; odd
+  // row and column counts exercise their remainders), oneDNN (48 rows or more) or BLIS (2 rows or
+  // more, where libblis is installed: scripts/setup.sh installs it). Each path is forced in turn,
+  // and measured choice too; with the AVX-512 loops off, the paths of a CPU without them.
+  // Tolerance: float32 summation order, 1e-5 of the largest sum of term magnitudes
   // (|x| |W|^T + |b|): relative to the output itself it fails where the terms cancel.
   torch::NoGradGuard no_grad;
   const int threads = at::get_num_threads();
   using fk::GemmPath;
-  for (const auto path : {std::optional<GemmPath>(), std::optional<GemmPath>(GemmPath::blas),
-                          std::optional<GemmPath>(GemmPath::hand_written),
-                          std::optional<GemmPath>(GemmPath::onednn)}) {
+  for (const auto path :
+       {std::optional<GemmPath>(), std::optional<GemmPath>(GemmPath::blas),
+        std::optional<GemmPath>(GemmPath::hand_written), std::optional<GemmPath>(GemmPath::onednn),
+        std::optional<GemmPath>(GemmPath::blis)}) {
     const auto before = fk::force_gemm_path(path);
+    UNSCOPED_INFO("BLIS " << fusion::detail::Blis::instance().version);
     INFO("path " << (path ? static_cast<int>(*path) : -1));
     with_and_without_avx512([&] {
       for (int use_threads : {1, 2}) {

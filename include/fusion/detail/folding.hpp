@@ -1,6 +1,6 @@
-// What the built-in folding kernels (kernels/batch_norm_folding.hpp) compute with: BatchNorm's
-// eval-mode map, a module's convolution with other weights, and LibTorch's prepacked oneDNN
-// convolution (a LibTorch internal: docs/compatibility.md).
+// What the built-in folding kernels (kernels/batch_norm_folding.hpp, conv_folding.hpp) compute
+// with: BatchNorm's eval-mode map, a module's convolution with other weights, and LibTorch's
+// prepacked oneDNN convolution (a LibTorch internal: docs/compatibility.md).
 #pragma once
 
 #include <algorithm>
@@ -134,8 +134,11 @@ class PrepackedConv2d {
       }
     }
     static const c10::OperatorHandle prepack = *op("mkldnn_prepacked::conv2d_prepack");
-    std::vector<c10::IValue> stack{weight_,   bias_,   stride_, padding_,
-                                   dilation_, groups_, shape,   post_op_};
+    // A convolution without bias (fusion.conv2d_<activation>) passes None, as the op's Tensor?.
+    std::vector<c10::IValue> stack{weight_,   bias_.defined() ? c10::IValue(bias_) : c10::IValue(),
+                                   stride_,   padding_,
+                                   dilation_, groups_,
+                                   shape,     post_op_};
     prepack.callBoxed(&stack);
     if (packs_.size() == kShapes) packs_.erase(packs_.begin());
     packs_.emplace_back(std::move(shape), stack[0]);

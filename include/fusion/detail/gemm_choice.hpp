@@ -1,8 +1,9 @@
 // Which GEMM a float32 projection on the CPU runs: measured, not guessed. The same shape is fastest
 // on different paths on different machines (OpenBLAS 0.3.21 runs generic kernels on some AVX-512
 // CPUs and its AVX-512 ones on others; oneDNN's matmul wins on large shapes, the hand-written
-// loops on a few rows), so the first call of each shape times every path that can compute it on
-// that call's own operands and keeps the fastest for the rest of the process.
+// loops on a few rows, BLIS on [in, out] weights), so the first call of each shape times every path
+// that can compute it on that call's own operands and keeps the fastest for the rest of the
+// process.
 #pragma once
 
 #include <array>
@@ -25,6 +26,7 @@ enum class GemmPath {
   blas,          // at::linear / at::addmm: the BLAS LibTorch links (OpenBLAS on Debian)
   hand_written,  // small_gemm / small_gemm_kn: AVX-512 loops reading the weight in place
   onednn,        // at::mkldnn_linear: oneDNN's matmul on the weight as it is ([out, in] only)
+  blis,  // BLIS's sgemm, where the system has libblis (detail/blis.hpp), the weight in place
 };
 }  // namespace fusion::kernels
 

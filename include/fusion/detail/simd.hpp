@@ -249,12 +249,21 @@ __attribute__((target("avx512f"))) inline void silu_mul_range(const float* gate,
 #pragma GCC diagnostic pop
 #endif
 
+/// How many units of work (each `macs` multiply-adds reading `weight_bytes` of the weight) one
+/// thread takes at least: ~4M multiply-adds, or ~256 KiB of weight where fewer rows make the
+/// product bound by memory (one or a few rows: two threads read the weight faster than one).
+inline int64_t gemm_grain(int64_t macs, int64_t weight_bytes) {
+  const int64_t by_work = 4'000'000 / std::max<int64_t>(1, macs);
+  const int64_t by_memory = (256 << 10) / std::max<int64_t>(1, weight_bytes);
+  return std::max<int64_t>(1, std::min(by_work, by_memory));
+}
+
 /// y [m, n] = x [m, k] times w [n, k] transposed; all row-major and contiguous, k a multiple of
 /// 16; only where avx512_enabled(). The output columns are split across LibTorch's threads in
-/// runs of at least ~4M multiply-adds (below that one thread was faster).
+/// blocks of gemm_grain.
 inline void small_gemm(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n) {
   const int64_t blocks = (n + 3) / 4;
-  const int64_t grain = std::max<int64_t>(1, 4'000'000 / std::max<int64_t>(1, m * k * 4));
+  const int64_t grain = gemm_grain(m * k * 4, k * 4 * 4);
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     simd::column_range(x, w, y, m, k, n, begin * 4, std::min(n, end * 4));
   });
@@ -262,11 +271,11 @@ inline void small_gemm(const float* x, const float* w, float* y, int64_t m, int6
 
 /// y [m, n] = x [m, k] times w [k, n] (GPT-2's Conv1D layout); all row-major and contiguous;
 /// only where avx512_enabled(). Panels of 64 output columns are split across LibTorch's threads
-/// in runs of at least ~4M multiply-adds.
+/// in runs of gemm_grain.
 inline void small_gemm_kn(const float* x, const float* w, float* y, int64_t m, int64_t k,
                           int64_t n) {
   const int64_t panels = (n + 63) / 64;
-  const int64_t grain = std::max<int64_t>(1, 4'000'000 / std::max<int64_t>(1, m * k * 64));
+  const int64_t grain = gemm_grain(m * k * 64, k * 64 * 4);
   at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
     simd::panel_range_kn(x, w, y, m, k, n, begin, end);
   });

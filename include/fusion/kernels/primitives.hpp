@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 
+#include "fusion/detail/blis.hpp"
 #include "fusion/detail/gemm_choice.hpp"
 #include "fusion/detail/simd.hpp"
 
@@ -175,11 +176,12 @@ inline void reset_gemm_choices() {
 }
 
 /// x [..., in] times the weight, plus bias: at::linear's result (at::addmm's for in_out). Float32
-/// on the CPU takes whichever of the BLAS, the hand-written AVX-512 loops (2-256 rows; 1-256 for
-/// [in, out]; rows a multiple of 16 long for [out, in]) and oneDNN's matmul (48 rows or more,
-/// [out, in]) was measured fastest for the shape on this machine the first time it came
-/// (detail/gemm_choice.hpp), one row of an [out, in] weight the matrix-vector product. Every path
-/// reads the weight in place. Results differ from linear's only by float32 summation order.
+/// on the CPU takes whichever of these was measured fastest for the shape on this machine the
+/// first time it came (detail/gemm_choice.hpp): the BLAS LibTorch links (one row of an [out, in]
+/// weight as a matrix-vector product), the hand-written AVX-512 loops (1-256 rows; rows a
+/// multiple of 16 long for [out, in]), oneDNN's matmul (48 rows or more, [out, in]), BLIS where
+/// the system has it (2 rows or more; FUSION_NO_BLIS leaves it out). Every path reads the weight
+/// in place. Results differ from linear's only by float32 summation order.
 inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
                           const at::Tensor& bias = {}, WeightLayout layout = WeightLayout::out_in) {
   const int64_t in = x.size(-1);
@@ -189,34 +191,41 @@ inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
   auto sizes = x.sizes().vec();
   sizes.back() = out;
   const auto blas = [&](const at::Tensor& x2) {
-    if (!in_out) return at::linear(x2, weight, bias);
-    return bias.defined() ? at::addmm(bias, x2, weight) : at::mm(x2, weight);
+    if (in_out) return bias.defined() ? at::addmm(bias, x2, weight) : at::mm(x2, weight);
+    if (rows != 1) return at::linear(x2, weight, bias);
+    // linear runs one row as a GEMM, which OpenBLAS runs several times slower than its GEMV.
+    auto y = at::mv(weight, x2.view({in})).view({1, out});
+    return bias.defined() ? y.add_(bias) : y;
   };
   if (rows == 0 || !x.device().is_cpu() || x.scalar_type() != at::kFloat ||
       weight.scalar_type() != at::kFloat) {
     return blas(x.reshape({rows, in})).view(sizes);
   }
   const auto x2 = x.reshape({rows, in}).contiguous();
-  if (rows == 1 && !in_out) {
-    auto y = at::mv(weight, x2.view({in}));
-    if (bias.defined()) y.add_(bias);
-    return y.view(sizes);
-  }
-  std::array<GemmPath, 3> paths{GemmPath::blas};
+  std::array<GemmPath, 4> paths{GemmPath::blas};
   std::size_t count = 1;
   if (avx512_enabled() && weight.is_contiguous() && rows <= 256 &&
       (in_out || (in % 16 == 0 && (in >= 128 || rows <= 16)))) {
     paths[count++] = GemmPath::hand_written;
   }
   if (!in_out && rows >= 48 && at::hasMKLDNN()) paths[count++] = GemmPath::onednn;
+  if (rows >= 2 && weight.is_contiguous() && detail::Blis::instance().available()) {
+    paths[count++] = GemmPath::blis;
+  }
   const auto run = [&](GemmPath path) {
     if (path == GemmPath::onednn) {
       return at::mkldnn_linear(x2.to_mkldnn(), weight, bias).to_dense();
     }
     if (path == GemmPath::blas) return blas(x2);
     auto y = at::empty({rows, out}, x2.options());
-    (in_out ? detail::small_gemm_kn : detail::small_gemm)(
-        x2.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), rows, in, out);
+    const float* xp = x2.data_ptr<float>();
+    const float* wp = weight.data_ptr<float>();
+    if (path == GemmPath::blis) {
+      detail::blis_gemm(xp, wp, y.data_ptr<float>(), rows, in, out, in_out, at::get_num_threads());
+    } else {
+      (in_out ? detail::small_gemm_kn : detail::small_gemm)(xp, wp, y.data_ptr<float>(), rows, in,
+                                                            out);
+    }
     if (bias.defined()) y.add_(bias);
     return y;
   };

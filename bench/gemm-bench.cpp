@@ -1,0 +1,185 @@
+// The GEMM paths a projection can take, against the well-kept libraries that could replace the
+// hand-written loops, in one run: OpenBLAS (through at::linear / at::matmul, what the unfused
+// model runs), oneDNN (at::mkldnn_linear, LibTorch's own), libxsmm 1.17 (JIT kernels, Debian's
+// libxsmm-dev), BLIS 0.9 (Debian's libblis-dev), the hand-written AVX-512 loops
+// (detail::small_gemm, small_gemm_kn) and fusion::kernels::project (the path it measured fastest).
+//
+// BLIS is opened with dlopen(RTLD_LOCAL) and called by its own API (bli_sgemm): linked normally,
+// its sgemm_ would replace OpenBLAS's inside LibTorch and change the baseline. libxsmm 1.17 has no
+// JIT kernel for a transposed A, which is what a weight stored [out, in] (torch::nn::Linear) needs
+// in its column-major terms; for that layout it runs on a transposed copy of the weight (what a
+// folded kernel would keep: twice the weight bytes), and on the weight itself for [in, out]
+// (GPT-2's Conv1D).
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <blis.h>
+#include <libxsmm.h>
+
+#include <fusion/kernels/primitives.hpp>
+
+#include "bench_support.hpp"
+
+namespace {
+
+/// BLIS's typed sgemm, from a privately opened libblis (nullptr where it is not installed).
+struct Blis {
+  using Gemm = decltype(&bli_sgemm);
+  using SetThreads = decltype(&bli_thread_set_num_threads);
+  Gemm gemm = nullptr;
+  SetThreads set_threads = nullptr;
+  Blis() {
+    void* library = ::dlopen("libblis.so.4", RTLD_NOW | RTLD_LOCAL);
+    if (library == nullptr) return;
+    gemm = reinterpret_cast<Gemm>(::dlsym(library, "bli_sgemm"));
+    set_threads = reinterpret_cast<SetThreads>(::dlsym(library, "bli_thread_set_num_threads"));
+  }
+};
+
+const Blis& blis() {
+  static const Blis instance;
+  return instance;
+}
+
+/// y [m, n] = x [m, k] w, with w [k, n] row-major (column-major: C = W X, no transposes), by
+/// libxsmm JIT kernels over panels of 64 output columns, the panels split across LibTorch's
+/// threads as small_gemm_kn splits them.
+class XsmmKn {
+ public:
+  XsmmKn(int64_t m, int64_t k, int64_t n) : m_(m), k_(k), n_(n) {
+    const libxsmm_blasint lda = n, ldb = k, ldc = n;
+    const float alpha = 1, beta = 0;
+    const int flags = LIBXSMM_GEMM_FLAG_NONE;
+    full_ = libxsmm_smmdispatch(kPanel, m, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
+    if (n % kPanel != 0) {
+      tail_ =
+          libxsmm_smmdispatch(n % kPanel, m, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
+    }
+  }
+  bool ok() const { return full_ != nullptr && (n_ % kPanel == 0 || tail_ != nullptr); }
+  void operator()(const float* x, const float* w, float* y) const {
+    const int64_t panels = (n_ + kPanel - 1) / kPanel;
+    const int64_t grain = std::max<int64_t>(1, 4'000'000 / std::max<int64_t>(1, m_ * k_ * kPanel));
+    at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const auto kernel = (p + 1) * kPanel <= n_ ? full_ : tail_;
+        kernel(w + p * kPanel, x, y + p * kPanel);
+      }
+    });
+  }
+
+ private:
+  static constexpr int64_t kPanel = 64;
+  int64_t m_, k_, n_;
+  libxsmm_smmfunction full_ = nullptr, tail_ = nullptr;
+};
+
+/// One projection of `rows` rows, `in` -> `out`, with the weight stored [out, in]
+/// (layout 0, torch::nn::Linear) or [in, out] (layout 1, GPT-2's Conv1D), on every path that
+/// applies, timed interleaved; ratios to the first (OpenBLAS through LibTorch). The weights are
+/// cycled through copies that together exceed the L3 cache, as in a forward through several
+/// layers.
+void BM_GemmLibraries(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  const bool kn = state.range(0) == 1;
+  const int64_t rows = state.range(1), in = state.range(2), out = state.range(3);
+  const int64_t copies = std::max<int64_t>(2, (64 << 20) / (in * out * 4));
+  std::vector<torch::Tensor> weights, transposed;  // transposed: the other layout, contiguous
+  for (int64_t i = 0; i < copies; ++i) {
+    weights.push_back(
+        torch::randn(kn ? std::vector<int64_t>{in, out} : std::vector<int64_t>{out, in}) * 0.05);
+    transposed.push_back(weights.back().t().contiguous());
+  }
+  const auto x = torch::randn({rows, in});
+  auto y = torch::empty({rows, out});
+  const auto layout =
+      kn ? fusion::kernels::WeightLayout::in_out : fusion::kernels::WeightLayout::out_in;
+  const auto expected = kn ? torch::matmul(x, weights[0]) : torch::linear(x, weights[0]);
+  // Each path computes the projection from the weight and its transposed copy.
+  using Path = std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>;
+  std::vector<std::pair<std::string, Path>> paths;
+  std::string missing;
+  paths.emplace_back("openblas", [&, kn](const torch::Tensor& w, const torch::Tensor&) {
+    return kn ? torch::matmul(x, w) : torch::linear(x, w);
+  });
+  paths.emplace_back("project", [&](const torch::Tensor& w, const torch::Tensor&) {
+    return fusion::kernels::project(x, w, {}, layout);
+  });
+  if (!kn) {
+    paths.emplace_back("onednn", [&](const torch::Tensor& w, const torch::Tensor&) {
+      return at::mkldnn_linear(x.to_mkldnn(), w, {}).to_dense();
+    });
+  }
+  if (fusion::kernels::avx512_enabled()) {
+    paths.emplace_back("hand_written", [&, kn](const torch::Tensor& w, const torch::Tensor&) {
+      (kn ? fusion::detail::small_gemm_kn : fusion::detail::small_gemm)(
+          x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), rows, in, out);
+      return y;
+    });
+  } else {
+    missing += " hand_written (no AVX-512 loops: the CPU lacks them or FUSION_NO_AVX512 is set);";
+  }
+  const XsmmKn xsmm(rows, in, out);
+  if (xsmm.ok()) {
+    // [out, in]: on the transposed copy, libxsmm's own layout.
+    paths.emplace_back(
+        kn ? "libxsmm" : "libxsmm_copy", [&, kn](const torch::Tensor& w, const torch::Tensor& wt) {
+          xsmm(x.data_ptr<float>(), (kn ? w : wt).data_ptr<float>(), y.data_ptr<float>());
+          return y;
+        });
+  } else {
+    missing += " libxsmm (no JIT kernel for this shape);";
+  }
+  if (blis().gemm != nullptr) {
+    blis().set_threads(at::get_num_threads());
+    paths.emplace_back("blis", [&, kn](const torch::Tensor& w, const torch::Tensor&) {
+      float one = 1, zero = 0;
+      // The weight as the [in, out] operand through BLIS's strides: no copy for either layout.
+      const inc_t row_stride = kn ? out : 1, column_stride = kn ? 1 : in;
+      blis().gemm(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, rows, out, in, &one, x.data_ptr<float>(),
+                  in, 1, w.data_ptr<float>(), row_stride, column_stride, &zero, y.data_ptr<float>(),
+                  out, 1);
+      return y;
+    });
+  } else {
+    missing += " blis (libblis.so.4 not found);";
+  }
+  for (const auto& [name, path] : paths) {  // each must compute the projection before it is timed
+    y.zero_();
+    if ((path(weights[0], transposed[0]) - expected).abs().max().item<double>() > 1e-4) {
+      state.SkipWithError((name + " differs from the reference").c_str());
+      return;
+    }
+  }
+  if (!missing.empty()) state.SetLabel("not run:" + missing);
+  std::vector<std::pair<std::string, std::function<void()>>> runs;
+  for (const auto& [name, path] : paths) {
+    runs.emplace_back(name, [&, path = path, cycle = std::size_t{0}]() mutable {
+      const auto i = cycle++ % weights.size();
+      benchmark::DoNotOptimize(path(weights[i], transposed[i]));
+    });
+  }
+  time_rotating(state, runs, "us", 1e6);
+}
+BENCHMARK(BM_GemmLibraries)
+    ->ArgNames({"in_out", "rows", "in", "out"})
+    // Llama shapes at hidden 512 (q/k/v packed, gate/up packed, down) and hidden 64.
+    ->ArgsProduct({{0}, {1, 16, 128}, {512}, {1536, 3072}})
+    ->ArgsProduct({{0}, {1, 16, 128}, {1536}, {512}})
+    ->ArgsProduct({{0}, {1, 16, 128}, {64}, {384}})
+    // GPT-2 shapes (weights [in, out]): c_attn, c_fc, c_proj of the MLP, at hidden 512 and 64.
+    ->ArgsProduct({{1}, {1, 16, 128}, {512}, {1536, 2048}})
+    ->ArgsProduct({{1}, {1, 16, 128}, {2048}, {512}})
+    ->ArgsProduct({{1}, {1, 16, 128}, {64}, {256}})
+    ->Unit(benchmark::kMicrosecond)
+    ->MinTime(0.5);
+
+}  // namespace
+
+FUSION_BENCHMARK_MAIN();

@@ -1,0 +1,323 @@
+// Built-in kernels for convolutions (registered by register_builtin_kernels(),
+// fusion/kernels/batch_norm_folding.hpp):
+//
+//   fusion.conv{1,2,3}d_bn               Conv{1,2,3}d -> BatchNorm{1,2,3}d, folded
+//   fusion.conv{1,2,3}d_bn_<activation>  ... -> the activation, in place on the fresh output
+//   fusion.conv{1,2,3}d_<activation>     Conv{1,2,3}d -> the activation (the weights as they are)
+//   fusion.conv_transpose{1,2,3}d_bn     ConvTranspose{1,2,3}d -> BatchNorm{1,2,3}d, folded
+//
+// <activation>: relu, relu6, silu, hardswish (fusion::Hardswish), leaky_relu, gelu
+// (detail/epilogue.hpp). In eval mode, BatchNorm is the per-channel affine map
+// y = x * scale + shift with scale = gamma / sqrt(running_var + eps), shift = beta - mean * scale,
+// so conv(x, W, b) followed by it is conv(x, W * scale, b * scale + shift): one pass over the
+// activations instead of two, three with the activation (in place, or as the oneDNN post-op of
+// LibTorch's prepacked convolution for ReLU, where that is available).
+//
+// The folded weights are a prepared state: rebuilt when any weight, bias or running statistic
+// changes (fusion's staleness rule), computed in float64 and rounded once. Where folding would not
+// compute what the modules compute, the chain replays: training mode (batch statistics; the
+// options say so), BatchNorm without running statistics (`track_running_stats(false)`, which uses
+// batch statistics in eval mode too; the kernel's applies() says no), and gradients.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/types.h>
+
+#include "fusion/detail/epilogue.hpp"
+#include "fusion/detail/folding.hpp"
+#include "fusion/kernel.hpp"
+
+namespace fusion::kernels {
+
+/// Conv{D}d -> BatchNorm{D}d, folded, then `Activation` (void: none) in place. Also what the
+/// other convolution kernels here run: ConvBatchNormActivation, ConvActivation.
+template <std::size_t D, typename ConvImpl, typename BatchNormImpl, typename Activation = void>
+struct ConvBatchNorm {
+  using Epilogue = detail::Epilogue<Activation>;
+  struct State {
+    torch::Tensor weight, bias;
+    torch::Tensor weight_channels_last;  // for channels-last inputs (2d and 3d)
+    std::shared_ptr<const detail::PrepackedConv2d> prepacked;  // 2d, where LibTorch has the ops
+    // 2d: the weight in oneDNN's own layout, for inputs in that layout (`x.to_mkldnn()`, as
+    // TorchScript's optimize_for_inference runs a CNN): activations then stay blocked from one
+    // convolution to the next instead of being reordered around each one.
+    torch::Tensor weight_mkldnn;
+    std::vector<int64_t> stride, padding, dilation;
+    // Not weight_mkldnn: an opaque oneDNN tensor has no storage to count (about weight's size).
+    std::vector<torch::Tensor> tensors() const { return {weight, bias, weight_channels_last}; }
+  };
+
+  State prepare(ConvImpl& conv, BatchNormImpl& bn) const {
+    auto [scale, shift] = detail::batch_norm_affine(bn);
+    std::vector<int64_t> per_channel(D + 2, 1);
+    per_channel[0] = -1;
+    const auto dtype = conv.weight.scalar_type();
+    auto bias = conv.bias.defined() ? conv.bias.to(torch::kFloat64) * scale + shift : shift;
+    return with_weights(conv, (conv.weight.to(torch::kFloat64) * scale.view(per_channel)).to(dtype),
+                        bias.to(dtype));
+  }
+
+  /// The state for computing `conv` with `weight` and `bias` (undefined: none); with a
+  /// channels-last copy of the weight for channels-last inputs (2d and 3d) where `channels_last`.
+  static State with_weights(ConvImpl& conv, torch::Tensor weight, torch::Tensor bias,
+                            bool channels_last = true) {
+    State state;
+    state.weight = std::move(weight);
+    state.bias = std::move(bias);
+    if constexpr (D == 2) {
+      if (channels_last) {
+        state.weight_channels_last = state.weight.contiguous(torch::MemoryFormat::ChannelsLast);
+      }
+      const auto& o = conv.options;
+      const auto* padding = detail::alternative<torch::ExpandingArray<2>>(o.padding());
+      // oneDNN convolves numeric zero padding of float32 on the CPU; other cases go dense.
+      const bool onednn =
+          padding != nullptr &&
+          detail::alternative<torch::enumtype::kZeros>(o.padding_mode()) != nullptr &&
+          state.weight.device().is_cpu() && state.weight.scalar_type() == torch::kFloat32;
+      if (onednn) {
+        state.stride = detail::as_vector(o.stride());
+        state.padding = detail::as_vector(*padding);
+        state.dilation = detail::as_vector(o.dilation());
+      }
+      if (onednn && detail::PrepackedConv2d::available()) {
+        state.prepacked = std::make_shared<const detail::PrepackedConv2d>(
+            state.weight.contiguous(), state.bias, state.stride, state.padding, state.dilation,
+            o.groups(), Epilogue::onednn_post_op);
+      }
+      if (onednn && at::hasMKLDNN()) {
+        state.weight_mkldnn =
+            at::mkldnn_reorder_conv2d_weight(state.weight.contiguous().to_mkldnn(), state.padding,
+                                             state.stride, state.dilation, o.groups());
+      }
+    } else if constexpr (D == 3) {
+      if (channels_last) {
+        state.weight_channels_last = state.weight.contiguous(torch::MemoryFormat::ChannelsLast3d);
+      }
+    }
+    return state;
+  }
+
+  bool applies(ConvImpl&, BatchNormImpl& bn) const { return detail::has_running_stats(bn); }
+
+  torch::Tensor operator()(const State& s, ConvImpl& conv, BatchNormImpl& bn,
+                           const torch::Tensor& input) const {
+    // An unbatched input runs through the modules: the convolution accepts it, the BatchNorm
+    // then refuses it or normalises another axis; either way the modules decide.
+    if (input.dim() != D + 2 && !input.is_mkldnn()) return bn.forward(conv.forward(input));
+    return run(s, conv, input, nullptr);
+  }
+
+  /// The convolution with the state's weights, then the activation (the module's options).
+  static torch::Tensor run(const State& s, ConvImpl& conv, const torch::Tensor& input,
+                           const Activation* activation) {
+    if constexpr (D == 2) {
+      if (input.is_mkldnn()) {
+        // A padding mode oneDNN lacks, or an input the convolution refuses (ATen's error then).
+        if (!s.weight_mkldnn.defined() || !fits_prepacked(s, conv, input)) {
+          return run(s, conv, input.to_dense(), activation).to_mkldnn();
+        }
+        return Epilogue::apply(at::mkldnn_convolution(input, s.weight_mkldnn, s.bias, s.padding,
+                                                      s.stride, s.dilation, conv.options.groups()),
+                               activation);
+      }
+      if (s.prepacked && input.is_contiguous() && input.device().is_cpu() &&
+          input.scalar_type() == torch::kFloat32 && fits_prepacked(s, conv, input)) {
+        auto output = (*s.prepacked)(input);
+        return std::string(Epilogue::onednn_post_op) == "none" ? Epilogue::apply(output, activation)
+                                                               : output;
+      }
+    }
+    return Epilogue::apply(detail::convolve<D>(conv, input, weight_for(s, input), s.bias),
+                           activation);
+  }
+
+  /// Whether oneDNN's convolution computes this input as ATen's would: a non-empty batch of the
+  /// weight's input channels, each spatial size at least the dilated kernel after padding. Else
+  /// the dense convolution runs and raises ATen's own error, as the module would.
+  static bool fits_prepacked(const State& s, ConvImpl& conv, const torch::Tensor& input) {
+    const auto& o = conv.options;
+    const auto* padding = detail::alternative<torch::ExpandingArray<2>>(o.padding());
+    if (input.dim() != 4 || input.numel() == 0 || padding == nullptr ||
+        input.size(1) != s.weight.size(1) * o.groups()) {
+      return false;
+    }
+    for (int64_t d = 0; d < 2; ++d) {
+      const int64_t span = (*o.dilation())[d] * (s.weight.size(2 + d) - 1) + 1;
+      if (input.size(2 + d) + 2 * (**padding)[d] < span) return false;
+    }
+    return true;
+  }
+
+  /// The weight in the input's memory format, where the state has it: the output keeps the
+  /// input's (channels-last in and out) either way.
+  static const torch::Tensor& weight_for(const State& s, const torch::Tensor& input) {
+    if (!s.weight_channels_last.defined()) return s.weight;
+    if constexpr (D == 2) {
+      if (input.dim() == 4 && !input.is_contiguous() &&
+          input.is_contiguous(torch::MemoryFormat::ChannelsLast)) {
+        return s.weight_channels_last;
+      }
+    } else if constexpr (D == 3) {
+      if (input.dim() == 5 && !input.is_contiguous() &&
+          input.is_contiguous(torch::MemoryFormat::ChannelsLast3d)) {
+        return s.weight_channels_last;
+      }
+    }
+    return s.weight;
+  }
+};
+
+/// Conv{D}d -> BatchNorm{D}d -> Activation: folded, the activation in place.
+template <std::size_t D, typename ConvImpl, typename BatchNormImpl, typename Activation>
+struct ConvBatchNormActivation {
+  using Folded = ConvBatchNorm<D, ConvImpl, BatchNormImpl, Activation>;
+  using State = typename Folded::State;
+
+  State prepare(ConvImpl& conv, BatchNormImpl& bn, Activation&) const {
+    return Folded().prepare(conv, bn);
+  }
+  bool applies(ConvImpl&, BatchNormImpl& bn, Activation&) const {
+    return detail::has_running_stats(bn);
+  }
+  torch::Tensor operator()(const State& s, ConvImpl& conv, BatchNormImpl& bn,
+                           Activation& activation, const torch::Tensor& input) const {
+    if (input.dim() != D + 2 && !input.is_mkldnn()) {
+      return activation.forward(bn.forward(conv.forward(input)));  // as in ConvBatchNorm
+    }
+    return Folded::run(s, conv, input, &activation);
+  }
+};
+
+/// Conv{D}d -> Activation: the convolution's own weights (no copy, none for channels-last either:
+/// the module has none; the 2d oneDNN forms are prepared from them), the activation in place.
+/// Runs in training mode too: nothing is folded.
+template <std::size_t D, typename ConvImpl, typename Activation>
+struct ConvActivation {
+  // The batch norm type is not used: ConvBatchNorm's state and run, without the fold.
+  using Runner = ConvBatchNorm<D, ConvImpl, torch::nn::BatchNorm2dImpl, Activation>;
+  using State = typename Runner::State;
+
+  State prepare(ConvImpl& conv, Activation&) const {
+    return Runner::with_weights(conv, conv.weight.detach(),
+                                conv.bias.defined() ? conv.bias.detach() : torch::Tensor(),
+                                /*channels_last=*/false);
+  }
+  torch::Tensor operator()(const State& s, ConvImpl& conv, Activation& activation,
+                           const torch::Tensor& input) const {
+    if (input.dim() != D + 2 && !input.is_mkldnn()) {
+      return activation.forward(conv.forward(input));
+    }
+    return Runner::run(s, conv, input, &activation);
+  }
+};
+
+/// ConvTranspose{D}d -> BatchNorm{D}d, folded: the weight is [in, out / groups, k...], so the
+/// per-output-channel scale runs along its second dimension, group by group.
+template <std::size_t D, typename ConvImpl, typename BatchNormImpl>
+struct ConvTransposeBatchNorm {
+  struct State {
+    torch::Tensor weight, bias;
+    std::vector<torch::Tensor> tensors() const { return {weight, bias}; }
+  };
+
+  State prepare(ConvImpl& conv, BatchNormImpl& bn) const {
+    auto [scale, shift] = detail::batch_norm_affine(bn);
+    const int64_t groups = conv.options.groups();
+    const auto& w = conv.weight;
+    std::vector<int64_t> grouped{groups, w.size(0) / groups, w.size(1)};
+    std::vector<int64_t> per_channel{groups, 1, w.size(1)};
+    for (std::size_t d = 0; d < D; ++d) {
+      grouped.push_back(w.size(2 + d));
+      per_channel.push_back(1);
+    }
+    const auto dtype = w.scalar_type();
+    auto weight = w.to(torch::kFloat64).view(grouped) * scale.view(per_channel);
+    auto bias = conv.bias.defined() ? conv.bias.to(torch::kFloat64) * scale + shift : shift;
+    return {weight.view(w.sizes()).to(dtype), bias.to(dtype)};
+  }
+
+  /// Zero padding only: ConvTranspose refuses the others, and then the modules raise that error.
+  bool applies(ConvImpl& conv, BatchNormImpl& bn) const {
+    return detail::has_running_stats(bn) &&
+           detail::alternative<torch::enumtype::kZeros>(conv.options.padding_mode()) != nullptr;
+  }
+
+  /// Folded where the module's forward gets no `output_size` (its output_padding option then);
+  /// with one, or an unbatched input, the modules compute it.
+  torch::Tensor operator()(const State& s, ConvImpl& conv, BatchNormImpl& bn,
+                           const torch::Tensor& input,
+                           const c10::optional<at::IntArrayRef>& output_size) const {
+    if (input.dim() != D + 2 || output_size.has_value()) {
+      return bn.forward(conv.forward(input, output_size));
+    }
+    const auto& o = conv.options;
+    const auto* padding = detail::alternative<torch::ExpandingArray<D>>(o.padding());
+    if (padding == nullptr) return bn.forward(conv.forward(input));  // the module's error
+    if constexpr (D == 1) {
+      return torch::conv_transpose1d(input, s.weight, s.bias, o.stride(), *padding,
+                                     o.output_padding(), o.groups(), o.dilation());
+    } else if constexpr (D == 2) {
+      return torch::conv_transpose2d(input, s.weight, s.bias, o.stride(), *padding,
+                                     o.output_padding(), o.groups(), o.dilation());
+    } else {
+      return torch::conv_transpose3d(input, s.weight, s.bias, o.stride(), *padding,
+                                     o.output_padding(), o.groups(), o.dilation());
+    }
+  }
+};
+
+}  // namespace fusion::kernels
+
+namespace fusion::detail {
+
+/// The activation module types the convolution kernels take (detail/epilogue.hpp).
+using ConvActivations =
+    std::tuple<torch::nn::ReLUImpl, torch::nn::ReLU6Impl, torch::nn::SiLUImpl,
+               fusion::HardswishImpl, torch::nn::LeakyReLUImpl, torch::nn::GELUImpl>;
+
+/// Registers fusion.<conv>_bn_<activation> and fusion.<conv>_<activation> for each activation.
+template <std::size_t D, typename ConvImpl, typename BatchNormImpl, typename... Activations>
+void register_conv_activations(const std::string& conv, std::tuple<Activations...>* /*types*/) {
+  const KernelOptions eval_only{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
+  KernelOptions any_mode = eval_only;  // nothing folded: training mode computes the same
+  any_mode.training = true;
+  (register_kernel("fusion." + conv + "_bn_" + Epilogue<Activations>::name,
+                   kernels::ConvBatchNormActivation<D, ConvImpl, BatchNormImpl, Activations>{},
+                   eval_only),
+   ...);
+  (register_kernel("fusion." + conv + "_" + Epilogue<Activations>::name,
+                   kernels::ConvActivation<D, ConvImpl, Activations>{}, any_mode),
+   ...);
+}
+
+/// Registers every kernel of this file.
+inline void register_conv_kernels() {
+  using namespace torch::nn;
+  using namespace fusion::kernels;
+  // Folding is plain tensor arithmetic: one implementation serves the CPU and CUDA.
+  const KernelOptions eval_only{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
+  register_kernel("fusion.conv1d_bn", ConvBatchNorm<1, Conv1dImpl, BatchNorm1dImpl>{}, eval_only);
+  register_kernel("fusion.conv2d_bn", ConvBatchNorm<2, Conv2dImpl, BatchNorm2dImpl>{}, eval_only);
+  register_kernel("fusion.conv3d_bn", ConvBatchNorm<3, Conv3dImpl, BatchNorm3dImpl>{}, eval_only);
+  ConvActivations* activations = nullptr;
+  register_conv_activations<1, Conv1dImpl, BatchNorm1dImpl>("conv1d", activations);
+  register_conv_activations<2, Conv2dImpl, BatchNorm2dImpl>("conv2d", activations);
+  register_conv_activations<3, Conv3dImpl, BatchNorm3dImpl>("conv3d", activations);
+  register_kernel("fusion.conv_transpose1d_bn",
+                  ConvTransposeBatchNorm<1, ConvTranspose1dImpl, BatchNorm1dImpl>{}, eval_only);
+  register_kernel("fusion.conv_transpose2d_bn",
+                  ConvTransposeBatchNorm<2, ConvTranspose2dImpl, BatchNorm2dImpl>{}, eval_only);
+  register_kernel("fusion.conv_transpose3d_bn",
+                  ConvTransposeBatchNorm<3, ConvTranspose3dImpl, BatchNorm3dImpl>{}, eval_only);
+}
+
+}  // namespace fusion::detail
