@@ -26,8 +26,8 @@ gpt2::Config bench_config(int64_t embd = 512) {
   return c;
 }
 
-gpt2::LMHeadModel bench_model() {
-  gpt2::LMHeadModel model(bench_config());
+gpt2::LMHeadModel bench_model(int64_t embd = 512) {
+  gpt2::LMHeadModel model(bench_config(embd));
   gpt2::init_random(*model, 0);
   model->eval();
   return model;
@@ -73,6 +73,38 @@ BENCHMARK(BM_GPT2ForwardKernels)
     ->Args({128, 0})
     ->Unit(benchmark::kMillisecond)
     ->MinTime(3.0);
+
+/// One kind of chain fused in every block (range(2): 0 ln_1 -> attn, the packed projections;
+/// 1 ln_2 -> mlp; 2 ln_f -> lm_head), with the library kernel against the same chains replayed
+/// and the unfused model, at n_embd range(0), range(1) tokens (a prompt forward). Whole forwards:
+/// the difference is the chains', the ratios are diluted by the rest.
+void BM_GPT2ChainKernels(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  const int64_t embd = state.range(0), tokens = state.range(1);
+  const auto kernel_rule = gpt2::kernel_plan().rules.at(static_cast<std::size_t>(state.range(2)));
+  auto replay_rule = kernel_rule;
+  replay_rule.options.kernel.clear();
+  auto unfused = bench_model(embd), replay = bench_model(embd), kernel = bench_model(embd);
+  fusion::fuse_modules(replay, fusion::Plan{{replay_rule}});
+  fusion::fuse_modules(kernel, fusion::Plan{{kernel_rule}});
+  state.SetLabel(kernel_rule.options.kernel);
+  torch::manual_seed(1);
+  const auto ids = torch::randint(0, 4096, {1, tokens}, torch::kInt64);
+  const auto expected = unfused->forward(ids, nullptr);
+  if (max_diff(kernel->forward(ids, nullptr), expected) > 1e-3) {
+    state.SkipWithError("kernel logits differ");
+  }
+  time_rotating(state,
+                {{"unfused", [&] { benchmark::DoNotOptimize(unfused->forward(ids, nullptr)); }},
+                 {"replay", [&] { benchmark::DoNotOptimize(replay->forward(ids, nullptr)); }},
+                 {"kernel", [&] { benchmark::DoNotOptimize(kernel->forward(ids, nullptr)); }}},
+                "ms", 1e3);
+}
+BENCHMARK(BM_GPT2ChainKernels)
+    ->ArgNames({"hidden", "tokens", "chain"})
+    ->ArgsProduct({{64, 512}, {1, 16, 128}, {0, 1, 2}})
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(1.0);
 
 /// ln_2 + mlp of one block, as the block calls them.
 struct NormMLPImpl : torch::nn::Module {

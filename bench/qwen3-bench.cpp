@@ -15,11 +15,11 @@
 
 namespace {
 
-qwen3::Config bench_config() {
+qwen3::Config bench_config(int64_t hidden = 512) {
   qwen3::Config c;
   c.vocab_size = 4096;
-  c.hidden_size = 512;
-  c.intermediate_size = 1536;
+  c.hidden_size = hidden;
+  c.intermediate_size = 3 * hidden;
   c.num_hidden_layers = 4;
   c.num_attention_heads = 8;
   c.num_key_value_heads = 4;
@@ -27,8 +27,8 @@ qwen3::Config bench_config() {
   return c;
 }
 
-qwen3::ForCausalLM bench_model() {
-  qwen3::ForCausalLM model(bench_config());
+qwen3::ForCausalLM bench_model(int64_t hidden = 512) {
+  qwen3::ForCausalLM model(bench_config(hidden));
   qwen3::init_random(*model, 0);
   model->eval();
   return model;
@@ -95,6 +95,49 @@ BENCHMARK(BM_Qwen3ForwardKernels)
     ->Args({128, 0})
     ->Unit(benchmark::kMillisecond)
     ->MinTime(5.0);
+
+/// One kind of chain fused in every layer (range(2): 0 post_attention_layernorm -> mlp; 1
+/// input_layernorm -> self_attn, the packed q/k/v; 2 norm -> lm_head, untied here), with the
+/// library kernel against the same chains replayed and the unfused model, at hidden range(0)
+/// (Llama shapes: 8 heads of hidden / 8, intermediate 3 x hidden), range(1) tokens. Whole
+/// forwards: the difference is the chains', the ratios are diluted by the rest.
+void BM_Qwen3ChainKernels(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  const int64_t hidden = state.range(0), tokens = state.range(1);
+  auto config = bench_config(hidden);
+  config.head_dim = hidden / 8;
+  config.tie_word_embeddings = false;
+  const auto kernel_rule =
+      qwen3::kernel_plan(config).rules.at(static_cast<std::size_t>(state.range(2)));
+  auto replay_rule = kernel_rule;
+  replay_rule.options.kernel.clear();
+  auto make = [&] {
+    qwen3::ForCausalLM model(config);
+    qwen3::init_random(*model, 0);
+    model->eval();
+    return model;
+  };
+  auto unfused = make(), replay = make(), kernel = make();
+  fusion::fuse_modules(replay, fusion::Plan{{replay_rule}});
+  fusion::fuse_modules(kernel, fusion::Plan{{kernel_rule}});
+  state.SetLabel(kernel_rule.options.kernel);
+  torch::manual_seed(1);
+  const auto ids = torch::randint(0, 4096, {1, tokens}, torch::kInt64);
+  const auto expected = unfused->forward(ids, nullptr);
+  if (max_diff(kernel->forward(ids, nullptr), expected) > 1e-3) {
+    state.SkipWithError("kernel logits differ");
+  }
+  time_rotating(state,
+                {{"unfused", [&] { benchmark::DoNotOptimize(unfused->forward(ids, nullptr)); }},
+                 {"replay", [&] { benchmark::DoNotOptimize(replay->forward(ids, nullptr)); }},
+                 {"kernel", [&] { benchmark::DoNotOptimize(kernel->forward(ids, nullptr)); }}},
+                "ms", 1e3);
+}
+BENCHMARK(BM_Qwen3ChainKernels)
+    ->ArgNames({"hidden", "tokens", "chain"})
+    ->ArgsProduct({{64, 512}, {1, 16, 128}, {0, 1, 2}})
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(1.0);
 
 /// What bounds the forward: the same model's GEMMs alone (q/k/v, o, gate/up, down per layer, and
 /// lm_head) at the forward's shapes, beside the original forward.

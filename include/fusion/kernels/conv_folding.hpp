@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -132,8 +133,12 @@ struct ConvBatchNorm {
       if (s.prepacked && input.is_contiguous() && input.device().is_cpu() &&
           input.scalar_type() == torch::kFloat32 && fits_prepacked(s, conv, input)) {
         auto output = (*s.prepacked)(input);
-        return std::string(Epilogue::onednn_post_op) == "none" ? Epilogue::apply(output, activation)
-                                                               : output;
+        // The prepacked op ran the activation as its post-op, or none.
+        if constexpr (std::string_view(Epilogue::onednn_post_op) != "none") {
+          return output;
+        } else {
+          return Epilogue::apply(output, activation);
+        }
       }
     }
     return Epilogue::apply(detail::convolve<D>(conv, input, weight_for(s, input), s.bias),
