@@ -293,7 +293,8 @@ void BM_Qwen3KernelMemory(benchmark::State& state) {
   const auto original = resident_of(false, false);
   const auto kernels = resident_of(true, false);
   const auto folded = resident_of(true, true);
-  for (auto _ : state) benchmark::DoNotOptimize(std::get<1>(original));
+  double growth = std::get<1>(original);
+  for (auto _ : state) benchmark::DoNotOptimize(growth);
   state.counters["original_rss_MiB"] = std::get<1>(original);
   state.counters["kernels_rss_MiB"] = std::get<1>(kernels);
   state.counters["folded_rss_MiB"] = std::get<1>(folded);
