@@ -102,6 +102,25 @@ void time_interleaved(benchmark::State& state, Original&& original, Fused&& fuse
   state.counters.erase("fused_x");
 }
 
+/// A prompt forward of `ids` through three language models with the same weights, `unfused`,
+/// `replay` and `kernel` (each with `forward(ids, cache)`), timed with time_rotating after
+/// checking that the kernel's logits are the unfused model's within 1e-3.
+template <typename Model>
+void time_chain_variants(benchmark::State& state, Model& unfused, Model& replay, Model& kernel,
+                         const torch::Tensor& ids) {
+  const torch::Tensor expected = unfused->forward(ids, nullptr);
+  const torch::Tensor got = kernel->forward(ids, nullptr);
+  if ((got - expected).abs().max().item<double>() > 1e-3) {
+    state.SkipWithError("kernel logits differ");
+    return;
+  }
+  time_rotating(state,
+                {{"unfused", [&] { benchmark::DoNotOptimize(unfused->forward(ids, nullptr)); }},
+                 {"replay", [&] { benchmark::DoNotOptimize(replay->forward(ids, nullptr)); }},
+                 {"kernel", [&] { benchmark::DoNotOptimize(kernel->forward(ids, nullptr)); }}},
+                "ms", 1e3);
+}
+
 /// This process's resident memory in bytes (Linux), for memory comparisons.
 inline double resident_bytes() {
   std::ifstream statm("/proc/self/statm");

@@ -123,15 +123,7 @@ void BM_Qwen3ChainKernels(benchmark::State& state) {
   state.SetLabel(kernel_rule.options.kernel);
   torch::manual_seed(1);
   const auto ids = torch::randint(0, 4096, {1, tokens}, torch::kInt64);
-  const auto expected = unfused->forward(ids, nullptr);
-  if (max_diff(kernel->forward(ids, nullptr), expected) > 1e-3) {
-    state.SkipWithError("kernel logits differ");
-  }
-  time_rotating(state,
-                {{"unfused", [&] { benchmark::DoNotOptimize(unfused->forward(ids, nullptr)); }},
-                 {"replay", [&] { benchmark::DoNotOptimize(replay->forward(ids, nullptr)); }},
-                 {"kernel", [&] { benchmark::DoNotOptimize(kernel->forward(ids, nullptr)); }}},
-                "ms", 1e3);
+  time_chain_variants(state, unfused, replay, kernel, ids);
 }
 BENCHMARK(BM_Qwen3ChainKernels)
     ->ArgNames({"hidden", "tokens", "chain"})
