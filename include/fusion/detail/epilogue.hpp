@@ -88,7 +88,7 @@ struct Epilogue<torch::nn::GELUImpl> {
   static constexpr const char* name = "gelu";
   static constexpr const char* onednn_post_op = "none";
   static torch::Tensor apply(torch::Tensor output, const torch::nn::GELUImpl* module) {
-    const std::string approximate = module->options.approximate();
+    const std::string& approximate = module->options.approximate();  // no copy per call
     return in_place(output, [&](torch::Tensor& t) { return torch::gelu_(t, approximate); });
   }
 };
