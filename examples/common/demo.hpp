@@ -1,19 +1,25 @@
-// What the language-model demos (qwen3_fusion, gpt2_fusion) share: their id lists, the
-// comparison of logits, and the file in which another implementation (transformers, through the
-// examples' make_models.py scripts) records what it computed for a model.
+// What the demos share: the language models' id lists (qwen3_fusion, gpt2_fusion), the comparison
+// of logits, the file in which another implementation (transformers, through the examples'
+// make_models.py scripts) records what it computed for a model, and the comparison of a plan
+// found by fusion::optimize (--auto) with a hand-written one.
 #pragma once
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/torch.h>
+#include <fusion/fusion.hpp>
 #include <nlohmann/json.hpp>
 
 namespace demo {
@@ -34,7 +40,8 @@ inline std::vector<int64_t> parse_ids(const std::string& text) {
 }
 
 /// The demos' command line: [--model-dir DIR] [--input-ids 1,2,3] [--generate N]
-/// [--save-logits FILE] [--save-kernel-logits FILE] [--folded] [--expect FILE].
+/// [--save-logits FILE] [--save-kernel-logits FILE] [--folded] [--expect FILE]
+/// [--auto [--min-speedup X]].
 struct Options {
   std::string model_dir;
   std::vector<int64_t> input_ids{1, 2, 3, 4, 5, 6, 7, 8};
@@ -43,6 +50,8 @@ struct Options {
   std::string save_kernel_logits;
   bool folded = false;
   std::string expect;
+  bool automatic = false;  // --auto: the kernels' plan found by fusion::optimize
+  double min_speedup = 0.03;
 };
 
 inline Options parse(int argc, char** argv) {
@@ -67,12 +76,16 @@ inline Options parse(int argc, char** argv) {
       options.folded = true;
     } else if (arg == "--expect") {
       options.expect = value();
+    } else if (arg == "--auto") {
+      options.automatic = true;
+    } else if (arg == "--min-speedup") {
+      options.min_speedup = std::stod(value());
     } else {
       throw std::invalid_argument(
           "unknown option " + arg +
           "\nusage: " + std::filesystem::path(argv[0]).filename().string() +
           " [--model-dir DIR] [--input-ids 1,2,3] [--generate N] [--save-logits FILE] "
-          "[--save-kernel-logits FILE] [--folded] [--expect FILE]");
+          "[--save-kernel-logits FILE] [--folded] [--expect FILE] [--auto [--min-speedup X]]");
     }
   }
   return options;
@@ -123,6 +136,71 @@ inline Expected read_expected(const std::string& path) {
   }
   expected.ids = torch::tensor(j.at("generated_ids").get<std::vector<int64_t>>()).unsqueeze(0);
   return expected;
+}
+
+/// Chains as (member paths, kernel).
+using ChainSet = std::set<std::pair<std::vector<std::string>, std::string>>;
+
+/// The chains `plan` would fuse under `model`, which must be unfused.
+template <typename Model>
+ChainSet planned_chains(Model& model, const fusion::Plan& plan) {
+  ChainSet chains;
+  for (const auto& rule : plan.rules) {
+    for (const auto& chain : fusion::match_chains(model, rule.patterns, rule.options)) {
+      chains.emplace(chain.paths, rule.options.kernel);
+    }
+  }
+  return chains;
+}
+
+/// The chains fused under `model` now.
+template <typename Model>
+ChainSet fused_chains(Model& model) {
+  ChainSet chains;
+  for (const auto& chain : fusion::fused_chains(model)) chains.emplace(chain.paths, chain.kernel);
+  return chains;
+}
+
+/// Whether `found` holds every chain of `wanted`, with the same kernel.
+inline bool covers(const ChainSet& found, const ChainSet& wanted) {
+  return std::includes(found.begin(), found.end(), wanted.begin(), wanted.end());
+}
+
+/// The forward timed with two plans, interleaved round by round (medians, milliseconds).
+struct PlanTiming {
+  double first_ms, second_ms;
+  int rounds;
+};
+
+inline std::ostream& operator<<(std::ostream& out, const PlanTiming& t) {
+  return out << fmt::format(
+             "Forward with the auto plan: {:.3f} ms, with the hand-written plan: {:.3f} ms "
+             "(ratio {:.3f}, medians of {} interleaved rounds)\n",
+             t.first_ms, t.second_ms, t.first_ms / t.second_ms, t.rounds);
+}
+
+/// Times `run` with `model` fused by `first`, then by `second`, in turns; leaves it fused by
+/// `first`.
+template <typename Model, typename Run>
+PlanTiming time_plans(Model& model, const fusion::Plan& first, const fusion::Plan& second, Run run,
+                      int rounds = 9) {
+  std::vector<double> times[2];
+  for (int round = 0; round < rounds; ++round) {
+    for (int p = 0; p < 2; ++p) {
+      fusion::unfuse_modules(model);
+      fusion::fuse_modules(model, p == 0 ? first : second);
+      run();  // prepares the kernels
+      const auto start = std::chrono::steady_clock::now();
+      run();
+      times[p].push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+              .count());
+    }
+  }
+  fusion::unfuse_modules(model);
+  fusion::fuse_modules(model, first);
+  for (auto& t : times) std::sort(t.begin(), t.end());
+  return {times[0][rounds / 2], times[1][rounds / 2], rounds};
 }
 
 }  // namespace demo

@@ -4,7 +4,11 @@
 // chains with their fused kernels (kernels.hpp) and check their logits within a tolerance.
 //
 //   qwen3_fusion [--model-dir DIR] [--input-ids 1,2,3] [--generate N] [--save-logits FILE]
-//                [--save-kernel-logits FILE] [--folded] [--expect FILE]
+//                [--save-kernel-logits FILE] [--folded] [--expect FILE] [--auto [--min-speedup X]]
+//
+// --auto: the kernels' plan is found by fusion::optimize on the prompt (printed, and checked to
+// cover every chain of qwen3::kernel_plan with the same kernels), and the forward is timed with
+// both plans, interleaved.
 //
 // Generation is greedy and follows the model directory's generation settings as transformers
 // reads them (generation_config.json, else config.json; see examples/qwen3/README.md). --expect
@@ -22,6 +26,8 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+
+#include <fusion/optimize.hpp>
 
 #include "checkpoint.hpp"
 #include "demo.hpp"
@@ -151,7 +157,22 @@ int main(int argc, char** argv) try {
 
   // Kernels compute with other ops (one GEMM for gate and up, raw loops), so their logits differ
   // by rounding: within 1e-4 of the largest logit in float32, 5e-2 in bf16/f16.
-  qwen3::fuse_with_kernels(model, options.folded);
+  if (options.automatic) {
+    const auto hand_written = demo::planned_chains(model, qwen3::kernel_plan(model->config));
+    fusion::OptimizeOptions optimize;
+    optimize.min_speedup = options.min_speedup;
+    const auto plan = fusion::optimize(
+        model, [&] { return model(ids); }, optimize);
+    std::cout << plan;
+    const bool covers = demo::covers(demo::fused_chains(model), hand_written);
+    std::cout << "Auto plan covers every chain of the hand-written plan, same kernels: "
+              << (covers ? "yes" : "NO") << "\n";
+    ok = ok && covers;
+    std::cout << demo::time_plans(model, plan, qwen3::kernel_plan(model->config),
+                                  [&] { model(ids); });
+  } else {
+    qwen3::fuse_with_kernels(model, options.folded);
+  }
   const auto with_kernels = model(ids);
   const double scale = std::max(1.0, original.abs().max().item<double>());
   const double tolerance = (original.scalar_type() == torch::kFloat32 ? 1e-4 : 5e-2) * scale;

@@ -4,7 +4,10 @@
 // checked against the unfused network.
 //
 //   resnet_fusion [--weights FILE] [--input FILE] [--save-logits FILE] [--batch N]
-//                 [--channels-last | --mkldnn] [--expect-logits FILE]
+//                 [--channels-last | --mkldnn] [--expect-logits FILE] [--auto [--min-speedup X]]
+//
+// --auto: fusion::optimize finds the plan on the input instead (printed, and checked to cover
+// every chain of folding_plan()), and the forward is timed with both plans, interleaved.
 //
 // --input: a float32 .npy of shape [N, 3, H, W] (default: seeded random [N, 3, 224, 224]).
 // --save-logits: the kernel-equipped model's logits [N, 1000] as float32 .npy.
@@ -16,7 +19,9 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <fusion/optimize.hpp>
 
+#include "demo.hpp"
 #include "npy.hpp"
 #include "resnet.hpp"
 
@@ -27,6 +32,8 @@ struct Options {
   int64_t batch = 1;
   bool channels_last = false;
   bool mkldnn = false;  // the input in oneDNN's layout, as TorchScript's optimize_for_inference
+  bool automatic = false;
+  double min_speedup = fusion::OptimizeOptions{}.min_speedup;
 };
 
 Options parse(int argc, char** argv) {
@@ -52,11 +59,16 @@ Options parse(int argc, char** argv) {
       options.channels_last = true;
     } else if (arg == "--mkldnn") {
       options.mkldnn = true;
+    } else if (arg == "--auto") {
+      options.automatic = true;
+    } else if (arg == "--min-speedup") {
+      options.min_speedup = std::stod(value());
     } else {
       throw std::invalid_argument(
           "unknown option " + arg +
           "\nusage: resnet_fusion [--weights FILE] [--input FILE] [--save-logits FILE] "
-          "[--batch N] [--channels-last | --mkldnn] [--expect-logits FILE]");
+          "[--batch N] [--channels-last | --mkldnn] [--expect-logits FILE] [--auto [--min-speedup "
+          "X]]");
     }
   }
   return options;
@@ -111,7 +123,23 @@ int main(int argc, char** argv) try {
   }
 
   fusion::kernels::register_builtin_kernels();
-  const auto chains = fusion::fuse_modules(model, resnet::folding_plan());
+  std::vector<fusion::FusedChain> chains;
+  if (options.automatic) {
+    const auto hand_written = demo::planned_chains(model, resnet::folding_plan());
+    fusion::OptimizeOptions optimize;
+    optimize.min_speedup = options.min_speedup;
+    const auto plan = fusion::optimize(
+        model, [&] { return model(images); }, optimize);
+    std::cout << plan;
+    const bool covers = demo::covers(demo::fused_chains(model), hand_written);
+    std::cout << "Auto plan covers every chain of the hand-written plan, same kernels: "
+              << (covers ? "yes" : "NO") << "\n";
+    ok = ok && covers;
+    std::cout << demo::time_plans(model, plan, resnet::folding_plan(), [&] { model(images); });
+    chains = fusion::fused_chains(model);
+  } else {
+    chains = fusion::fuse_modules(model, resnet::folding_plan());
+  }
   std::cout << fmt::format("Fused {} chains with folding kernels\n", chains.size());
   const auto with_kernels = model(images);
   const double diff = max_diff(with_kernels, original);

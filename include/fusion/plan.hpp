@@ -25,6 +25,10 @@ struct Rule {
   std::vector<std::string> patterns;
   std::vector<ModuleSpec> specs;
   FuseOptions options = {};
+  /// Each member's module type, as c10::demangle names it (`MLPImpl`, `torch::nn::Conv2dImpl`),
+  /// checked when the plan is applied; empty: not checked. fusion::optimize records them, so that
+  /// a saved plan is refused by a model whose modules changed type.
+  std::vector<std::string> types = {};
 };
 
 struct Plan {
@@ -42,8 +46,17 @@ std::vector<FusedChain> fuse_modules(Root& root, const Plan& plan) {
   for (std::size_t r = 0; r < plan.rules.size(); ++r) {
     detail::fault_point();
     const Rule& rule = plan.rules[r];
+    if (!rule.types.empty() && rule.types.size() != rule.patterns.size()) {
+      detail::fail("fusion::fuse_modules(plan): rule #{} has {} patterns but {} types", r,
+                   rule.patterns.size(), rule.types.size());
+    }
     for (auto& chain : detail::build_chains(module, rule.patterns, rule.specs, rule.options)) {
       for (std::size_t m = 0; m < chain->size(); ++m) {
+        const std::string type = detail::type_name_of(*chain->member_slot(m));
+        if (!rule.types.empty() && type != rule.types[m]) {
+          detail::fail("fusion::fuse_modules(plan): rule #{} takes a {} at '{}', but it is a {}", r,
+                       rule.types[m], chain->info().paths[m], type);
+        }
         auto [it, added] = taken.emplace(chain->member_slot(m), r);
         if (!added) {
           detail::fail("fusion::fuse_modules(plan): '{}' is taken by rule #{} and by rule #{}",

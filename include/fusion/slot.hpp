@@ -81,8 +81,8 @@ class Slot final : public detail::SlotBase {
     if constexpr (calls_signature<Args...>()) {
       if (dispatch == nullptr) return Result(holder_->forward(std::forward<Args>(args)...));
       return call_fused(std::index_sequence_for<Args...>{}, std::forward<Args>(args)...);
-    } else {  // another overload of forward(), reachable unfused only
-      if (dispatch != nullptr) {
+    } else {  // another overload of forward(), reachable unfused (or traced) only
+      if (dispatch != nullptr && is_fused()) {
         detail::fail(
             "fusion::Slot: a fused slot was called with arguments ({}) that do not fit the "
             "signature it was fused with, {}",

@@ -10,6 +10,8 @@
 #include <fusion/fusion.hpp>
 #include <fusion/kernels/batch_norm_folding.hpp>
 #include <fusion/kernels/transformer.hpp>
+#include <fusion/optimize.hpp>
+#include <fusion/plan_json.hpp>
 
 #include "gpt2.hpp"  // examples/gpt2/README.md declares its kernels
 #include "models.hpp"

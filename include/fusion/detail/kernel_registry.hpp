@@ -8,6 +8,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <typeindex>
 #include <utility>
 #include <vector>
 
@@ -78,6 +79,14 @@ class FUSION_API KernelRegistry {
       throw;
     }
     return true;
+  }
+
+  /// Each kernel's member types (the same for all its implementations), by name.
+  std::vector<std::pair<std::string, std::vector<std::type_index>>> member_types() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<std::pair<std::string, std::vector<std::type_index>>> result;
+    for (const auto& [name, impls] : kernels_) result.emplace_back(name, impls.front()->modules);
+    return result;
   }
 
   std::vector<std::string> names() const {

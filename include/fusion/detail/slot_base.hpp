@@ -17,6 +17,7 @@
 
 #include <ATen/core/ivalue.h>
 #include <c10/util/Optional.h>
+#include <c10/util/Type.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/any_value.h>
 
@@ -25,6 +26,7 @@
 
 namespace fusion::detail {
 
+class CallTrace;
 class Chain;
 class Quiesce;
 class SlotBase;
@@ -142,6 +144,7 @@ class SlotBase {
   std::atomic<Dispatch*> dispatch_{nullptr};
 
  private:
+  friend class CallTrace;
   friend class Chain;
   friend class Quiesce;
   // Fused calls in flight through this Slot, plus kChanging while a fusion change holds it. One
@@ -153,5 +156,10 @@ class SlotBase {
   const torch::nn::Module* parent_ = nullptr;
   std::string name_;
 };
+
+/// The module type of a Slot as a plan records it (Rule::types).
+inline std::string type_name_of(const SlotBase& slot) {
+  return c10::demangle(slot.impl_type().name());
+}
 
 }  // namespace fusion::detail

@@ -1,0 +1,98 @@
+// How fusion::optimize times a group of chains: the whole run, unfused, replayed and with the
+// kernel, interleaved round by round (so that drift in the machine's speed hits all three alike),
+// until the spread of the rounds is small against the margin that decides, or the time is up.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstddef>
+#include <memory>
+#include <vector>
+
+#include "fusion/detail/chain.hpp"
+
+namespace fusion::detail {
+
+struct Timing {
+  double unfused_ms = 0;  // medians over the rounds
+  double replay_ms = 0;
+  double kernel_ms = 0;
+  double speedup = 0;         // median over the rounds of unfused / kernel
+  double replay_speedup = 0;  // median over the rounds of unfused / replay
+  double spread = 0;          // half the interquartile range of the rounds' speedups
+  std::size_t rounds = 0;
+};
+
+inline double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const std::size_t n = values.size();
+  return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
+}
+
+inline double half_iqr(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const std::size_t n = values.size();
+  return (values[(3 * n) / 4 < n ? (3 * n) / 4 : n - 1] - values[n / 4]) / 2;
+}
+
+/// Times `run` with `chains` (each attached with its kernel on entry) unfused, replayed and with
+/// their kernels; leaves them attached with their kernels. At least `min_rounds` rounds, then
+/// more until the spread is under a quarter of `margin` (the speed-up that decides, minus one),
+/// the median is clear of the decision by three spreads, or `budget` has passed.
+template <typename Run>
+Timing time_interleaved(const std::vector<std::shared_ptr<Chain>>& chains, Run& run, double margin,
+                        std::chrono::duration<double> budget, std::size_t min_rounds = 5,
+                        std::size_t max_rounds = 60) {
+  std::vector<std::shared_ptr<KernelRunner>> kernels;
+  for (const auto& chain : chains) kernels.push_back(chain->kernel());
+  auto set = [&](int variant) {  // 0 unfused, 1 replay, 2 kernel
+    for (std::size_t c = 0; c < chains.size(); ++c) {
+      if (variant == 0) {
+        chains[c]->detach();
+        continue;
+      }
+      chains[c]->set_kernel(variant == 2 ? kernels[c] : nullptr);
+      chains[c]->attach();
+    }
+  };
+  struct Restore {
+    decltype(set)& set_variant;
+    ~Restore() { set_variant(2); }
+  } restore{set};
+  using Clock = std::chrono::steady_clock;
+  auto once = [&](int variant) {
+    set(variant);
+    const auto start = Clock::now();
+    run();
+    return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  };
+  for (int variant = 0; variant < 3; ++variant) once(variant);  // warm: prepares, GEMM choices
+  const auto start = Clock::now();
+  std::vector<double> times[3], speedups, replay_speedups;
+  Timing timing;
+  while (true) {
+    double round[3];
+    for (int i = 0; i < 3; ++i) {
+      const int variant = static_cast<int>((timing.rounds + i) % 3);
+      round[variant] = once(variant);
+    }
+    for (int v = 0; v < 3; ++v) times[v].push_back(round[v]);
+    speedups.push_back(round[0] / round[2]);
+    replay_speedups.push_back(round[0] / round[1]);
+    ++timing.rounds;
+    if (timing.rounds < min_rounds) continue;
+    timing.speedup = median(speedups);
+    timing.spread = half_iqr(speedups);
+    const bool settled =
+        timing.spread < margin / 4 || std::abs(timing.speedup - (1 + margin)) > 3 * timing.spread;
+    if (settled || timing.rounds >= max_rounds || Clock::now() - start > budget) break;
+  }
+  timing.unfused_ms = median(times[0]);
+  timing.replay_ms = median(times[1]);
+  timing.kernel_ms = median(times[2]);
+  timing.replay_speedup = median(replay_speedups);
+  return timing;
+}
+
+}  // namespace fusion::detail
