@@ -18,8 +18,10 @@
 #include <vector>
 
 #include <fusion/hardswish.hpp>
+#include <fusion/optimize.hpp>
 
 #include "bench_support.hpp"
+#include "demo.hpp"
 #include "resnet.hpp"
 
 namespace {
@@ -66,6 +68,27 @@ BENCHMARK(BM_ResNet18Folding)
     ->Args({8, 112})
     ->Unit(benchmark::kMillisecond)
     ->MinTime(3.0);
+
+/// fusion::optimize on ResNet-18 at batch range(0), 224 x 224: its time (optimize_s), whether
+/// its plan covers every chain of resnet::folding_plan with the same kernels (covers = 1), and the
+/// forward with the found plan against the hand-written one in one run. Fixed iterations:
+/// optimize runs once per repetition.
+void BM_ResNet18AutoPlan(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  fusion::kernels::register_builtin_kernels();
+  auto hand_written = model_with(3), found = model_with(3);
+  const auto images = torch::randn({state.range(0), 3, 224, 224});
+  const auto wanted = demo::planned_chains(hand_written, resnet::folding_plan());
+  fusion::fuse_modules(hand_written, resnet::folding_plan());
+  const auto plan = fusion::optimize(found, [&] { return found(images); });
+  state.counters["optimize_s"] = plan.seconds;
+  state.counters["covers"] = demo::covers(demo::fused_chains(found), wanted) ? 1 : 0;
+  time_rotating(state,
+                {{"hand_written", [&] { benchmark::DoNotOptimize(hand_written(images)); }},
+                 {"auto", [&] { benchmark::DoNotOptimize(found(images)); }}},
+                "ms", 1e3);
+}
+BENCHMARK(BM_ResNet18AutoPlan)->Arg(1)->Iterations(40)->Unit(benchmark::kMillisecond);
 
 /// The layers of MobileNet-style CNNs: conv + bn + an activation other than ReLU, unfused against
 /// fusion.conv2d_bn_<activation> (the activation in place on the kernel's output), batch 1.

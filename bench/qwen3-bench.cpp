@@ -9,7 +9,10 @@
 #include <benchmark/benchmark.h>
 #include <malloc.h>
 
+#include <fusion/optimize.hpp>
+
 #include "bench_support.hpp"
+#include "demo.hpp"
 #include "kernels.hpp"
 #include "qwen3.hpp"
 
@@ -130,6 +133,28 @@ BENCHMARK(BM_Qwen3ChainKernels)
     ->ArgsProduct({{64, 512}, {1, 16, 128}, {0, 1, 2}})
     ->Unit(benchmark::kMillisecond)
     ->MinTime(1.0);
+
+/// fusion::optimize on the bench model (untied lm_head) with range(0) tokens: its time
+/// (optimize_s), whether its plan covers every chain of qwen3::kernel_plan with the same kernels
+/// (covers = 1), and the forward with the found plan against the hand-written one in one run.
+/// Fixed iterations: optimize runs once per repetition.
+void BM_Qwen3AutoPlan(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  auto hand_written = bench_model(), found = bench_model();
+  torch::manual_seed(1);
+  const auto ids = torch::randint(0, 4096, {1, state.range(0)}, torch::kInt64);
+  const auto wanted = demo::planned_chains(hand_written, qwen3::kernel_plan(hand_written->config));
+  qwen3::fuse_with_kernels(hand_written);
+  const auto plan = fusion::optimize(found, [&] { return found(ids); });
+  state.counters["optimize_s"] = plan.seconds;
+  state.counters["covers"] = demo::covers(demo::fused_chains(found), wanted) ? 1 : 0;
+  if (max_diff(found(ids), hand_written(ids)) > 1e-3) state.SkipWithError("logits differ");
+  time_rotating(state,
+                {{"hand_written", [&] { benchmark::DoNotOptimize(hand_written(ids)); }},
+                 {"auto", [&] { benchmark::DoNotOptimize(found(ids)); }}},
+                "ms", 1e3);
+}
+BENCHMARK(BM_Qwen3AutoPlan)->Arg(16)->Arg(128)->Iterations(60)->Unit(benchmark::kMillisecond);
 
 /// What bounds the forward: the same model's GEMMs alone (q/k/v, o, gate/up, down per layer, and
 /// lm_head) at the forward's shapes, beside the original forward.

@@ -20,6 +20,7 @@
 #include <fmt/ranges.h>
 #include <torch/torch.h>
 #include <fusion/fusion.hpp>
+#include <fusion/optimize.hpp>
 #include <nlohmann/json.hpp>
 
 namespace demo {
@@ -51,7 +52,7 @@ struct Options {
   bool folded = false;
   std::string expect;
   bool automatic = false;  // --auto: the kernels' plan found by fusion::optimize
-  double min_speedup = 0.03;
+  double min_speedup = fusion::OptimizeOptions{}.min_speedup;
 };
 
 inline Options parse(int argc, char** argv) {
@@ -185,16 +186,22 @@ template <typename Model, typename Run>
 PlanTiming time_plans(Model& model, const fusion::Plan& first, const fusion::Plan& second, Run run,
                       int rounds = 9) {
   std::vector<double> times[2];
+  const auto begin = std::chrono::steady_clock::now();
+  run();
+  const double once =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - begin).count();
+  const int repeats = std::max(1, static_cast<int>(20.0 / std::max(once, 1e-3)));  // ~20 ms each
   for (int round = 0; round < rounds; ++round) {
     for (int p = 0; p < 2; ++p) {
       fusion::unfuse_modules(model);
       fusion::fuse_modules(model, p == 0 ? first : second);
       run();  // prepares the kernels
       const auto start = std::chrono::steady_clock::now();
-      run();
+      for (int r = 0; r < repeats; ++r) run();
       times[p].push_back(
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
-              .count());
+              .count() /
+          repeats);
     }
   }
   fusion::unfuse_modules(model);

@@ -14,6 +14,7 @@
 #include <fmt/format.h>
 
 #include "fusion/detail/call_trace.hpp"
+#include "fusion/detail/generalize.hpp"
 #include "fusion/detail/kernel_registry.hpp"
 #include "fusion/spec.hpp"
 
@@ -127,15 +128,25 @@ inline std::vector<Candidate> find_candidates(const CallTrace& trace,
       candidates::extend(trace, links, types, calls, steps, name, found);
     }
   }
+  // One note per kind of repeated Slot (`layer*.*.relu`), not one per Slot.
   std::set<const SlotBase*> noted;
+  std::vector<std::pair<std::string, std::size_t>> kinds;  // (path shape, count), in call order
+  std::map<std::pair<std::string, std::size_t>, std::vector<std::vector<std::string>>> paths;
   for (const TracedCall& call : trace.calls()) {
     const std::size_t count = trace.count(call.site->slot);
     if (count > 1 && kernel_types.count(call.site->slot->impl_type()) != 0 &&
         noted.insert(call.site->slot).second) {
-      notes.push_back(fmt::format(
-          "'{}' is called {} times in one run: a chain's members are called once per pass",
-          call.site->path, count));
+      const std::pair<std::string, std::size_t> kind{path_shape(call.site->path), count};
+      if (paths[kind].empty()) kinds.push_back(kind);
+      paths[kind].push_back({call.site->path});
     }
+  }
+  for (const auto& kind : kinds) {
+    const auto& group = paths[kind];
+    notes.push_back(fmt::format(
+        "'{}'{} called {} times in one run: a chain's members are called once per pass",
+        generalize(group).front(),
+        group.size() == 1 ? " is" : fmt::format(" ({} Slots) are", group.size()), kind.second));
   }
   std::stable_sort(found.begin(), found.end(), [](const Candidate& a, const Candidate& b) {
     return a.members.size() > b.members.size();

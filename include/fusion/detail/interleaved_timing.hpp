@@ -20,7 +20,9 @@ struct Timing {
   double kernel_ms = 0;
   double speedup = 0;         // median over the rounds of unfused / kernel
   double replay_speedup = 0;  // median over the rounds of unfused / replay
-  double spread = 0;          // half the interquartile range of the rounds' speedups
+  // The uncertainty of `speedup`: half the interquartile range of the rounds' speed-ups over
+  // the square root of the rounds (a standard error, robust to the odd slow round).
+  double spread = 0;
   std::size_t rounds = 0;
 };
 
@@ -37,9 +39,11 @@ inline double half_iqr(std::vector<double> values) {
 }
 
 /// Times `run` with `chains` (each attached with its kernel on entry) unfused, replayed and with
-/// their kernels; leaves them attached with their kernels. At least `min_rounds` rounds, then
-/// more until the spread is under a quarter of `margin` (the speed-up that decides, minus one),
-/// the median is clear of the decision by three spreads, or `budget` has passed.
+/// their kernels; leaves them attached with their kernels. A run shorter than 10 ms is repeated
+/// to about that within each measurement (one timer read per measurement, less jitter). At least
+/// `min_rounds` rounds, then
+/// more until the spread (see Timing) is under a quarter of `margin` (the speed-up that decides,
+/// minus one), the median is clear of the decision by three spreads, or `budget` has passed.
 template <typename Run>
 Timing time_interleaved(const std::vector<std::shared_ptr<Chain>>& chains, Run& run, double margin,
                         std::chrono::duration<double> budget, std::size_t min_rounds = 5,
@@ -61,13 +65,18 @@ Timing time_interleaved(const std::vector<std::shared_ptr<Chain>>& chains, Run& 
     ~Restore() { set_variant(2); }
   } restore{set};
   using Clock = std::chrono::steady_clock;
+  std::size_t repeats = 1;  // runs per measurement: a short run is repeated to about 10 ms
   auto once = [&](int variant) {
     set(variant);
     const auto start = Clock::now();
-    run();
-    return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    for (std::size_t r = 0; r < repeats; ++r) run();
+    return std::chrono::duration<double, std::milli>(Clock::now() - start).count() /
+           static_cast<double>(repeats);
   };
   for (int variant = 0; variant < 3; ++variant) once(variant);  // warm: prepares, GEMM choices
+  const double unfused = once(0);
+  repeats =
+      static_cast<std::size_t>(std::clamp(std::ceil(10.0 / std::max(unfused, 1e-3)), 1.0, 1000.0));
   const auto start = Clock::now();
   std::vector<double> times[3], speedups, replay_speedups;
   Timing timing;
@@ -83,7 +92,7 @@ Timing time_interleaved(const std::vector<std::shared_ptr<Chain>>& chains, Run& 
     ++timing.rounds;
     if (timing.rounds < min_rounds) continue;
     timing.speedup = median(speedups);
-    timing.spread = half_iqr(speedups);
+    timing.spread = half_iqr(speedups) / std::sqrt(static_cast<double>(timing.rounds));
     const bool settled =
         timing.spread < margin / 4 || std::abs(timing.speedup - (1 + margin)) > 3 * timing.spread;
     if (settled || timing.rounds >= max_rounds || Clock::now() - start > budget) break;
