@@ -7,6 +7,8 @@
 //   build/bench/cnn_bench --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
 
+#include <iostream>
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/script.h>
 
@@ -82,6 +84,7 @@ void BM_ResNet18AutoPlan(benchmark::State& state) {
   fusion::fuse_modules(hand_written, resnet::folding_plan());
   const auto plan = fusion::optimize(found, [&] { return found(images); });
   state.counters["optimize_s"] = plan.seconds;
+  std::cerr << plan;  // what was kept and rejected, with its figures
   state.counters["covers"] = demo::covers(demo::fused_chains(found), wanted) ? 1 : 0;
   time_rotating(state,
                 {{"hand_written", [&] { benchmark::DoNotOptimize(hand_written(images)); }},

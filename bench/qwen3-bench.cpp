@@ -7,6 +7,8 @@
 //   build/bench/qwen3_bench
 //   OMP_NUM_THREADS=2 build/bench/qwen3_bench
 #include <benchmark/benchmark.h>
+
+#include <iostream>
 #include <malloc.h>
 
 #include <fusion/optimize.hpp>
@@ -147,6 +149,7 @@ void BM_Qwen3AutoPlan(benchmark::State& state) {
   qwen3::fuse_with_kernels(hand_written);
   const auto plan = fusion::optimize(found, [&] { return found(ids); });
   state.counters["optimize_s"] = plan.seconds;
+  std::cerr << plan;  // what was kept and rejected, with its figures
   state.counters["covers"] = demo::covers(demo::fused_chains(found), wanted) ? 1 : 0;
   if (max_diff(found(ids), hand_written(ids)) > 1e-3) state.SkipWithError("logits differ");
   time_rotating(state,

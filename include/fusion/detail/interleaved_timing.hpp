@@ -11,20 +11,9 @@
 #include <vector>
 
 #include "fusion/detail/chain.hpp"
+#include "fusion/optimized_plan.hpp"
 
 namespace fusion::detail {
-
-struct Timing {
-  double unfused_ms = 0;  // medians over the rounds
-  double replay_ms = 0;
-  double kernel_ms = 0;
-  double speedup = 0;         // median over the rounds of unfused / kernel
-  double replay_speedup = 0;  // median over the rounds of unfused / replay
-  // The uncertainty of `speedup`: half the interquartile range of the rounds' speed-ups over
-  // the square root of the rounds (a standard error, robust to the odd slow round).
-  double spread = 0;
-  std::size_t rounds = 0;
-};
 
 inline double median(std::vector<double> values) {
   std::sort(values.begin(), values.end());
@@ -45,9 +34,9 @@ inline double half_iqr(std::vector<double> values) {
 /// more until the spread (see Timing) is under a quarter of `margin` (the speed-up that decides,
 /// minus one), the median is clear of the decision by three spreads, or `budget` has passed.
 template <typename Run>
-Timing time_interleaved(const std::vector<std::shared_ptr<Chain>>& chains, Run& run, double margin,
-                        std::chrono::duration<double> budget, std::size_t min_rounds = 5,
-                        std::size_t max_rounds = 60) {
+RuleTiming time_interleaved(const std::vector<std::shared_ptr<Chain>>& chains, Run& run,
+                            double margin, std::chrono::duration<double> budget,
+                            std::size_t min_rounds = 8, std::size_t max_rounds = 60) {
   std::vector<std::shared_ptr<KernelRunner>> kernels;
   for (const auto& chain : chains) kernels.push_back(chain->kernel());
   auto set = [&](int variant) {  // 0 unfused, 1 replay, 2 kernel
@@ -79,7 +68,7 @@ Timing time_interleaved(const std::vector<std::shared_ptr<Chain>>& chains, Run& 
       static_cast<std::size_t>(std::clamp(std::ceil(10.0 / std::max(unfused, 1e-3)), 1.0, 1000.0));
   const auto start = Clock::now();
   std::vector<double> times[3], speedups, replay_speedups;
-  Timing timing;
+  RuleTiming timing;
   while (true) {
     double round[3];
     for (int i = 0; i < 3; ++i) {
