@@ -8,8 +8,8 @@
 //   OMP_NUM_THREADS=2 build/bench/qwen3_bench
 #include <benchmark/benchmark.h>
 
-#include <iostream>
 #include <malloc.h>
+#include <iostream>
 
 #include <fusion/optimize.hpp>
 
