@@ -16,6 +16,8 @@
 #include <fusion/optimize.hpp>
 #include <fusion/plan_json.hpp>
 
+#include "models.hpp"
+
 using fusion_test::Contains;
 
 namespace {
@@ -62,8 +64,16 @@ struct SlowScaleFF {  // right, and slow on purpose: timing must reject it
   }
 };
 
+struct NormMLP {  // right for the chain, wrong for a parent that also uses the norm's result
+  torch::Tensor operator()(models::RMSNormImpl& norm, models::MLPImpl& mlp,
+                           const torch::Tensor& x) const {
+    return mlp.forward(norm.forward(x));
+  }
+};
+
 void register_optimize_kernels() {
   fusion::register_kernels_once("test.optimize", [] {
+    fusion::register_kernel("optimize.norm_mlp", NormMLP{});
     fusion::register_kernel("optimize.bad", BadScaleFF{});
     fusion::register_kernel("optimize.scale_ff", ScaleFF{});
     fusion::register_kernel("optimize.slow", SlowScaleFF{});
@@ -213,6 +223,25 @@ TEST_CASE("optimize rejects a wrong kernel by verification and a slow one by tim
     CHECK(fusion::fused_chains(net).empty());
   }
   CHECK(torch::equal(net->forward(x), expected));
+}
+
+TEST_CASE("optimize rejects, by verification, a chain whose result the parent also uses",
+          "[optimize]") {
+  register_optimize_kernels();
+  torch::manual_seed(0);
+  models::Reused model;
+  model->eval();
+  const auto x = torch::randn({2, 16});
+  const torch::NoGradGuard no_grad;
+  const auto expected = model->forward(x);
+  const auto plan = fusion::optimize(model, [&] { return model->forward(x); },
+                                     fast_options({"optimize.norm_mlp"}));
+  INFO(fusion::to_string(plan));
+  CHECK(plan.rules.empty());
+  REQUIRE(plan.rejected.size() == 1);
+  CHECK(plan.rejected[0].paths == std::vector<std::string>{"norm", "mlp"});
+  CHECK_THAT(plan.rejected[0].reason, Contains("verify: results differ by "));
+  CHECK(torch::equal(model->forward(x), expected));
 }
 
 TEST_CASE("optimize refuses a fused model and leaves a model whose run throws as it was",
