@@ -234,8 +234,8 @@ TEST_CASE("optimize rejects, by verification, a chain whose result the parent al
   const auto x = torch::randn({2, 16});
   const torch::NoGradGuard no_grad;
   const auto expected = model->forward(x);
-  const auto plan = fusion::optimize(model, [&] { return model->forward(x); },
-                                     fast_options({"optimize.norm_mlp"}));
+  const auto plan = fusion::optimize(
+      model, [&] { return model->forward(x); }, fast_options({"optimize.norm_mlp"}));
   INFO(fusion::to_string(plan));
   CHECK(plan.rules.empty());
   REQUIRE(plan.rejected.size() == 1);
