@@ -158,8 +158,12 @@ TEST_CASE("optimize finds the data-flow chains, verifies and times them, and fus
   const auto expected = net->forward(x);
   const auto run = [&] { return net->forward(x); };
 
-  const auto plan = fusion::optimize(net, run, fast_options({"optimize.scale_ff"}));
+  const int threads = at::get_num_threads();
+  auto options = fast_options({"optimize.scale_ff"});
+  options.threads = 1;
+  const auto plan = fusion::optimize(net, run, options);
   INFO(fusion::to_string(plan));
+  CHECK(at::get_num_threads() == threads);  // restored
   REQUIRE(plan.rules.size() == 3);
   // The blocks' chains as one generalized rule, with the member types recorded.
   CHECK(plan.rules[0].patterns == std::vector<std::string>{"blocks.*.scale", "blocks.*.ff"});

@@ -62,10 +62,13 @@ OptimizedPlan optimize(Root& root, Run&& run, const OptimizeOptions& options = {
   }
   struct Threads {
     int before = at::get_num_threads();
-    explicit Threads(int threads) {
-      if (threads > 0) at::set_num_threads(threads);
+    bool set;
+    explicit Threads(int threads) : set(threads > 0) {
+      if (set) at::set_num_threads(threads);
     }
-    ~Threads() { at::set_num_threads(before); }
+    ~Threads() {
+      if (set) at::set_num_threads(before);
+    }
   } threads(options.threads);
   struct Unfuse {  // whatever happens, optimize's own trial chains do not outlive it
     torch::nn::Module& module;
