@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -208,6 +209,24 @@ PlanTiming time_plans(Model& model, const fusion::Plan& first, const fusion::Pla
   fusion::fuse_modules(model, first);
   for (auto& t : times) std::sort(t.begin(), t.end());
   return {times[0][rounds / 2], times[1][rounds / 2], rounds};
+}
+
+/// --auto: fuses `model` by fusion::optimize on `run`, prints the plan, whether it covers every
+/// chain of `hand_written` with the same kernel, and the forward timed with both plans; leaves
+/// `model` fused by the found plan. Returns whether it covers them.
+template <typename Model, typename Run>
+bool fuse_automatically(Model& model, const fusion::Plan& hand_written, Run run,
+                        double min_speedup) {
+  const auto wanted = planned_chains(model, hand_written);
+  fusion::OptimizeOptions options;
+  options.min_speedup = min_speedup;
+  const auto plan = fusion::optimize(model, run, options);
+  std::cout << plan;
+  const bool found = covers(fused_chains(model), wanted);
+  std::cout << "Auto plan covers every chain of the hand-written plan, same kernels: "
+            << (found ? "yes" : "NO") << "\n";
+  std::cout << time_plans(model, plan, hand_written, run);
+  return found;
 }
 
 }  // namespace demo

@@ -158,18 +158,10 @@ int main(int argc, char** argv) try {
   // Kernels compute with other ops (one GEMM for gate and up, raw loops), so their logits differ
   // by rounding: within 1e-4 of the largest logit in float32, 5e-2 in bf16/f16.
   if (options.automatic) {
-    const auto hand_written = demo::planned_chains(model, qwen3::kernel_plan(model->config));
-    fusion::OptimizeOptions optimize;
-    optimize.min_speedup = options.min_speedup;
-    const auto plan = fusion::optimize(
-        model, [&] { return model(ids); }, optimize);
-    std::cout << plan;
-    const bool covers = demo::covers(demo::fused_chains(model), hand_written);
-    std::cout << "Auto plan covers every chain of the hand-written plan, same kernels: "
-              << (covers ? "yes" : "NO") << "\n";
-    ok = ok && covers;
-    std::cout << demo::time_plans(model, plan, qwen3::kernel_plan(model->config),
-                                  [&] { model(ids); });
+    ok = demo::fuse_automatically(
+             model, qwen3::kernel_plan(model->config), [&] { return model(ids); },
+             options.min_speedup) &&
+         ok;
   } else {
     qwen3::fuse_with_kernels(model, options.folded);
   }

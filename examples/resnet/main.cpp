@@ -125,17 +125,9 @@ int main(int argc, char** argv) try {
   fusion::kernels::register_builtin_kernels();
   std::vector<fusion::FusedChain> chains;
   if (options.automatic) {
-    const auto hand_written = demo::planned_chains(model, resnet::folding_plan());
-    fusion::OptimizeOptions optimize;
-    optimize.min_speedup = options.min_speedup;
-    const auto plan = fusion::optimize(
-        model, [&] { return model(images); }, optimize);
-    std::cout << plan;
-    const bool covers = demo::covers(demo::fused_chains(model), hand_written);
-    std::cout << "Auto plan covers every chain of the hand-written plan, same kernels: "
-              << (covers ? "yes" : "NO") << "\n";
-    ok = ok && covers;
-    std::cout << demo::time_plans(model, plan, resnet::folding_plan(), [&] { model(images); });
+    ok = demo::fuse_automatically(
+             model, resnet::folding_plan(), [&] { return model(images); }, options.min_speedup) &&
+         ok;
     chains = fusion::fused_chains(model);
   } else {
     chains = fusion::fuse_modules(model, resnet::folding_plan());
