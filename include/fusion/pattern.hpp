@@ -69,7 +69,6 @@ class Pattern {
     return segment.find_first_of("*?[") != std::string_view::npos;
   }
 
- private:
   /// A dotted path's segments, empty ones included (check_segment refuses those in patterns).
   static std::vector<std::string_view> split(std::string_view path) {
     std::vector<std::string_view> parts;
@@ -83,6 +82,7 @@ class Pattern {
     return parts;
   }
 
+ private:
   void check_segment(std::string_view segment, std::size_t offset) const {
     if (segment.empty()) {
       detail::fail(

@@ -7,23 +7,15 @@
 #include <cctype>
 #include <cstddef>
 #include <string>
+#include <string_view>
 #include <vector>
+
+#include "fusion/pattern.hpp"
 
 namespace fusion::detail {
 
-inline std::vector<std::string> split_path(const std::string& path) {
-  std::vector<std::string> segments;
-  std::size_t start = 0;
-  while (true) {
-    const std::size_t dot = path.find('.', start);
-    segments.push_back(path.substr(start, dot - start));
-    if (dot == std::string::npos) return segments;
-    start = dot + 1;
-  }
-}
-
 /// A segment that matches only itself: characters a Pattern reads as wildcards go in brackets.
-inline std::string literal_segment(const std::string& text) {
+inline std::string literal_segment(std::string_view text) {
   std::string out;
   for (char c : text) {
     if (c == '*' || c == '?' || c == '[' || c == ']') {
@@ -38,7 +30,7 @@ inline std::string literal_segment(const std::string& text) {
 /// A pattern that matches exactly `path`.
 inline std::string literal_pattern(const std::string& path) {
   std::string pattern;
-  for (const std::string& segment : split_path(path)) {
+  for (std::string_view segment : Pattern::split(path)) {
     pattern += (pattern.empty() ? "" : ".") + literal_segment(segment);
   }
   return pattern;
@@ -76,7 +68,7 @@ inline std::string segment_for(const std::vector<std::string>& values) {
 /// digits of every segment but the last blurred (`layers.#.mlp`); the last segment names the
 /// member's role (`conv1`, `bn1`) and must agree.
 inline std::string path_shape(const std::string& path) {
-  const auto segments = split_path(path);
+  const auto segments = Pattern::split(path);
   std::string shape;
   for (std::size_t s = 0; s < segments.size(); ++s) {
     if (s > 0) shape += '.';
@@ -100,12 +92,12 @@ inline std::string path_shape(const std::string& path) {
 inline std::vector<std::string> generalize(const std::vector<std::vector<std::string>>& chains) {
   std::vector<std::string> patterns;
   for (std::size_t m = 0; m < chains.front().size(); ++m) {
-    std::vector<std::vector<std::string>> segments;
-    for (const auto& chain : chains) segments.push_back(split_path(chain[m]));
+    std::vector<std::vector<std::string_view>> segments;
+    for (const auto& chain : chains) segments.push_back(Pattern::split(chain[m]));
     std::string pattern;
     for (std::size_t s = 0; s < segments.front().size(); ++s) {
       std::vector<std::string> values;
-      for (const auto& path : segments) values.push_back(path[s]);
+      for (const auto& path : segments) values.emplace_back(path[s]);
       pattern += (s > 0 ? "." : "") + segment_for(values);
     }
     patterns.push_back(pattern);
