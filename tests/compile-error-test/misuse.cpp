@@ -3,13 +3,7 @@
 #include <torch/torch.h>
 #include <memory>
 
-// The kernel, verify and boxing cases need the whole library; the Slot cases (and the control)
-// only the Slot, which keeps the serial compile-error tests short.
-#if FUSION_CASE >= 6
 #include <fusion/fusion.hpp>
-#else
-#include <fusion/slot.hpp>
-#endif
 
 struct MutatesImpl : torch::nn::Module {
   torch::Tensor forward(torch::Tensor& x) { return x.add_(1); }
