@@ -72,16 +72,15 @@ BENCHMARK(BM_ResNet18Folding)
     ->MinTime(3.0);
 
 /// fusion::optimize on ResNet-18 at batch range(0), 224 x 224: its time (optimize_s), whether
-/// its plan covers every chain of resnet::folding_plan with the same kernels (covers = 1), and the
+/// its plan covers every chain of resnet::block_plan with the same kernels (covers = 1), and the
 /// forward with the found plan against the hand-written one in one run. Fixed iterations:
 /// optimize runs once per repetition.
 void BM_ResNet18AutoPlan(benchmark::State& state) {
   torch::NoGradGuard no_grad;
-  fusion::kernels::register_builtin_kernels();
   auto hand_written = model_with(3), found = model_with(3);
   const auto images = torch::randn({state.range(0), 3, 224, 224});
-  const auto wanted = demo::planned_chains(hand_written, resnet::folding_plan());
-  fusion::fuse_modules(hand_written, resnet::folding_plan());
+  const auto wanted = demo::planned_chains(hand_written, resnet::block_plan());
+  fusion::fuse_modules(hand_written, resnet::block_plan());
   const auto plan = fusion::optimize(found, [&] { return found(images); });
   state.counters["optimize_s"] = plan.seconds;
   std::cerr << plan;  // what was kept and rejected, with its figures
@@ -215,18 +214,21 @@ BENCHMARK(BM_ConvBatchNormReLU)
 /// The anchor: torchvision's resnet18 traced with TorchScript, then torch::jit::freeze and
 /// optimize_for_inference (what PyTorch offers for inference on the CPU: batch norm folded,
 /// oneDNN convolutions with fused ReLU, layouts kept blocked), against the same weights loaded
-/// into the port, unfused and folded. Runs only with FUSION_RESNET_TORCHSCRIPT=DIR, a directory
-/// `examples/resnet/torchvision/make_model.py DIR --torchscript` wrote.
+/// into the port, unfused, folded per member (folding_plan: dense, channels-last, and with the
+/// input in oneDNN's layout by hand) and with block_plan (dense input). Runs only with
+/// FUSION_RESNET_TORCHSCRIPT=DIR, a directory `examples/resnet/torchvision/make_model.py DIR
+/// --torchscript` wrote.
 void BM_ResNet18AgainstTorchScript(benchmark::State& state, const std::string& dir) {
   torch::NoGradGuard no_grad;
   const int64_t batch = state.range(0), size = state.range(1);
-  resnet::ResNet18 original, folded;
-  resnet::load_weights(*original, dir);
-  resnet::load_weights(*folded, dir);
-  original->eval();
-  folded->eval();
+  resnet::ResNet18 original, folded, blocks;
+  for (auto* model : {&original, &folded, &blocks}) {
+    resnet::load_weights(**model, dir);
+    (*model)->eval();
+  }
   fusion::kernels::register_builtin_kernels();
   fusion::fuse_modules(folded, resnet::folding_plan());
+  fusion::fuse_modules(blocks, resnet::block_plan());
   auto traced = torch::jit::load(dir + "/model.pt");
   traced.eval();
   auto frozen = torch::jit::freeze(traced);
@@ -244,7 +246,7 @@ void BM_ResNet18AgainstTorchScript(benchmark::State& state, const std::string& d
   const double diff =
       std::max({max_diff(torchscript(), expected), max_diff(folded(images), expected),
                 max_diff(folded(channels_last).contiguous(), expected),
-                max_diff(folded_mkldnn(), expected)});
+                max_diff(folded_mkldnn(), expected), max_diff(blocks(images), expected)});
   if (diff > 1e-3 * std::max(1.0, expected.abs().max().item<double>())) {
     state.SkipWithError("logits differ");
   }
@@ -253,7 +255,8 @@ void BM_ResNet18AgainstTorchScript(benchmark::State& state, const std::string& d
                  {"original", [&] { benchmark::DoNotOptimize(original(images)); }},
                  {"folded", [&] { benchmark::DoNotOptimize(folded(images)); }},
                  {"folded_cl", [&] { benchmark::DoNotOptimize(folded(channels_last)); }},
-                 {"folded_mkldnn", [&] { benchmark::DoNotOptimize(folded_mkldnn()); }}},
+                 {"folded_mkldnn", [&] { benchmark::DoNotOptimize(folded_mkldnn()); }},
+                 {"blocks", [&] { benchmark::DoNotOptimize(blocks(images)); }}},
                 "ms", 1e3);
   state.counters["max_diff"] = diff;
 }

@@ -1,13 +1,13 @@
 // resnet_fusion: a torchvision ResNet-18 (seeded random weights and BatchNorm statistics, or a
-// torchvision state_dict saved with safetensors), fused with the built-in folding kernels
-// (resnet::folding_plan(): conv+bn+relu in the stem, conv+bn in every block and downsample), and
-// checked against the unfused network.
+// torchvision state_dict saved with safetensors), fused with resnet::block_plan() (the stem's
+// conv+bn+relu, and each BasicBlock with the library's residual block kernel), and checked against
+// the unfused network.
 //
 //   resnet_fusion [--weights FILE] [--input FILE] [--save-logits FILE] [--batch N]
 //                 [--channels-last | --mkldnn] [--expect-logits FILE] [--auto [--min-speedup X]]
 //
 // --auto: fusion::optimize finds the plan on the input instead (printed, and checked to cover
-// every chain of folding_plan()), and the forward is timed with both plans, interleaved.
+// every chain of block_plan()), and the forward is timed with both plans, interleaved.
 //
 // --input: a float32 .npy of shape [N, 3, H, W] (default: seeded random [N, 3, 224, 224]).
 // --save-logits: the kernel-equipped model's logits [N, 1000] as float32 .npy.
@@ -122,17 +122,17 @@ int main(int argc, char** argv) try {
     ok = diff <= tolerance;
   }
 
-  fusion::kernels::register_builtin_kernels();
+  resnet::register_kernels();
   std::vector<fusion::FusedChain> chains;
   if (options.automatic) {
     ok = demo::fuse_automatically(
-             model, resnet::folding_plan(), [&] { return model(images); }, options.min_speedup) &&
+             model, resnet::block_plan(), [&] { return model(images); }, options.min_speedup) &&
          ok;
     chains = fusion::fused_chains(model);
   } else {
-    chains = fusion::fuse_modules(model, resnet::folding_plan());
+    chains = fusion::fuse_modules(model, resnet::block_plan());
   }
-  std::cout << fmt::format("Fused {} chains with folding kernels\n", chains.size());
+  std::cout << fmt::format("Fused {} chains with kernels\n", chains.size());
   const auto with_kernels = model(images);
   const double diff = max_diff(with_kernels, original);
   std::cout << fmt::format("Max diff with kernels vs original: {:g} (tolerance {:g})\n", diff,

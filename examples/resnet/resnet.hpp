@@ -12,6 +12,7 @@
 #include <torch/torch.h>
 #include <fusion/fusion.hpp>
 #include <fusion/kernels/batch_norm_folding.hpp>
+#include <fusion/kernels/residual_block.hpp>
 
 #include "safetensors.hpp"
 
@@ -69,8 +70,8 @@ struct ResNet18Impl : nn::Cloneable<ResNet18Impl> {
         *this, "conv1", nn::Conv2d(nn::Conv2dOptions(3, 64, 7).stride(2).padding(3).bias(false)));
     bn1 = fusion::register_slot(*this, "bn1", nn::BatchNorm2d(64));
     relu = fusion::register_slot(*this, "relu", nn::ReLU(nn::ReLUOptions(true)));
-    maxpool =
-        register_module("maxpool", nn::MaxPool2d(nn::MaxPool2dOptions(3).stride(2).padding(1)));
+    maxpool = fusion::register_slot(*this, "maxpool",
+                                    nn::MaxPool2d(nn::MaxPool2dOptions(3).stride(2).padding(1)));
     int64_t in = 64;
     const int64_t widths[] = {64, 128, 256, 512};
     for (int i = 0; i < 4; ++i) {
@@ -98,7 +99,7 @@ struct ResNet18Impl : nn::Cloneable<ResNet18Impl> {
   fusion::Slot<nn::Conv2d> conv1;
   fusion::Slot<nn::BatchNorm2d> bn1;
   fusion::Slot<nn::ReLU> relu;
-  nn::MaxPool2d maxpool{nullptr};
+  fusion::Slot<nn::MaxPool2d> maxpool;
   fusion::Sequential layers[4] = {nullptr, nullptr, nullptr, nullptr};
   nn::AdaptiveAvgPool2d avgpool{nullptr};
   fusion::Slot<nn::Linear> fc;
@@ -121,6 +122,39 @@ inline fusion::Plan folding_plan() {
       {{"layer*.*.conv1", "layer*.*.bn1"}, pair, conv_bn},
       {{"layer*.*.conv2", "layer*.*.bn2"}, pair, conv_bn},
       {{"layer*.*.downsample.0", "layer*.*.downsample.1"}, pair, conv_bn},
+  };
+  return plan;
+}
+
+/// Registers the built-in kernels and `resnet.basic_block`, the library's residual block kernel
+/// for BasicBlock, declared by its layout (once; later calls do nothing).
+inline void register_kernels() {
+  fusion::kernels::register_builtin_kernels();
+  fusion::register_kernels_once("resnet", [] {
+    namespace fk = fusion::kernels;
+    using Block = BasicBlockImpl;
+    fk::register_residual_block("resnet.basic_block",
+                                fk::residual_block(fk::conv_bn(&Block::conv1, &Block::bn1),
+                                                   fk::conv_bn(&Block::conv2, &Block::bn2),
+                                                   fk::downsample(&Block::downsample)));
+  });
+}
+
+/// The example's plan: the stem's conv+bn+relu+maxpool (`fusion.conv2d_bn_relu_maxpool2d`), and
+/// every BasicBlock as one chain of one member with `resnet.basic_block` (folded, in oneDNN's
+/// layout from block to block within a layer, the residual add and the ReLUs in place). Registers
+/// the kernels it names.
+inline fusion::Plan block_plan() {
+  register_kernels();
+  fusion::FuseOptions block, stem;
+  block.kernel = "resnet.basic_block";
+  stem.kernel = "fusion.conv2d_bn_relu_maxpool2d";
+  fusion::Plan plan;
+  plan.rules = {
+      {{"conv1", "bn1", "relu", "maxpool"},
+       std::vector<fusion::ModuleSpec>(4, tensor_spec()),
+       stem},
+      {{"layer*.*"}, {tensor_spec()}, block},
   };
   return plan;
 }

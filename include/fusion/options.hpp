@@ -21,6 +21,11 @@ struct KernelOptions {
   /// differentiable ops on the original tensors). Else, when grad mode is on and an input or a
   /// parameter requires grad, the chain replays.
   bool autograd = false;
+  /// Takes float32 CPU inputs in oneDNN's blocked layout (`Tensor::is_mkldnn()`), computes them
+  /// without reordering, and may keep its result blocked when asked (BlockedHandOff::take_grant):
+  /// fusion::Sequential then hands results on blocked between consecutive one-member chains with
+  /// such kernels (detail/blocked_layout.hpp), reordering once on the way in and once out.
+  bool blocked_layout = false;
 };
 
 /// What a chain with a kernel does on each call.

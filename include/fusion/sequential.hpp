@@ -18,7 +18,9 @@
 #include <torch/nn/modules/container/any.h>
 #include <torch/nn/pimpl.h>
 
+#include "fusion/detail/blocked_layout.hpp"
 #include "fusion/detail/boxing.hpp"
+#include "fusion/detail/chain.hpp"
 #include "fusion/error.hpp"
 #include "fusion/slot.hpp"
 
@@ -40,6 +42,7 @@ class SequentialEntry {
   /// Takes `other`'s module (same type), keeping this entry's registration and fusion state.
   virtual void adopt(const SequentialEntry& other) = 0;
   virtual const torch::nn::AnyModule& any() const noexcept = 0;
+  virtual SlotBase& slot() noexcept = 0;
 };
 
 template <typename Holder>
@@ -81,6 +84,7 @@ class TypedSequentialEntry final : public SequentialEntry {
   }
 
   const torch::nn::AnyModule& any() const noexcept override { return any_; }
+  SlotBase& slot() noexcept override { return slot_; }
 
  private:
   // Whether forward() can be called with its first N parameters (the rest defaulted).
@@ -199,12 +203,14 @@ class SequentialImpl : public torch::nn::Cloneable<SequentialImpl> {
     std::vector<torch::nn::AnyValue> args;
     args.reserve(sizeof...(Inputs));
     (args.emplace_back(std::forward<Inputs>(inputs)), ...);
-    torch::nn::AnyValue value = entries_[0]->call(std::move(args), 0);
+    bool blocked = false;  // the value was handed on in oneDNN's blocked layout
+    torch::nn::AnyValue value = call(0, std::move(args), blocked);
     for (std::size_t i = 1; i < entries_.size(); ++i) {
       std::vector<torch::nn::AnyValue> next;
       next.push_back(std::move(value));
-      value = entries_[i]->call(std::move(next), i);
+      value = call(i, std::move(next), blocked);
     }
+    if (blocked) to_dense(value);  // a kernel handed a blocked input keeps it blocked
     if constexpr (std::is_same_v<ReturnType, torch::nn::AnyValue>) {
       return value;
     } else {
@@ -245,6 +251,54 @@ class SequentialImpl : public torch::nn::Cloneable<SequentialImpl> {
     modules_.push_back(entry->any());
     names_.push_back(name);
     entries_.push_back(std::move(entry));
+  }
+
+  /// Calls entry `index`; hands tensors on in oneDNN's blocked layout between consecutive entries
+  /// whose kernels take it (detail/blocked_layout.hpp). `blocked`: in, whether args[0] is such a
+  /// tensor; out, whether the result is.
+  torch::nn::AnyValue call(std::size_t index, std::vector<torch::nn::AnyValue>&& args,
+                           bool& blocked) {
+    detail::SequentialEntry& entry = *entries_[index];
+    detail::SlotBase& slot = entry.slot();
+    if (!blocked && !slot.dispatching()) return entry.call(std::move(args), index);
+    using detail::BlockedHandOff;
+    struct Leave {  // the Slot stays entered, so no fusion change comes between check and call
+      detail::SlotBase& slot;
+      ~Leave() {
+        BlockedHandOff::request(false);
+        BlockedHandOff::hand_in(false);
+        slot.leave();
+      }
+    };
+    // The Slot is a chain's last member whose kernel may give a blocked result; and takes a
+    // blocked argument, as the chain's only member.
+    const bool gives = slot.enter() != nullptr && gives_blocked(slot);
+    const Leave leave{slot};
+    const bool takes = gives && slot.chain()->size() == 1;
+    if (blocked && !takes) to_dense(args[0]);
+    const bool handed_in = blocked && takes;
+    BlockedHandOff::hand_in(handed_in);
+    BlockedHandOff::request(gives && index + 1 < entries_.size());
+    BlockedHandOff::take_gave();
+    torch::nn::AnyValue result = entry.call(std::move(args), index);
+    const bool gave = BlockedHandOff::take_gave();
+    // Blocked because of a hand-off: the kernel reordered it (gave), or computed it from a blocked
+    // input it was handed. A blocked result of anything else is the caller's own layout.
+    const auto* tensor = result.try_get<torch::Tensor>();
+    blocked = gives && (gave || handed_in) && tensor != nullptr && tensor->is_mkldnn();
+    return result;
+  }
+  /// Whether the entered `slot` is the last member of a chain whose kernel takes and gives blocked
+  /// tensors now.
+  static bool gives_blocked(const detail::SlotBase& slot) {
+    const auto& chain = slot.chain();
+    return chain != nullptr && slot.member_index() + 1 == chain->size() &&
+           chain->kernel() != nullptr && chain->kernel()->blocked_layout_now();
+  }
+  static void to_dense(torch::nn::AnyValue& value) {
+    if (auto* tensor = value.try_get<torch::Tensor>()) {
+      if (tensor->is_mkldnn()) *tensor = tensor->to_dense();
+    }
   }
 
   std::vector<std::shared_ptr<detail::SequentialEntry>> entries_;

@@ -15,6 +15,7 @@
 
 #include "gpt2.hpp"  // examples/gpt2/README.md declares its kernels
 #include "models.hpp"
+#include "resnet.hpp"  // docs/kernels.md declares a residual block kernel for its BasicBlock
 
 namespace fusion_docs {
 using namespace models;

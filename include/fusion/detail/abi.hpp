@@ -15,4 +15,4 @@
 #endif
 
 // Change when a class holding shared state changes its layout or meaning.
-#define FUSION_ABI_VERSION abi_v1
+#define FUSION_ABI_VERSION abi_v2

@@ -24,6 +24,9 @@ struct Candidate {
   std::vector<const Site*> members;
   std::vector<ModuleSpec> specs;
   std::string kernel;
+  // The Slots whose calls the members' calls ran inside: a kernel over one of them computes this
+  // chain without calling it.
+  std::set<const SlotBase*> enclosing;
 
   std::vector<std::string> paths() const {
     std::vector<std::string> result;
@@ -85,8 +88,14 @@ inline void extend(const CallTrace& trace, const std::map<std::size_t, std::vect
                    std::vector<Link>& steps, const std::string& kernel,
                    std::vector<Candidate>& found) {
   if (calls.size() == types.size()) {
-    Candidate candidate{{}, specs_for(trace, calls, steps), kernel};
-    for (std::size_t call : calls) candidate.members.push_back(trace.calls()[call].site);
+    Candidate candidate{{}, specs_for(trace, calls, steps), kernel, {}};
+    for (std::size_t call : calls) {
+      candidate.members.push_back(trace.calls()[call].site);
+      for (std::size_t up = trace.calls()[call].parent; up != CallTrace::npos;
+           up = trace.calls()[up].parent) {
+        candidate.enclosing.insert(trace.calls()[up].site->slot);
+      }
+    }
     found.push_back(std::move(candidate));
     return;
   }
@@ -148,7 +157,9 @@ inline std::vector<Candidate> find_candidates(const CallTrace& trace,
         generalize(group).front(),
         group.size() == 1 ? " is" : fmt::format(" ({} Slots) are", group.size()), kind.second));
   }
+  // Outer chains first (a kept one makes those inside it pointless), then the longest.
   std::stable_sort(found.begin(), found.end(), [](const Candidate& a, const Candidate& b) {
+    if (a.enclosing.size() != b.enclosing.size()) return a.enclosing.size() < b.enclosing.size();
     return a.members.size() > b.members.size();
   });
   return found;

@@ -64,6 +64,9 @@ class KernelRunner {
   /// Makes the next call rebuild the kernel's prepared state.
   virtual void invalidate() noexcept = 0;
   virtual KernelStats stats() const = 0;
+  /// Whether a call now may take and give blocked tensors (KernelOptions::blocked_layout): false
+  /// while a first-call check is pending, which compares with a replay on dense tensors.
+  virtual bool blocked_layout_now() const noexcept = 0;
 };
 
 /// A parameter of a member that no earlier member feeds: what a kernel takes besides the modules.

@@ -12,6 +12,7 @@
 #include <ATen/core/ivalue.h>
 #include <fmt/format.h>
 
+#include "fusion/detail/blocked_layout.hpp"
 #include "fusion/detail/capture.hpp"
 #include "fusion/detail/chain.hpp"
 #include "fusion/detail/slot_base.hpp"
@@ -69,6 +70,9 @@ class FusedModule final : public Dispatch {
   explicit FusedModule(const Chain& chain) : Dispatch(false), chain_(chain) {}
 
   std::vector<c10::IValue>* call(c10::IValue* args, std::size_t count) override {
+    // Taken before anything else runs: they are for this call (detail/blocked_layout.hpp).
+    const bool blocked_request = BlockedHandOff::take_request();
+    const bool blocked_input = BlockedHandOff::take_handed_in();
     Capture& capture = chain_.capture();
     struct EndPass {
       Capture& capture;
@@ -85,12 +89,22 @@ class FusedModule final : public Dispatch {
     stored.assign(std::make_move_iterator(args), std::make_move_iterator(args + count));
     capture.modes[last] = Mode::current();
     if (const auto& kernel = chain_.kernel()) {
+      const bool blocked = kernel->blocked_layout_now();
+      if (blocked_input && !blocked) to_dense(stored);
+      const BlockedHandOff::Grant grant(blocked_request && blocked);
       if (std::vector<c10::IValue>* outputs = kernel->try_run(chain_, capture)) return outputs;
     }
+    if (blocked_input) to_dense(stored);  // the modules get what the unfused model gives them
     return chain_.replay(capture);
   }
 
  private:
+  static void to_dense(std::vector<c10::IValue>& values) {
+    for (auto& value : values) {
+      if (value.isTensor() && value.toTensor().is_mkldnn()) value = value.toTensor().to_dense();
+    }
+  }
+
   const Chain& chain_;
 };
 

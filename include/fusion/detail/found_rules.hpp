@@ -43,7 +43,9 @@ std::vector<Rule> rules_for(Root& root, const std::vector<Candidate>& chains) {
   bool exact = false;
   try {
     std::set<std::vector<std::string>> found;
-    for (const FusedChain& chain : match_chains(root, rule.patterns)) found.insert(chain.paths);
+    for (const FusedChain& chain : match_chains(root, rule.patterns, rule.options)) {
+      found.insert(chain.paths);
+    }
     exact = found == std::set<std::vector<std::string>>(paths.begin(), paths.end());
   } catch (const FusionError&) {
   }

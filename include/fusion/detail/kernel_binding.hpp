@@ -22,6 +22,7 @@
 #include <fmt/ranges.h>
 #include <torch/nn/module.h>
 
+#include "fusion/detail/blocked_layout.hpp"
 #include "fusion/detail/chain.hpp"
 #include "fusion/detail/compare.hpp"
 #include "fusion/detail/kernel_registry.hpp"
@@ -38,10 +39,23 @@ class KernelBinding final : public KernelRunner {
       : name_(std::move(name)),
         impls_(std::move(impls)),
         tensors_(std::move(tensors)),
-        policy_(policy) {}
+        policy_(policy) {
+    for (const auto& impl : impls_) {
+      blocked_layout_ = blocked_layout_ || impl->options.blocked_layout;
+      stateless_ = stateless_ && !impl->stateful;
+    }
+  }
 
   const std::string& name() const noexcept override { return name_; }
   KernelPolicy policy() const noexcept override { return policy_; }
+  bool blocked_layout_now() const noexcept override {
+    if (!blocked_layout_ || policy_ == KernelPolicy::checked || unchecked_.load() ||
+        dirty_.load(std::memory_order_acquire)) {
+      return false;
+    }
+    const Prepared* prepared = current_.load();  // stale: the next call prepares and checks
+    return prepared == nullptr ? stateless_ : fresh(*prepared, *prepared->impl);
+  }
   /// The next call rebuilds the state. Called for every call that needs gradients: LibTorch's SGD
   /// writes parameters through `.data()`, whose version counter is a separate one, so its step is
   /// seen by no stamp, but a training step runs a forward with gradients first.
@@ -93,6 +107,9 @@ class KernelBinding final : public KernelRunner {
       reading.readers = &readers_;
       prepared = current(*call.impl, call.members.data());
     }
+    // The first call after a prepare is checked against a replay, which gives dense tensors.
+    const bool check_values = policy_ == KernelPolicy::checked;
+    if (check_values || (!call.training_mode && unchecked_.load())) BlockedHandOff::take_grant();
     const ClearOnThrow guard{capture};
     auto& outputs = capture.outputs.back();
     outputs.clear();
@@ -108,7 +125,6 @@ class KernelBinding final : public KernelRunner {
     // checked against the replay, outside training mode, where replaying has side effects (batch
     // statistics): a kernel whose result has the wrong shape would otherwise be broadcast by the
     // parent's next op, silently.
-    const bool check_values = policy_ == KernelPolicy::checked;
     if (check_values || (!call.training_mode && unchecked_.exchange(false))) {
       return check(chain, capture, check_values);
     }
@@ -290,6 +306,8 @@ class KernelBinding final : public KernelRunner {
   std::vector<at::Tensor>
       tensors_;  // every parameter and buffer of the members: what a prepared state derives from
   KernelPolicy policy_;
+  bool blocked_layout_ = false;  // an implementation has KernelOptions::blocked_layout
+  bool stateless_ = true;        // no implementation prepares a state
   std::atomic<std::uint64_t> runs_{0}, prepares_{0}, exceptions_{0}, checks_{0};
   std::atomic<bool> dirty_{false};
   std::atomic<bool> unchecked_{true};  // the next run outside training mode is checked

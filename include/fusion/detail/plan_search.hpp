@@ -64,7 +64,7 @@ class PlanSearch {
     for (auto& [members, kept] : kept_) {
       for (Rule& rule : rules_for(module_, members)) {
         kept.rule = result_.rules.size();
-        kept.chains = match_chains(module_, rule.patterns).size();
+        kept.chains = match_chains(module_, rule.patterns, rule.options).size();
         result_.kept.push_back(kept);
         result_.rules.push_back(std::move(rule));
       }
@@ -84,9 +84,22 @@ class PlanSearch {
     std::set<const SlotBase*> in_round;
     for (std::size_t c = 0; c < candidates_.size(); ++c) {
       const Candidate& candidate = candidates_[c];
-      bool free = !tried_[c];
+      if (tried_[c]) continue;
+      bool free = true;
       for (const Site* m : candidate.members) {
         if (taken_.count(m->slot) != 0 || in_round.count(m->slot) != 0) free = false;
+      }
+      const SlotBase* inside = nullptr;  // a kept chain's member this candidate runs inside
+      for (const SlotBase* slot : candidate.enclosing) {
+        if (taken_.count(slot) != 0) inside = slot;
+        if (in_round.count(slot) != 0) free = false;  // decided once that one is
+      }
+      if (inside != nullptr) {
+        tried_[c] = true;
+        result_.rejected.push_back(
+            {candidate.paths(), candidate.kernel,
+             "runs inside a kept chain's member, whose kernel computes it without calling it"});
+        continue;
       }
       if (!free) continue;
       tried_[c] = true;

@@ -128,6 +128,8 @@ class SlotBase {
     }
   }
   void leave() noexcept { guard_.fetch_sub(1); }
+  /// Whether calls go through a dispatch now (unguarded: a hint; enter() says for sure).
+  bool dispatching() const noexcept { return dispatch_.load(std::memory_order_acquire) != nullptr; }
 
  protected:
   void bind(const torch::nn::Module* parent, std::string name) {

@@ -5,6 +5,8 @@
 //   fusion.conv{1,2,3}d_bn[_<activation>]   Conv -> BatchNorm [-> activation]  (conv_folding.hpp)
 //   fusion.conv{1,2,3}d_<activation>        Conv -> activation                 (conv_folding.hpp)
 //   fusion.conv_transpose{1,2,3}d_bn        ConvTranspose -> BatchNorm         (conv_folding.hpp)
+//   fusion.conv2d_bn_relu_maxpool2d         Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d
+//                                                                              (conv_pooling.hpp)
 //   fusion.linear_bn                        Linear -> BatchNorm1d
 //   fusion.layernorm_linear                 LayerNorm -> Linear
 //
@@ -26,6 +28,7 @@
 #include "fusion/detail/folding.hpp"
 #include "fusion/kernel.hpp"
 #include "fusion/kernels/conv_folding.hpp"
+#include "fusion/kernels/conv_pooling.hpp"
 
 namespace fusion::kernels {
 
@@ -94,6 +97,7 @@ inline void register_builtin_kernels() {
     // Folding is plain tensor arithmetic: one implementation serves the CPU and CUDA.
     const KernelOptions eval_only{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
     fusion::detail::register_conv_kernels();
+    fusion::detail::register_conv_pooling_kernels();
     register_kernel("fusion.linear_bn", LinearBatchNorm{}, eval_only);
     // LayerNorm and Linear compute the same in training mode: the fold applies there too.
     KernelOptions any_mode = eval_only;

@@ -56,14 +56,17 @@ struct ConvBatchNorm {
     std::vector<torch::Tensor> tensors() const { return {weight, bias, weight_channels_last}; }
   };
 
-  State prepare(ConvImpl& conv, BatchNormImpl& bn) const {
+  State prepare(ConvImpl& conv, BatchNormImpl& bn) const { return fold(conv, bn); }
+
+  /// The state for `conv` with `bn` folded in; see with_weights for `channels_last`.
+  static State fold(ConvImpl& conv, BatchNormImpl& bn, bool channels_last = true) {
     auto [scale, shift] = detail::batch_norm_affine(bn);
     std::vector<int64_t> per_channel(D + 2, 1);
     per_channel[0] = -1;
     const auto dtype = conv.weight.scalar_type();
     auto bias = conv.bias.defined() ? conv.bias.to(torch::kFloat64) * scale + shift : shift;
     return with_weights(conv, (conv.weight.to(torch::kFloat64) * scale.view(per_channel)).to(dtype),
-                        bias.to(dtype));
+                        bias.to(dtype), channels_last);
   }
 
   /// The state for computing `conv` with `weight` and `bias` (undefined: none); with a

@@ -1,0 +1,315 @@
+// The kernels that run in oneDNN's blocked layout: the residual block kernel
+// (fusion/kernels/residual_block.hpp) on torchvision's BasicBlock and Bottleneck, the stem's
+// conv+bn+relu+maxpool (fusion/kernels/conv_pooling.hpp), and fusion::Sequential handing results
+// on blocked between them (detail/blocked_layout.hpp).
+#include "catch_compat.hpp"
+
+#include <string>
+#include <vector>
+
+#include <fusion/fusion.hpp>
+#include <fusion/kernels/batch_norm_folding.hpp>
+#include <fusion/kernels/residual_block.hpp>
+
+using fusion_test::Contains;
+
+namespace {
+
+namespace nn = torch::nn;
+namespace fk = fusion::kernels;
+
+// The kernel folds every BatchNorm into its convolution: compared within this tolerance, relative
+// to the largest output (float32).
+constexpr double kRelativeTolerance = 1e-5;
+
+void require_close(const torch::Tensor& got, const torch::Tensor& expected) {
+  REQUIRE_FALSE(got.is_mkldnn());
+  REQUIRE(got.sizes() == expected.sizes());
+  const double scale = std::max(1.0, expected.abs().max().item<double>());
+  const double diff = (got - expected).abs().max().item<double>();
+  INFO("max abs diff " << diff << ", largest output " << scale);
+  REQUIRE(diff <= kRelativeTolerance * scale);
+}
+
+nn::Conv2d conv(int64_t in, int64_t out, int64_t k, int64_t stride = 1) {
+  return nn::Conv2d(nn::Conv2dOptions(in, out, k).stride(stride).padding(k / 2).bias(false));
+}
+
+/// torchvision's BasicBlock: conv3x3-bn-relu, conv3x3-bn, + identity (downsampled), relu.
+struct BasicImpl : nn::Cloneable<BasicImpl> {
+  BasicImpl(int64_t in_channels, int64_t out_channels, int64_t block_stride, bool branch = true)
+      : in(in_channels), out(out_channels), stride(block_stride), with_branch(branch) {
+    reset();
+  }
+  void reset() override {
+    conv1 = fusion::register_slot(*this, "conv1", conv(in, out, 3, stride));
+    bn1 = fusion::register_slot(*this, "bn1", nn::BatchNorm2d(out));
+    relu = fusion::register_slot(*this, "relu", nn::ReLU(nn::ReLUOptions(true)));
+    conv2 = fusion::register_slot(*this, "conv2", conv(out, out, 3));
+    bn2 = fusion::register_slot(*this, "bn2", nn::BatchNorm2d(out));
+    if (with_branch && (stride != 1 || in != out)) {
+      downsample = register_module(
+          "downsample", fusion::Sequential(conv(in, out, 1, stride), nn::BatchNorm2d(out)));
+    }
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto h = relu(bn1(conv1(x)));
+    h = bn2(conv2(h));
+    h += downsample.is_empty() ? x : downsample->forward(x);
+    return relu(h);
+  }
+  int64_t in, out, stride;
+  bool with_branch;
+  fusion::Slot<nn::Conv2d> conv1, conv2;
+  fusion::Slot<nn::BatchNorm2d> bn1, bn2;
+  fusion::Slot<nn::ReLU> relu;
+  fusion::Sequential downsample{nullptr};
+};
+TORCH_MODULE(Basic);
+
+/// torchvision's Bottleneck (plain holders and a torch::nn::Sequential branch): 1x1, 3x3
+/// (strided), 1x1 to 4x the width, + identity, relu.
+struct BottleneckImpl : nn::Cloneable<BottleneckImpl> {
+  BottleneckImpl(int64_t in_channels, int64_t width_channels, int64_t block_stride)
+      : in(in_channels), width(width_channels), stride(block_stride) {
+    reset();
+  }
+  void reset() override {
+    conv1 = register_module("conv1", conv(in, width, 1));
+    bn1 = register_module("bn1", nn::BatchNorm2d(width));
+    conv2 = register_module("conv2", conv(width, width, 3, stride));
+    bn2 = register_module("bn2", nn::BatchNorm2d(width));
+    conv3 = register_module("conv3", conv(width, 4 * width, 1));
+    bn3 = register_module("bn3", nn::BatchNorm2d(4 * width));
+    if (stride != 1 || in != 4 * width) {
+      downsample = register_module(
+          "downsample", nn::Sequential(conv(in, 4 * width, 1, stride), nn::BatchNorm2d(4 * width)));
+    }
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto h = torch::relu(bn1(conv1(x)));
+    h = torch::relu(bn2(conv2(h)));
+    h = bn3(conv3(h));
+    h += downsample.is_empty() ? x : downsample->forward(x);
+    return torch::relu(h);
+  }
+  int64_t in, width, stride;
+  nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv3{nullptr};
+  nn::BatchNorm2d bn1{nullptr}, bn2{nullptr}, bn3{nullptr};
+  nn::Sequential downsample{nullptr};
+};
+TORCH_MODULE(Bottleneck);
+
+void register_blocks() {
+  fusion::register_kernels_once("residual-block-test", [] {
+    fk::register_residual_block("test.basic",
+                                fk::residual_block(fk::conv_bn(&BasicImpl::conv1, &BasicImpl::bn1),
+                                                   fk::conv_bn(&BasicImpl::conv2, &BasicImpl::bn2),
+                                                   fk::downsample(&BasicImpl::downsample)));
+    using B = BottleneckImpl;
+    fk::register_residual_block(
+        "test.bottleneck",
+        fk::residual_block(fk::conv_bn(&B::conv1, &B::bn1), fk::conv_bn(&B::conv2, &B::bn2),
+                           fk::conv_bn(&B::conv3, &B::bn3), fk::downsample(&B::downsample)));
+  });
+}
+
+/// Random weights, affine parameters and running statistics, eval mode.
+template <typename Model>
+void randomize(Model& model) {
+  torch::NoGradGuard no_grad;
+  for (auto& item : model->named_parameters()) {
+    if (item.key().find("bn") != std::string::npos || item.key().find(".1.") != std::string::npos) {
+      item.value().uniform_(0.5, 1.5);
+    } else {
+      item.value().normal_(0, std::sqrt(2.0 / static_cast<double>(item.value()[0].numel())));
+    }
+  }
+  for (auto& item : model->named_buffers()) {
+    if (item.key().find("running_mean") != std::string::npos) item.value().normal_(0, 0.3);
+    if (item.key().find("running_var") != std::string::npos) item.value().uniform_(0.5, 2.0);
+  }
+  model->eval();
+}
+
+fusion::FuseOptions kernel(const std::string& name) {
+  fusion::FuseOptions options;
+  options.kernel = name;
+  return options;
+}
+const std::vector<fusion::ModuleSpec> one_tensor{fusion::ModuleSpec{{"x"}, {"x"}}};
+
+/// Passes its input through; a kernel over it records the layout it was given, and keeps its
+/// result blocked when granted: the probe between two blocks in a fusion::Sequential.
+struct ProbeImpl : nn::Cloneable<ProbeImpl> {
+  void reset() override {}
+  torch::Tensor forward(const torch::Tensor& x) { return x.is_mkldnn() ? x.to_dense() : x; }
+};
+TORCH_MODULE(Probe);
+std::vector<bool> probe_inputs;  // is_mkldnn() of each input the probe's kernel got
+struct ProbeKernel {
+  torch::Tensor operator()(ProbeImpl&, const torch::Tensor& x) const {
+    const bool keep = fusion::detail::BlockedHandOff::take_grant();
+    probe_inputs.push_back(x.is_mkldnn());
+    if (keep && !x.is_mkldnn()) {
+      fusion::detail::BlockedHandOff::gave_blocked();
+      return x.to_mkldnn();
+    }
+    return x;  // a blocked input was handed in: the next entry takes it, or gets it dense
+  }
+};
+
+void register_probe() {
+  fusion::register_kernels_once("residual-block-test.probe", [] {
+    fusion::KernelOptions options;
+    options.blocked_layout = true;
+    fusion::register_kernel("test.probe", ProbeKernel{}, options);
+  });
+}
+
+}  // namespace
+
+TEST_CASE(
+    "the residual block kernel matches BasicBlock and Bottleneck, with and without "
+    "downsample") {
+  register_blocks();
+  torch::manual_seed(1);
+  torch::NoGradGuard no_grad;
+  auto basic = fusion::Sequential(Basic(16, 32, 2), Basic(32, 32, 1));
+  auto bottleneck = fusion::Sequential(Bottleneck(32, 8, 2), Bottleneck(32, 8, 1));
+  randomize(basic);
+  randomize(bottleneck);
+  const auto x = torch::randn({2, 16, 20, 20});
+  const auto y = torch::randn({2, 32, 20, 20});
+  const auto basic_expected = basic->forward(x);
+  const auto bottleneck_expected = bottleneck->forward(y);
+  CHECK(fusion::fuse_modules(basic, {"*"}, one_tensor, kernel("test.basic")).size() == 2);
+  CHECK(fusion::fuse_modules(bottleneck, {"*"}, one_tensor, kernel("test.bottleneck")).size() == 2);
+  for (int call = 0; call < 3; ++call) {  // the first call is checked, the later hand on blocked
+    require_close(basic->forward(x), basic_expected);
+    require_close(bottleneck->forward(y), bottleneck_expected);
+  }
+  for (const auto& chain : fusion::fused_chains(*basic)) CHECK(chain.stats.runs == 3);
+  for (const auto& chain : fusion::fused_chains(*bottleneck)) CHECK(chain.stats.runs == 3);
+  // An input the user put in oneDNN's layout comes out in it, as from the modules.
+  const auto blocked = basic->forward(x.to_mkldnn());
+  REQUIRE(blocked.is_mkldnn());
+  require_close(blocked.to_dense(), basic_expected);
+  // A changed running statistic is seen (the folded state is rebuilt).
+  basic->ptr<BasicImpl>(1)->bn2->running_var.mul_(2);
+  const auto changed = basic->forward(x);
+  fusion::unfuse_modules(basic);
+  require_close(changed, basic->forward(x));
+}
+
+TEST_CASE("fusion::Sequential hands blocked results on only to kernels that take them") {
+  register_blocks();
+  register_probe();
+  torch::manual_seed(2);
+  torch::NoGradGuard no_grad;
+  auto model = fusion::Sequential(Basic(8, 16, 2), Probe(), Basic(16, 16, 1), Basic(16, 16, 1));
+  randomize(model);
+  const auto x = torch::randn({1, 8, 16, 16});
+  const auto expected = model->forward(x);
+  fusion::fuse_modules(model, {"0"}, one_tensor, kernel("test.basic"));
+  fusion::fuse_modules(model, {"1"}, one_tensor, kernel("test.probe"));
+  fusion::fuse_modules(model, {"2"}, one_tensor, kernel("test.basic"));
+  probe_inputs.clear();
+  require_close(model->forward(x), expected);  // each kernel's first call: checked, dense
+  require_close(model->forward(x), expected);  // entry 3, not fused, gets block 2's result dense
+  REQUIRE(probe_inputs == std::vector<bool>{false, true});  // block 0 handed its result on
+
+  SECTION("an entry that is not such a kernel gets its input dense") {
+    fusion::unfuse_modules(model, {"1"});
+    probe_inputs.clear();
+    require_close(model->forward(x), expected);  // the unfused probe got a dense input
+    CHECK(probe_inputs.empty());
+  }
+  SECTION("a kernel that declines the call replays on a dense input") {
+    model->ptr<BasicImpl>(2)->train();  // training mode: the block's kernel replays
+    model->ptr<BasicImpl>(2)->bn1->eval();
+    model->ptr<BasicImpl>(2)->bn2->eval();
+    require_close(model->forward(x), expected);
+    CHECK(fusion::fused_chains(*model).at(2).stats.replays_training == 1);
+  }
+}
+
+TEST_CASE(
+    "the residual block kernel names the member whose shape does not fit, and replays "
+    "BatchNorm without running statistics") {
+  register_blocks();
+  torch::NoGradGuard no_grad;
+  SECTION("a BatchNorm of other channels") {
+    auto model = fusion::Sequential(Basic(8, 8, 1));
+    model->ptr<BasicImpl>(0)->bn2->options.num_features(4);
+    REQUIRE_THROWS_WITH(fusion::fuse_modules(model, {"*"}, one_tensor, kernel("test.basic")),
+                        Contains("member 'bn2': normalises 4 channels, its convolution gives 8"));
+    CHECK(fusion::fused_chains(*model).empty());
+  }
+  SECTION("a downsample branch of three entries") {
+    auto model = fusion::Sequential(Basic(8, 16, 2));
+    model->ptr<BasicImpl>(0)->downsample->push_back(nn::ReLU());
+    REQUIRE_THROWS_WITH(
+        fusion::fuse_modules(model, {"*"}, one_tensor, kernel("test.basic")),
+        Contains("member 'downsample': has 3 entries; a downsample branch must be Conv2d, "
+                 "BatchNorm2d"));
+  }
+  SECTION("no downsample branch where the identity cannot fit") {
+    auto model = fusion::Sequential(Basic(8, 16, 2, /*branch=*/false));
+    REQUIRE_THROWS_WITH(fusion::fuse_modules(model, {"*"}, one_tensor, kernel("test.basic")),
+                        Contains("no downsample branch, but its stages take 8 channels and give "
+                                 "16 (stride 2)"));
+  }
+  SECTION("without running statistics the block's own code runs") {
+    auto model = fusion::Sequential(Basic(8, 8, 1));
+    randomize(model);
+    model->ptr<BasicImpl>(0)->bn1->options.track_running_stats(false);  // batch statistics
+    const auto x = torch::randn({2, 8, 6, 6});
+    const auto expected = model->forward(x);
+    fusion::fuse_modules(model, {"*"}, one_tensor, kernel("test.basic"));
+    require_close(model->forward(x), expected);
+    CHECK(fusion::fused_chains(*model).at(0).stats.replays_declined == 1);
+  }
+}
+
+TEST_CASE(
+    "conv + batch norm + relu + max pooling matches the modules, dense, blocked and handed "
+    "on") {
+  register_blocks();
+  fusion::kernels::register_builtin_kernels();
+  register_probe();
+  torch::manual_seed(3);
+  torch::NoGradGuard no_grad;
+  const auto stem = [](int64_t dilation, bool ceil_mode) {
+    return fusion::Sequential(
+        nn::Conv2d(nn::Conv2dOptions(3, 8, 7).stride(2).padding(3).bias(false)), nn::BatchNorm2d(8),
+        nn::ReLU(nn::ReLUOptions(true)),
+        nn::MaxPool2d(
+            nn::MaxPool2dOptions(3).stride(2).padding(1).dilation(dilation).ceil_mode(ceil_mode)),
+        Probe(), Basic(8, 8, 1));
+  };
+  const std::vector<fusion::ModuleSpec> four(4, one_tensor[0]);
+  for (const auto& [dilation, ceil_mode] :
+       {std::pair<int64_t, bool>{1, false}, {1, true}, {2, false}}) {
+    CAPTURE(dilation, ceil_mode);
+    auto model = stem(dilation, ceil_mode);
+    randomize(model);
+    const auto x = torch::randn({2, 3, 42, 42});
+    const auto expected = model->forward(x);
+    const auto channels_last = x.contiguous(torch::MemoryFormat::ChannelsLast);
+    fusion::fuse_modules(model, {"0", "1", "2", "3"}, four,
+                         kernel("fusion.conv2d_bn_relu_maxpool2d"));
+    fusion::fuse_modules(model, {"4"}, one_tensor, kernel("test.probe"));
+    fusion::fuse_modules(model, {"5"}, one_tensor, kernel("test.basic"));
+    probe_inputs.clear();
+    for (int call = 0; call < 3; ++call) {
+      const auto y = model->forward(call == 2 ? channels_last : x);
+      CHECK_FALSE(y.is_inference());
+      require_close(y, expected);
+    }
+    // The first call is checked (dense); then the stem hands its pooled result on blocked, except
+    // where the pooling is dilated (oneDNN has none: the module pools the dense result).
+    CHECK(probe_inputs == std::vector<bool>{false, dilation == 1, dilation == 1});
+    CHECK(fusion::fused_chains(*model).at(0).stats.runs == 3);
+  }
+}
