@@ -89,7 +89,8 @@ class FusedModule final : public Dispatch {
     stored.assign(std::make_move_iterator(args), std::make_move_iterator(args + count));
     capture.modes[last] = Mode::current();
     if (const auto& kernel = chain_.kernel()) {
-      const bool blocked = kernel->blocked_layout_now();
+      // Asked only for a hand-off: for a kernel with state it compares the stamps.
+      const bool blocked = (blocked_request || blocked_input) && kernel->blocked_layout_now();
       if (blocked_input && !blocked) to_dense(stored);
       const BlockedHandOff::Grant grant(blocked_request && blocked);
       if (std::vector<c10::IValue>* outputs = kernel->try_run(chain_, capture)) return outputs;
