@@ -2,7 +2,9 @@
 // conv+bn+relu layer computed four ways (unfused, folded dense, folded channels-last, LibTorch
 // 1.13's prepacked oneDNN convolution with a fused ReLU), every variant timed in one run,
 // rotating which goes first (bench_support.hpp); with FUSION_RESNET_TORCHSCRIPT=DIR, also the
-// network against TorchScript's frozen and optimized version of it (BM_ResNet18AgainstTorchScript).
+// network against TorchScript's frozen and optimized version of it (BM_ResNet18AgainstTorchScript),
+// and with FUSION_MOBILENET_TORCHSCRIPT=DIR the same for MobileNetV2
+// (BM_MobileNetV2AgainstTorchScript).
 //
 //   build/bench/cnn_bench --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
@@ -24,6 +26,7 @@
 
 #include "bench_support.hpp"
 #include "demo.hpp"
+#include "mobilenet.hpp"
 #include "resnet.hpp"
 
 namespace {
@@ -216,8 +219,8 @@ BENCHMARK(BM_ConvBatchNormReLU)
 /// oneDNN convolutions with fused ReLU, layouts kept blocked), against the same weights loaded
 /// into the port, unfused, folded per member (folding_plan: dense, channels-last, and with the
 /// input in oneDNN's layout by hand) and with block_plan (dense input). Runs only with
-/// FUSION_RESNET_TORCHSCRIPT=DIR, a directory `examples/resnet/torchvision/make_model.py DIR
-/// --torchscript` wrote.
+/// FUSION_RESNET_TORCHSCRIPT=DIR, a directory `examples/common/torchvision-model.py resnet18
+/// DIR --torchscript` wrote.
 void BM_ResNet18AgainstTorchScript(benchmark::State& state, const std::string& dir) {
   torch::NoGradGuard no_grad;
   const int64_t batch = state.range(0), size = state.range(1);
@@ -260,18 +263,67 @@ void BM_ResNet18AgainstTorchScript(benchmark::State& state, const std::string& d
                 "ms", 1e3);
   state.counters["max_diff"] = diff;
 }
-const bool torchscript_registered = [] {
-  const char* dir = std::getenv("FUSION_RESNET_TORCHSCRIPT");
+/// TorchScript's frozen and optimize_for_inference'd mobilenet_v2 against the port with the same
+/// weights, unfused and with folding_plan (dense input, and the input in oneDNN's layout by hand).
+/// Runs only with FUSION_MOBILENET_TORCHSCRIPT=DIR, a directory
+/// `examples/common/torchvision-model.py mobilenet_v2 DIR --torchscript` wrote.
+void BM_MobileNetV2AgainstTorchScript(benchmark::State& state, const std::string& dir) {
+  torch::NoGradGuard no_grad;
+  const int64_t batch = state.range(0), size = state.range(1);
+  mobilenet::MobileNetV2 original, folded;
+  for (auto* model : {&original, &folded}) {
+    mobilenet::load_weights(**model, dir);
+    (*model)->eval();
+  }
+  fusion::fuse_modules(folded, mobilenet::folding_plan());
+  auto traced = torch::jit::load(dir + "/model.pt");
+  traced.eval();
+  auto frozen = torch::jit::freeze(traced);
+  auto optimized = torch::jit::optimize_for_inference(frozen);
+  const auto images = torch::randn({batch, 3, size, size});
+  const auto channels_last = images.contiguous(torch::MemoryFormat::ChannelsLast);
+  const auto torchscript = [&] { return optimized.forward({images}).toTensor(); };
+  const auto folded_mkldnn = [&]() -> torch::Tensor {
+    c10::InferenceMode inference;
+    return folded(images.to_mkldnn());
+  };
+  const auto expected = original(images);
+  for (int warm = 0; warm < 3; ++warm) torchscript();
+  const double diff =
+      std::max({max_diff(torchscript(), expected), max_diff(folded(images), expected),
+                max_diff(folded(channels_last).contiguous(), expected),
+                max_diff(folded_mkldnn(), expected)});
+  if (diff > 1e-3 * std::max(1.0, expected.abs().max().item<double>())) {
+    state.SkipWithError("logits differ");
+  }
+  time_rotating(state,
+                {{"torchscript", [&] { benchmark::DoNotOptimize(torchscript()); }},
+                 {"original", [&] { benchmark::DoNotOptimize(original(images)); }},
+                 {"folded", [&] { benchmark::DoNotOptimize(folded(images)); }},
+                 {"folded_cl", [&] { benchmark::DoNotOptimize(folded(channels_last)); }},
+                 {"folded_mkldnn", [&] { benchmark::DoNotOptimize(folded_mkldnn()); }}},
+                "ms", 1e3);
+  state.counters["max_diff"] = diff;
+}
+
+/// Registers `function` as `name` when the environment variable `variable` names a directory.
+bool register_against_torchscript(const char* variable, const char* name,
+                                  void (*function)(benchmark::State&, const std::string&)) {
+  const char* dir = std::getenv(variable);
   if (dir == nullptr) return false;
-  benchmark::RegisterBenchmark("BM_ResNet18AgainstTorchScript", BM_ResNet18AgainstTorchScript,
-                               std::string(dir))
+  benchmark::RegisterBenchmark(name, function, std::string(dir))
       ->ArgNames({"batch", "size"})
       ->Args({1, 224})
       ->Args({8, 224})
       ->Unit(benchmark::kMillisecond)
       ->MinTime(3.0);
   return true;
-}();
+}
+const bool resnet_registered = register_against_torchscript(
+    "FUSION_RESNET_TORCHSCRIPT", "BM_ResNet18AgainstTorchScript", BM_ResNet18AgainstTorchScript);
+const bool mobilenet_registered =
+    register_against_torchscript("FUSION_MOBILENET_TORCHSCRIPT", "BM_MobileNetV2AgainstTorchScript",
+                                 BM_MobileNetV2AgainstTorchScript);
 
 }  // namespace
 
