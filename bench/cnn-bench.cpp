@@ -214,13 +214,41 @@ BENCHMARK(BM_ConvBatchNormReLU)
     ->Unit(benchmark::kMicrosecond)
     ->MinTime(2.0);
 
-/// The anchor: torchvision's resnet18 traced with TorchScript, then torch::jit::freeze and
+/// The ported model's variants (each a forward on inputs prepared outside the timing), checked
+/// against `expected` (the unfused port's logits), then timed with TorchScript's version of the
+/// same model, rotating: `dir/model.pt` traced by torch, then torch::jit::freeze and
 /// optimize_for_inference (what PyTorch offers for inference on the CPU: batch norm folded,
-/// oneDNN convolutions with fused ReLU, layouts kept blocked), against the same weights loaded
-/// into the port, unfused, folded per member (folding_plan: dense, channels-last, and with the
-/// input in oneDNN's layout by hand) and with block_plan (dense input). Runs only with
-/// FUSION_RESNET_TORCHSCRIPT=DIR, a directory `examples/common/torchvision-model.py resnet18
-/// DIR --torchscript` wrote.
+/// oneDNN convolutions with fused ReLU, layouts kept blocked).
+using Variants = std::vector<std::pair<std::string, std::function<torch::Tensor()>>>;
+void time_against_torchscript(benchmark::State& state, const std::string& dir,
+                              const torch::Tensor& images, const torch::Tensor& expected,
+                              const Variants& variants) {
+  auto traced = torch::jit::load(dir + "/model.pt");
+  traced.eval();
+  auto frozen = torch::jit::freeze(traced);
+  auto optimized = torch::jit::optimize_for_inference(frozen);
+  const auto torchscript = [&] { return optimized.forward({images}).toTensor(); };
+  for (int warm = 0; warm < 3; ++warm) torchscript();  // the profiling executor's first runs
+  double diff = max_diff(torchscript(), expected);
+  for (const auto& [name, forward] : variants) {
+    diff = std::max(diff, max_diff(forward().contiguous(), expected));
+  }
+  if (diff > 1e-3 * std::max(1.0, expected.abs().max().item<double>())) {
+    state.SkipWithError("logits differ");
+  }
+  std::vector<std::pair<std::string, std::function<void()>>> runs{
+      {"torchscript", [&] { benchmark::DoNotOptimize(torchscript()); }}};
+  for (const auto& [name, forward] : variants) {
+    runs.emplace_back(name, [&forward = forward] { benchmark::DoNotOptimize(forward()); });
+  }
+  time_rotating(state, runs, "ms", 1e3);
+  state.counters["max_diff"] = diff;
+}
+
+/// ResNet-18 against TorchScript: the port unfused, folded per member (folding_plan: dense,
+/// channels-last, and with the input in oneDNN's layout by hand) and with block_plan (dense
+/// input). Runs only with FUSION_RESNET_TORCHSCRIPT=DIR, a directory
+/// `examples/common/torchvision-model.py resnet18 DIR --torchscript` wrote.
 void BM_ResNet18AgainstTorchScript(benchmark::State& state, const std::string& dir) {
   torch::NoGradGuard no_grad;
   const int64_t batch = state.range(0), size = state.range(1);
@@ -232,41 +260,26 @@ void BM_ResNet18AgainstTorchScript(benchmark::State& state, const std::string& d
   fusion::kernels::register_builtin_kernels();
   fusion::fuse_modules(folded, resnet::folding_plan());
   fusion::fuse_modules(blocks, resnet::block_plan());
-  auto traced = torch::jit::load(dir + "/model.pt");
-  traced.eval();
-  auto frozen = torch::jit::freeze(traced);
-  auto optimized = torch::jit::optimize_for_inference(frozen);
   const auto images = torch::randn({batch, 3, size, size});
   const auto channels_last = images.contiguous(torch::MemoryFormat::ChannelsLast);
-  const auto torchscript = [&] { return optimized.forward({images}).toTensor(); };
-  // As TorchScript runs it: the input reordered into oneDNN's layout once, activations kept so.
-  const auto folded_mkldnn = [&] {
-    c10::InferenceMode inference;  // LibTorch 2.x pools oneDNN tensors only in InferenceMode
-    return folded(images.to_mkldnn());
-  };
-  const auto expected = original(images);
-  for (int warm = 0; warm < 3; ++warm) torchscript();  // the profiling executor's first runs
-  const double diff =
-      std::max({max_diff(torchscript(), expected), max_diff(folded(images), expected),
-                max_diff(folded(channels_last).contiguous(), expected),
-                max_diff(folded_mkldnn(), expected), max_diff(blocks(images), expected)});
-  if (diff > 1e-3 * std::max(1.0, expected.abs().max().item<double>())) {
-    state.SkipWithError("logits differ");
-  }
-  time_rotating(state,
-                {{"torchscript", [&] { benchmark::DoNotOptimize(torchscript()); }},
-                 {"original", [&] { benchmark::DoNotOptimize(original(images)); }},
-                 {"folded", [&] { benchmark::DoNotOptimize(folded(images)); }},
-                 {"folded_cl", [&] { benchmark::DoNotOptimize(folded(channels_last)); }},
-                 {"folded_mkldnn", [&] { benchmark::DoNotOptimize(folded_mkldnn()); }},
-                 {"blocks", [&] { benchmark::DoNotOptimize(blocks(images)); }}},
-                "ms", 1e3);
-  state.counters["max_diff"] = diff;
+  time_against_torchscript(
+      state, dir, images, original(images),
+      {{"original", [&] { return original(images); }},
+       {"folded", [&] { return folded(images); }},
+       {"folded_cl", [&] { return folded(channels_last); }},
+       // As TorchScript runs it: the input reordered into oneDNN's layout once, activations kept
+       // so (LibTorch 2.x pools oneDNN tensors only in InferenceMode).
+       {"folded_mkldnn",
+        [&]() -> torch::Tensor {
+          c10::InferenceMode inference;
+          return folded(images.to_mkldnn());
+        }},
+       {"blocks", [&] { return blocks(images); }}});
 }
-/// TorchScript's frozen and optimize_for_inference'd mobilenet_v2 against the port with the same
-/// weights, unfused and with folding_plan (dense input, and the input in oneDNN's layout by hand).
-/// Runs only with FUSION_MOBILENET_TORCHSCRIPT=DIR, a directory
-/// `examples/common/torchvision-model.py mobilenet_v2 DIR --torchscript` wrote.
+
+/// MobileNetV2 against TorchScript: the port unfused and with folding_plan (dense, channels-last,
+/// and with the input in oneDNN's layout by hand). Runs only with FUSION_MOBILENET_TORCHSCRIPT=DIR,
+/// a directory `examples/common/torchvision-model.py mobilenet_v2 DIR --torchscript` wrote.
 void BM_MobileNetV2AgainstTorchScript(benchmark::State& state, const std::string& dir) {
   torch::NoGradGuard no_grad;
   const int64_t batch = state.range(0), size = state.range(1);
@@ -276,34 +289,16 @@ void BM_MobileNetV2AgainstTorchScript(benchmark::State& state, const std::string
     (*model)->eval();
   }
   fusion::fuse_modules(folded, mobilenet::folding_plan());
-  auto traced = torch::jit::load(dir + "/model.pt");
-  traced.eval();
-  auto frozen = torch::jit::freeze(traced);
-  auto optimized = torch::jit::optimize_for_inference(frozen);
   const auto images = torch::randn({batch, 3, size, size});
   const auto channels_last = images.contiguous(torch::MemoryFormat::ChannelsLast);
-  const auto torchscript = [&] { return optimized.forward({images}).toTensor(); };
-  const auto folded_mkldnn = [&]() -> torch::Tensor {
-    c10::InferenceMode inference;
-    return folded(images.to_mkldnn());
-  };
-  const auto expected = original(images);
-  for (int warm = 0; warm < 3; ++warm) torchscript();
-  const double diff =
-      std::max({max_diff(torchscript(), expected), max_diff(folded(images), expected),
-                max_diff(folded(channels_last).contiguous(), expected),
-                max_diff(folded_mkldnn(), expected)});
-  if (diff > 1e-3 * std::max(1.0, expected.abs().max().item<double>())) {
-    state.SkipWithError("logits differ");
-  }
-  time_rotating(state,
-                {{"torchscript", [&] { benchmark::DoNotOptimize(torchscript()); }},
-                 {"original", [&] { benchmark::DoNotOptimize(original(images)); }},
-                 {"folded", [&] { benchmark::DoNotOptimize(folded(images)); }},
-                 {"folded_cl", [&] { benchmark::DoNotOptimize(folded(channels_last)); }},
-                 {"folded_mkldnn", [&] { benchmark::DoNotOptimize(folded_mkldnn()); }}},
-                "ms", 1e3);
-  state.counters["max_diff"] = diff;
+  time_against_torchscript(state, dir, images, original(images),
+                           {{"original", [&] { return original(images); }},
+                            {"folded", [&] { return folded(images); }},
+                            {"folded_cl", [&] { return folded(channels_last); }},
+                            {"folded_mkldnn", [&]() -> torch::Tensor {
+                               c10::InferenceMode inference;
+                               return folded(images.to_mkldnn());
+                             }}});
 }
 
 /// Registers `function` as `name` when the environment variable `variable` names a directory.
