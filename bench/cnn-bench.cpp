@@ -22,6 +22,7 @@
 #include <vector>
 
 #include <fusion/hardswish.hpp>
+#include <fusion/kernels/bfloat16.hpp>
 #include <fusion/optimize.hpp>
 
 #include "bench_support.hpp"
@@ -214,35 +215,57 @@ BENCHMARK(BM_ConvBatchNormReLU)
     ->Unit(benchmark::kMicrosecond)
     ->MinTime(2.0);
 
-/// The ported model's variants (each a forward on inputs prepared outside the timing), checked
-/// against `expected` (the unfused port's logits), then timed with TorchScript's version of the
-/// same model, rotating: `dir/model.pt` traced by torch, then torch::jit::freeze and
-/// optimize_for_inference (what PyTorch offers for inference on the CPU: batch norm folded,
-/// oneDNN convolutions with fused ReLU, layouts kept blocked).
-using Variants = std::vector<std::pair<std::string, std::function<torch::Tensor()>>>;
+/// One way of running the ported model: a forward on inputs prepared outside the timing.
+struct Variant {
+  std::string name;
+  std::function<torch::Tensor()> forward;
+  bool bfloat16 = false;  // kernels in bfloat16: checked within bfloat16's tolerance
+};
+
+/// The ported model's variants, checked against `expected` (the unfused port's float32 logits),
+/// then timed with TorchScript's version of the same model, rotating: `dir/model.pt` traced by
+/// torch, then torch::jit::freeze and optimize_for_inference (what PyTorch offers for inference on
+/// the CPU: batch norm folded, oneDNN convolutions with fused ReLU, layouts kept blocked).
+/// Counters: max_diff (float32 variants and TorchScript), max_diff_bf16 (bfloat16 variants), both
+/// absolute, and the largest logit.
 void time_against_torchscript(benchmark::State& state, const std::string& dir,
                               const torch::Tensor& images, const torch::Tensor& expected,
-                              const Variants& variants) {
+                              const std::vector<Variant>& variants) {
   auto traced = torch::jit::load(dir + "/model.pt");
   traced.eval();
   auto frozen = torch::jit::freeze(traced);
   auto optimized = torch::jit::optimize_for_inference(frozen);
   const auto torchscript = [&] { return optimized.forward({images}).toTensor(); };
   for (int warm = 0; warm < 3; ++warm) torchscript();  // the profiling executor's first runs
-  double diff = max_diff(torchscript(), expected);
-  for (const auto& [name, forward] : variants) {
-    diff = std::max(diff, max_diff(forward().contiguous(), expected));
+  double diff = max_diff(torchscript(), expected), diff_bf16 = 0;
+  for (const auto& variant : variants) {
+    double& worst = variant.bfloat16 ? diff_bf16 : diff;
+    worst = std::max(worst, max_diff(variant.forward().contiguous(), expected));
   }
-  if (diff > 1e-3 * std::max(1.0, expected.abs().max().item<double>())) {
+  const double largest = std::max(1.0, expected.abs().max().item<double>());
+  if (diff > 1e-3 * largest || diff_bf16 > fusion::default_tolerance(torch::kBFloat16) * largest) {
     state.SkipWithError("logits differ");
   }
   std::vector<std::pair<std::string, std::function<void()>>> runs{
       {"torchscript", [&] { benchmark::DoNotOptimize(torchscript()); }}};
-  for (const auto& [name, forward] : variants) {
-    runs.emplace_back(name, [&forward = forward] { benchmark::DoNotOptimize(forward()); });
+  for (const auto& variant : variants) {
+    runs.emplace_back(variant.name,
+                      [&forward = variant.forward] { benchmark::DoNotOptimize(forward()); });
   }
   time_rotating(state, runs, "ms", 1e3);
   state.counters["max_diff"] = diff;
+  state.counters["max_diff_bf16"] = diff_bf16;
+  state.counters["largest_logit"] = largest;
+}
+
+/// The bfloat16 variant, where this CPU computes it (else a label says why it is missing).
+void add_bfloat16(benchmark::State& state, std::vector<Variant>& variants, std::string name,
+                  std::function<torch::Tensor()> forward) {
+  if (!fusion::kernels::bfloat16_supported()) {
+    state.SetLabel("no AVX512_BF16 (or oneDNN) here: no bfloat16 variants");
+    return;
+  }
+  variants.push_back({std::move(name), std::move(forward), true});
 }
 
 /// ResNet-18 against TorchScript: the port unfused, folded per member (folding_plan: dense,
@@ -252,29 +275,31 @@ void time_against_torchscript(benchmark::State& state, const std::string& dir,
 void BM_ResNet18AgainstTorchScript(benchmark::State& state, const std::string& dir) {
   torch::NoGradGuard no_grad;
   const int64_t batch = state.range(0), size = state.range(1);
-  resnet::ResNet18 original, folded, blocks;
-  for (auto* model : {&original, &folded, &blocks}) {
+  resnet::ResNet18 original, folded, blocks, blocks_bf16;
+  for (auto* model : {&original, &folded, &blocks, &blocks_bf16}) {
     resnet::load_weights(**model, dir);
     (*model)->eval();
   }
   fusion::kernels::register_builtin_kernels();
   fusion::fuse_modules(folded, resnet::folding_plan());
   fusion::fuse_modules(blocks, resnet::block_plan());
+  fusion::fuse_modules(blocks_bf16, fusion::kernels::in_bfloat16(resnet::block_plan()));
   const auto images = torch::randn({batch, 3, size, size});
   const auto channels_last = images.contiguous(torch::MemoryFormat::ChannelsLast);
-  time_against_torchscript(
-      state, dir, images, original(images),
-      {{"original", [&] { return original(images); }},
-       {"folded", [&] { return folded(images); }},
-       {"folded_cl", [&] { return folded(channels_last); }},
-       // As TorchScript runs it: the input reordered into oneDNN's layout once, activations kept
-       // so (LibTorch 2.x pools oneDNN tensors only in InferenceMode).
-       {"folded_mkldnn",
-        [&]() -> torch::Tensor {
-          c10::InferenceMode inference;
-          return folded(images.to_mkldnn());
-        }},
-       {"blocks", [&] { return blocks(images); }}});
+  std::vector<Variant> variants{
+      {"original", [&] { return original(images); }},
+      {"folded", [&] { return folded(images); }},
+      {"folded_cl", [&] { return folded(channels_last); }},
+      // As TorchScript runs it: the input reordered into oneDNN's layout once, activations kept
+      // so (LibTorch 2.x pools oneDNN tensors only in InferenceMode).
+      {"folded_mkldnn",
+       [&]() -> torch::Tensor {
+         c10::InferenceMode inference;
+         return folded(images.to_mkldnn());
+       }},
+      {"blocks", [&] { return blocks(images); }}};
+  add_bfloat16(state, variants, "blocks_bf16", [&] { return blocks_bf16(images); });
+  time_against_torchscript(state, dir, images, original(images), variants);
 }
 
 /// MobileNetV2 against TorchScript: the port unfused and with folding_plan (dense, channels-last,
@@ -283,22 +308,24 @@ void BM_ResNet18AgainstTorchScript(benchmark::State& state, const std::string& d
 void BM_MobileNetV2AgainstTorchScript(benchmark::State& state, const std::string& dir) {
   torch::NoGradGuard no_grad;
   const int64_t batch = state.range(0), size = state.range(1);
-  mobilenet::MobileNetV2 original, folded;
-  for (auto* model : {&original, &folded}) {
+  mobilenet::MobileNetV2 original, folded, folded_bf16;
+  for (auto* model : {&original, &folded, &folded_bf16}) {
     mobilenet::load_weights(**model, dir);
     (*model)->eval();
   }
   fusion::fuse_modules(folded, mobilenet::folding_plan());
+  fusion::fuse_modules(folded_bf16, fusion::kernels::in_bfloat16(mobilenet::folding_plan()));
   const auto images = torch::randn({batch, 3, size, size});
   const auto channels_last = images.contiguous(torch::MemoryFormat::ChannelsLast);
-  time_against_torchscript(state, dir, images, original(images),
-                           {{"original", [&] { return original(images); }},
-                            {"folded", [&] { return folded(images); }},
-                            {"folded_cl", [&] { return folded(channels_last); }},
-                            {"folded_mkldnn", [&]() -> torch::Tensor {
-                               c10::InferenceMode inference;
-                               return folded(images.to_mkldnn());
-                             }}});
+  std::vector<Variant> variants{{"original", [&] { return original(images); }},
+                                {"folded", [&] { return folded(images); }},
+                                {"folded_cl", [&] { return folded(channels_last); }},
+                                {"folded_mkldnn", [&]() -> torch::Tensor {
+                                   c10::InferenceMode inference;
+                                   return folded(images.to_mkldnn());
+                                 }}};
+  add_bfloat16(state, variants, "folded_bf16", [&] { return folded_bf16(images); });
+  time_against_torchscript(state, dir, images, original(images), variants);
 }
 
 /// Registers `function` as `name` when the environment variable `variable` names a directory.

@@ -11,6 +11,7 @@
 #include <malloc.h>
 #include <iostream>
 
+#include <fusion/kernels/bfloat16.hpp>
 #include <fusion/optimize.hpp>
 
 #include "bench_support.hpp"
@@ -64,34 +65,57 @@ BENCHMARK(BM_Qwen3ForwardFusedVsOriginal)
     ->MinTime(5.0);
 
 /// Original vs both chains of every layer with kernels (default: no weight copy; folded), for
-/// `tokens` new tokens after `cached` tokens in the KV cache (0: a prompt forward).
+/// `tokens` new tokens after `cached` tokens in the KV cache (0: a prompt forward). Where this CPU
+/// computes bfloat16 (AVX512_BF16), also the model in bfloat16 with the same kernels
+/// (kernels_bf16; max_diff_bf16 against the float32 logits; mib and mib_bf16: the bytes of the
+/// models' parameters and buffers).
 void BM_Qwen3ForwardKernels(benchmark::State& state) {
   torch::NoGradGuard no_grad;
   const int64_t tokens = state.range(0), cached = state.range(1);
   // Separate models with the same weights (see BM_NormMLPChain on sharing).
   auto original = bench_model(), kernels = bench_model(), folded = bench_model();
+  auto kernels_bf16 = bench_model();
+  kernels_bf16->to(torch::kBFloat16);
   qwen3::fuse_with_kernels(kernels, /*folded=*/false);
   qwen3::fuse_with_kernels(folded, /*folded=*/true);
+  qwen3::fuse_with_kernels(kernels_bf16, /*folded=*/false);
 
   torch::manual_seed(1);
   const auto prompt = torch::randint(0, 4096, {1, cached}, torch::kInt64);
   const auto ids = torch::randint(0, 4096, {1, tokens}, torch::kInt64);
-  qwen3::KVCache base;
-  if (cached > 0) original->forward(prompt, &base);
+  qwen3::KVCache base, base_bf16;  // the cache holds the model's dtype
+  if (cached > 0) {
+    original->forward(prompt, &base);
+    kernels_bf16->forward(prompt, &base_bf16);
+  }
   auto run = [&](qwen3::ForCausalLM model) {
-    qwen3::KVCache cache = base;  // tensor handles: the base cache is never written
+    // Tensor handles: the base cache is never written.
+    qwen3::KVCache cache = model.get() == kernels_bf16.get() ? base_bf16 : base;
     return model->forward(ids, cached > 0 ? &cache : nullptr);
   };
   const auto expected = run(original);
   const double diff = std::max(max_diff(run(kernels), expected), max_diff(run(folded), expected));
   if (diff > 1e-3) state.SkipWithError("kernel logits differ");
 
-  time_rotating(state,
-                {{"original", [&] { benchmark::DoNotOptimize(run(original)); }},
-                 {"kernels", [&] { benchmark::DoNotOptimize(run(kernels)); }},
-                 {"folded", [&] { benchmark::DoNotOptimize(run(folded)); }}},
-                "ms", 1e3);
+  std::vector<std::pair<std::string, std::function<void()>>> variants{
+      {"original", [&] { benchmark::DoNotOptimize(run(original)); }},
+      {"kernels", [&] { benchmark::DoNotOptimize(run(kernels)); }},
+      {"folded", [&] { benchmark::DoNotOptimize(run(folded)); }}};
+  if (fusion::kernels::bfloat16_supported()) {
+    const double diff_bf16 = max_diff(run(kernels_bf16).to(torch::kFloat32), expected);
+    if (diff_bf16 > fusion::default_tolerance(torch::kBFloat16) *
+                        std::max(1.0, expected.abs().max().item<double>())) {
+      state.SkipWithError("bfloat16 kernel logits differ");
+    }
+    variants.emplace_back("kernels_bf16", [&] { benchmark::DoNotOptimize(run(kernels_bf16)); });
+    state.counters["max_diff_bf16"] = diff_bf16;
+  } else {
+    state.SetLabel("no AVX512_BF16 (or oneDNN) here: no bfloat16 variant");
+  }
+  time_rotating(state, variants, "ms", 1e3);
   state.counters["max_diff"] = diff;
+  state.counters["mib"] = static_cast<double>(demo::tensor_bytes(*kernels)) / 1048576.0;
+  state.counters["mib_bf16"] = static_cast<double>(demo::tensor_bytes(*kernels_bf16)) / 1048576.0;
 }
 BENCHMARK(BM_Qwen3ForwardKernels)
     ->ArgNames({"tokens", "cached"})

@@ -13,7 +13,13 @@
 #include <fusion/hardswish.hpp>
 #include <fusion/kernels/batch_norm_folding.hpp>
 
+#include "conv_chains.hpp"
+
 using fusion_test::Contains;
+using fusion_test::kernel;
+using fusion_test::member_paths;
+using fusion_test::randomize_batch_norm;
+using fusion_test::specs;
 
 namespace {
 
@@ -32,25 +38,6 @@ void require_close(const torch::Tensor& got, const torch::Tensor& expected) {
   REQUIRE(diff <= kRelativeTolerance * scale);
 }
 
-/// Random affine parameters and running statistics, so folding has something to fold.
-void randomize_batch_norm(nn::Module& bn) {
-  torch::NoGradGuard no_grad;
-  for (auto& item : bn.named_parameters()) item.value().uniform_(0.5, 1.5);
-  for (auto& item : bn.named_buffers()) {
-    if (item.key() == "running_mean") item.value().normal_(0, 0.5);
-    if (item.key() == "running_var") item.value().uniform_(0.5, 2.0);
-  }
-}
-
-fusion::ModuleSpec tensor_spec() { return fusion::ModuleSpec{{"x"}, {"x"}}; }
-std::vector<fusion::ModuleSpec> specs(std::size_t n) {
-  return std::vector<fusion::ModuleSpec>(n, tensor_spec());
-}
-fusion::FuseOptions kernel(const std::string& name) {
-  fusion::FuseOptions options;
-  options.kernel = name;
-  return options;
-}
 fusion::KernelStats stats_of(fusion::SequentialImpl& model) {
   return fusion::fused_chains(model).at(0).stats;
 }
@@ -118,12 +105,6 @@ void push_conv(fusion::SequentialImpl& model, int64_t dims, int64_t groups, int6
         nn::Conv3d(conv_options(nn::Conv3dOptions(8, 16, 3), groups, stride, dilation, bias)));
     if (batch_norm) model.push_back(nn::BatchNorm3d(16));
   }
-}
-
-std::vector<std::string> member_paths(std::size_t n) {
-  std::vector<std::string> paths;
-  for (std::size_t i = 0; i < n; ++i) paths.push_back(std::to_string(i));
-  return paths;
 }
 
 }  // namespace

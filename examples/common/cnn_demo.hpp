@@ -4,6 +4,7 @@
 //
 //   <program> [--weights FILE] [--input FILE] [--save-logits FILE] [--batch N]
 //             [--channels-last | --mkldnn] [--expect-logits FILE] [--auto [--min-speedup X]]
+//             [--dtype float32|bf16]
 //
 // --auto: fusion::optimize finds the plan on the input instead (printed, and checked to cover
 // every chain of the example's plan), and the forward is timed with both plans, interleaved.
@@ -11,6 +12,10 @@
 // --save-logits: the kernel-equipped model's logits [N, classes] as float32 .npy.
 // --expect-logits: another implementation's logits (.npy) the unfused model must match within
 // 1e-4 of the largest logit (the torchvision parity tests). Exits non-zero past any tolerance.
+// --dtype bf16: the plan's kernels on their bfloat16 variants (fusion::kernels::in_bfloat16),
+// compared with the float32 model within bfloat16's default tolerance (5e-2 of the largest logit);
+// where bfloat16 is not available (fusion::kernels::bfloat16_supported) the demo says so and runs
+// float32.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +29,7 @@
 #include <fmt/ranges.h>
 #include <torch/torch.h>
 #include <fusion/fusion.hpp>
+#include <fusion/kernels/bfloat16.hpp>
 #include <fusion/optimize.hpp>
 
 #include "demo.hpp"
@@ -38,6 +44,7 @@ struct Options {
   bool channels_last = false;
   bool mkldnn = false;  // the input in oneDNN's layout, as TorchScript's optimize_for_inference
   bool automatic = false;
+  bool bfloat16 = false;
   double min_speedup = fusion::OptimizeOptions{}.min_speedup;
 };
 
@@ -68,11 +75,17 @@ inline Options parse(int argc, char** argv, const std::string& program) {
       options.automatic = true;
     } else if (arg == "--min-speedup") {
       options.min_speedup = std::stod(value());
+    } else if (arg == "--dtype") {
+      const std::string dtype = value();
+      if (dtype != "float32" && dtype != "bf16") {
+        throw std::invalid_argument("--dtype takes float32 or bf16, not " + dtype);
+      }
+      options.bfloat16 = dtype == "bf16";
     } else {
       throw std::invalid_argument(
           "unknown option " + arg + "\nusage: " + program +
           " [--weights FILE] [--input FILE] [--save-logits FILE] [--batch N] [--channels-last | "
-          "--mkldnn] [--expect-logits FILE] [--auto [--min-speedup X]]");
+          "--mkldnn] [--expect-logits FILE] [--auto [--min-speedup X]] [--dtype float32|bf16]");
     }
   }
   return options;
@@ -132,11 +145,23 @@ int run(int argc, char** argv, const Example<Model>& example) try {
     ok = diff <= tolerance;
   }
 
-  const fusion::Plan plan = example.plan();
+  fusion::Plan plan = example.plan();
+  double kernel_tolerance = tolerance;
+  std::vector<std::string> kernels;  // for --auto: empty, every float32 kernel
+  if (options.bfloat16 && !fusion::kernels::bfloat16_supported()) {
+    std::cout << "bf16: not available here (no AVX512_BF16, no oneDNN, or FUSION_NO_BFLOAT16): "
+                 "running float32\n";
+  } else if (options.bfloat16) {
+    plan = fusion::kernels::in_bfloat16(plan);
+    for (const auto& rule : plan.rules) kernels.push_back(rule.options.kernel);
+    kernel_tolerance =
+        fusion::default_tolerance(torch::kBFloat16) * original.abs().max().item<double>();
+    std::cout << "Kernels in bfloat16 (float32 accumulation)\n";
+  }
   std::vector<fusion::FusedChain> chains;
   if (options.automatic) {
     ok = demo::fuse_automatically(
-             model, plan, [&] { return model(images); }, options.min_speedup) &&
+             model, plan, [&] { return model(images); }, options.min_speedup, kernels) &&
          ok;
     chains = fusion::fused_chains(model);
   } else {
@@ -146,8 +171,8 @@ int run(int argc, char** argv, const Example<Model>& example) try {
   const torch::Tensor with_kernels = model(images);
   const double diff = demo::max_diff(with_kernels, original);
   std::cout << fmt::format("Max diff with kernels vs original: {:g} (tolerance {:g})\n", diff,
-                           tolerance);
-  ok = ok && diff <= tolerance;
+                           kernel_tolerance);
+  ok = ok && diff <= kernel_tolerance;
   std::uint64_t runs = 0, replays = 0;
   for (const auto& chain : fusion::fused_chains(model)) {
     const auto& k = chain.stats;

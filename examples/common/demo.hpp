@@ -43,7 +43,7 @@ inline std::vector<int64_t> parse_ids(const std::string& text) {
 
 /// The demos' command line: [--model-dir DIR] [--input-ids 1,2,3] [--generate N]
 /// [--save-logits FILE] [--save-kernel-logits FILE] [--folded] [--expect FILE]
-/// [--auto [--min-speedup X]].
+/// [--auto [--min-speedup X]] [--dtype float32|bf16].
 struct Options {
   std::string model_dir;
   std::vector<int64_t> input_ids{1, 2, 3, 4, 5, 6, 7, 8};
@@ -54,6 +54,7 @@ struct Options {
   std::string expect;
   bool automatic = false;  // --auto: the kernels' plan found by fusion::optimize
   double min_speedup = fusion::OptimizeOptions{}.min_speedup;
+  bool bfloat16 = false;  // --dtype bf16: the model in bfloat16
 };
 
 inline Options parse(int argc, char** argv) {
@@ -82,12 +83,19 @@ inline Options parse(int argc, char** argv) {
       options.automatic = true;
     } else if (arg == "--min-speedup") {
       options.min_speedup = std::stod(value());
+    } else if (arg == "--dtype") {
+      const std::string dtype = value();
+      if (dtype != "float32" && dtype != "bf16") {
+        throw std::invalid_argument("--dtype takes float32 or bf16, not " + dtype);
+      }
+      options.bfloat16 = dtype == "bf16";
     } else {
       throw std::invalid_argument(
           "unknown option " + arg +
           "\nusage: " + std::filesystem::path(argv[0]).filename().string() +
           " [--model-dir DIR] [--input-ids 1,2,3] [--generate N] [--save-logits FILE] "
-          "[--save-kernel-logits FILE] [--folded] [--expect FILE] [--auto [--min-speedup X]]");
+          "[--save-kernel-logits FILE] [--folded] [--expect FILE] [--auto [--min-speedup X]] "
+          "[--dtype float32|bf16]");
     }
   }
   return options;
@@ -101,6 +109,14 @@ inline std::vector<int64_t> new_ids(const torch::Tensor& generated, int64_t prom
 
 inline double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>();
+}
+
+/// The bytes of `model`'s parameters and buffers.
+inline int64_t tensor_bytes(const torch::nn::Module& model) {
+  int64_t bytes = 0;
+  for (const auto& tensor : model.parameters()) bytes += tensor.numel() * tensor.element_size();
+  for (const auto& tensor : model.buffers()) bytes += tensor.numel() * tensor.element_size();
+  return bytes;
 }
 
 /// What another implementation computed for the same model.
@@ -215,11 +231,12 @@ PlanTiming time_plans(Model& model, const fusion::Plan& first, const fusion::Pla
 /// chain of `hand_written` with the same kernel, and the forward timed with both plans; leaves
 /// `model` fused by the found plan. Returns whether it covers them.
 template <typename Model, typename Run>
-bool fuse_automatically(Model& model, const fusion::Plan& hand_written, Run run,
-                        double min_speedup) {
+bool fuse_automatically(Model& model, const fusion::Plan& hand_written, Run run, double min_speedup,
+                        std::vector<std::string> kernels = {}) {
   const auto wanted = planned_chains(model, hand_written);
   fusion::OptimizeOptions options;
   options.min_speedup = min_speedup;
+  options.kernels = std::move(kernels);
   const auto plan = fusion::optimize(model, run, options);
   std::cout << plan;
   const bool found = covers(fused_chains(model), wanted);

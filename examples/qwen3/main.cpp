@@ -5,10 +5,17 @@
 //
 //   qwen3_fusion [--model-dir DIR] [--input-ids 1,2,3] [--generate N] [--save-logits FILE]
 //                [--save-kernel-logits FILE] [--folded] [--expect FILE] [--auto [--min-speedup X]]
+//                [--dtype float32|bf16]
 //
 // --auto: the kernels' plan is found by fusion::optimize on the prompt (printed, and checked to
 // cover every chain of qwen3::kernel_plan with the same kernels), and the forward is timed with
 // both plans, interleaved.
+//
+// --dtype bf16: the model in bfloat16 (half the bytes; Qwen3's checkpoints are stored so), computed
+// by the same kernels with float32 accumulation (oneDNN's bfloat16 matmul), where the CPU has
+// AVX512_BF16 (fusion::kernels::bfloat16_supported; else the demo says so and runs float32).
+// Everything is then compared with the bfloat16 model, and its logits with float32's for the
+// record.
 //
 // Generation is greedy and follows the model directory's generation settings as transformers
 // reads them (generation_config.json, else config.json; see examples/qwen3/README.md). --expect
@@ -27,6 +34,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <fusion/kernels/bfloat16.hpp>
 #include <fusion/optimize.hpp>
 
 #include "checkpoint.hpp"
@@ -48,6 +56,10 @@ qwen3::ForCausalLM tiny_model() {
 
 int main(int argc, char** argv) try {
   demo::Options options = demo::parse(argc, argv);
+  if (options.bfloat16 && !options.expect.empty()) {
+    throw std::invalid_argument(
+        "--expect compares with transformers' float32 run: not with --dtype bf16");
+  }
   torch::NoGradGuard no_grad;
   c10::optional<demo::Expected> expected;
   if (!options.expect.empty()) {
@@ -98,6 +110,20 @@ int main(int argc, char** argv) try {
   const auto ids = torch::tensor(options.input_ids, torch::kInt64).unsqueeze(0);
   std::cout << fmt::format("Input ids: [{}]\n", fmt::join(options.input_ids, ", "));
   const auto generate = [&] { return model->generate(ids, options.generate, generation); };
+
+  if (options.bfloat16 && !fusion::kernels::bfloat16_supported()) {
+    std::cout << "bf16: not available here (no AVX512_BF16, no oneDNN, or FUSION_NO_BFLOAT16): "
+                 "running float32\n";
+  } else if (options.bfloat16) {
+    const int64_t float32_bytes = demo::tensor_bytes(*model);
+    const auto float32_logits = model(ids);
+    model->to(torch::kBFloat16);
+    std::cout << fmt::format(
+        "Model in bfloat16: {:.2f} MiB of parameters and buffers (float32: {:.2f} MiB); max diff "
+        "of its logits vs float32: {:g} (largest logit {:g})\n",
+        demo::tensor_bytes(*model) / 1048576.0, float32_bytes / 1048576.0,
+        demo::max_diff(model(ids), float32_logits), float32_logits.abs().max().item<double>());
+  }
 
   const auto original = model(ids);
   bool ok = true;

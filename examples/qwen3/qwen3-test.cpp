@@ -196,6 +196,27 @@ TEST_CASE("Qwen3 kernels match the unfused model, in float32 and bf16, and gener
   require_within_kernel_tolerance(model(prompt), bf16_original);
 }
 
+TEST_CASE("a kernel's first call, checked against a replay, does not update the KV cache twice") {
+  // The first call after each prepare replays the chain to check the kernel's result; the
+  // attention's forward appends to the cache, so the check must not run on a call that carries
+  // one: generation's first step would see the prompt twice (positions and keys both wrong).
+  torch::NoGradGuard no_grad;
+  auto model = random_model(5);
+  const auto prompt = ids({1, 2, 3, 4, 5, 6, 7, 8});
+  const auto expected = model->generate(prompt, 6);
+  qwen3::KVCache reference;
+  model->forward(prompt, &reference);
+  qwen3::fuse_with_kernels(model);
+  qwen3::KVCache cache;
+  model->forward(prompt, &cache);  // the kernels' first call
+  REQUIRE(cache.seen() == reference.seen());
+  CHECK(torch::equal(model->generate(prompt, 6), expected));
+  for (const auto& chain : fusion::fused_chains(model)) {
+    INFO(fusion::to_string(chain));
+    CHECK(chain.stats.runs > 0);
+  }
+}
+
 TEST_CASE("on CUDA, replay and kernels match the unfused model (skipped without CUDA)", "[cuda]") {
   if (!torch::cuda::is_available()) {
     WARN("CUDA is not available in this LibTorch build or machine: CUDA case skipped");

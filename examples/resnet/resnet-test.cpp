@@ -4,6 +4,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <fusion/kernels/bfloat16.hpp>
+
 #include "resnet.hpp"
 
 using fusion_test::Contains;
@@ -89,6 +91,47 @@ TEST_CASE("the folding plan fuses 20 chains whose kernels match the unfused netw
   SECTION("unfused again, the network is exactly the original") {
     fusion::unfuse_modules(model);
     CHECK(torch::equal(model(images), original));
+  }
+}
+
+TEST_CASE("block_plan in bfloat16: activations blocked in bfloat16 from block to block",
+          "[bfloat16]") {
+  if (!fusion::kernels::bfloat16_supported()) {
+    WARN("no AVX512_BF16 (or no oneDNN) here: skipped");
+    return;
+  }
+  torch::NoGradGuard no_grad;
+  auto model = random_model(55);
+  const auto images = torch::randn({2, 3, 64, 64});
+  const auto original = model(images);
+  const double largest = original.abs().max().item<double>();
+  // 20 convolutions in bfloat16: within bfloat16's default tolerance of the largest logit.
+  const auto require_bf16_close = [&](const torch::Tensor& logits) {
+    CHECK(logits.scalar_type() == torch::kFloat32);
+    CHECK_FALSE(logits.is_mkldnn());
+    const double diff = (logits - original).abs().max().item<double>();
+    INFO("max abs diff " << diff << ", largest logit " << largest);
+    CHECK(diff > 0);
+    CHECK(diff <= fusion::default_tolerance(torch::kBFloat16) * largest);
+  };
+  auto plan = fusion::kernels::in_bfloat16(resnet::block_plan());
+  SECTION("every chain in bfloat16") {
+    fusion::fuse_modules(model, plan);
+    require_bf16_close(model(images));
+    for (const auto& chain : fusion::fused_chains(model)) {
+      INFO(fusion::to_string(chain));
+      CHECK(chain.stats.runs == 1);
+      CHECK(chain.kernel_dtype == "BFloat16");
+    }
+    const auto report = fusion::verify(model, [&] { return model(images); });
+    INFO(report.to_string());
+    CHECK(report.ok());
+  }
+  SECTION("the stem in bfloat16, the blocks in float32: the hand-off converts") {
+    plan.rules[1].options.kernel = "resnet.basic_block";
+    fusion::fuse_modules(model, plan);
+    require_bf16_close(model(images));
+    for (const auto& chain : fusion::fused_chains(model)) CHECK(chain.stats.runs == 1);
   }
 }
 

@@ -101,12 +101,14 @@ std::string report(Root& root) {
     if (!chain.kernel.empty()) {
       const KernelStats& k = chain.stats;
       fmt::format_to(std::back_inserter(text),
-                     "    kernel {}: {} run(s), {} exception(s), {} checked; replays: device {}, "
-                     "training {}, grad {}, modes {}, declined {}; {} prepare(s); state {} B own, "
-                     "{} B shared with the model\n",
-                     chain.kernel, k.runs, k.exceptions, k.checks, k.replays_device,
-                     k.replays_training, k.replays_grad, k.replays_modes, k.replays_declined,
-                     k.prepares, k.state_bytes, k.shared_state_bytes);
+                     "    kernel {}{}: {} run(s), {} exception(s), {} checked; replays: device "
+                     "{}, training {}, grad {}, modes {}, declined {}; {} prepare(s); state {} B "
+                     "own, {} B shared with the model\n",
+                     chain.kernel,
+                     chain.kernel_dtype.empty() ? "" : " (computes in " + chain.kernel_dtype + ")",
+                     k.runs, k.exceptions, k.checks, k.replays_device, k.replays_training,
+                     k.replays_grad, k.replays_modes, k.replays_declined, k.prepares, k.state_bytes,
+                     k.shared_state_bytes);
       if (k.unversioned_tensors > 0) {
         fmt::format_to(std::back_inserter(text),
                        "    note: {} member tensor(s) are inference tensors: in-place writes to "

@@ -38,7 +38,9 @@ struct FusedChain {
   std::vector<ModuleSpec> specs;      // the spec each member was fused with, same order
   std::vector<std::string> binding;   // the values the patterns' wildcards took for this chain
   std::string kernel;                 // the kernel attached, or empty: the chain replays
-  KernelStats stats;                  // with a kernel: what it did
+  std::string kernel_dtype;  // the dtype it computes in (KernelOptions::compute_dtype), e.g.
+                             // "BFloat16"; empty: its inputs'
+  KernelStats stats;         // with a kernel: what it did
 };
 
 /// One line: "layers.0.norm -> layers.0.mlp".

@@ -31,7 +31,8 @@ struct OptimizeOptions {
   /// share per rule. Each rule still gets at least eight rounds of its three variants, so a slow
   /// run can take longer.
   std::chrono::milliseconds time_budget{15000};
-  /// Only these kernels (exact names); empty: every registered kernel.
+  /// Only these kernels (exact names); empty: every registered kernel that computes in its
+  /// inputs' dtype (a reduced-precision one, KernelOptions::compute_dtype, only when named here).
   std::vector<std::string> kernels = {};
 };
 

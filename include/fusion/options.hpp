@@ -2,10 +2,12 @@
 // KernelPolicy (what a chain with a kernel does on each call).
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
 
 namespace fusion {
 
@@ -26,6 +28,12 @@ struct KernelOptions {
   /// fusion::Sequential then hands results on blocked between consecutive one-member chains with
   /// such kernels (detail/blocked_layout.hpp), reordering once on the way in and once out.
   bool blocked_layout = false;
+  /// The dtype the kernel computes in where that is not its inputs' (a reduced-precision kernel:
+  /// bfloat16 weights and activations, float32 accumulation, float32 results); unset: the inputs'.
+  /// Its results are then compared within that dtype's tolerance (verify, KernelPolicy::checked),
+  /// report shows it, and fusion::optimize tries the kernel only when OptimizeOptions::kernels
+  /// names it: a loss of precision is the user's choice, never found by itself.
+  std::optional<c10::ScalarType> compute_dtype = std::nullopt;
 };
 
 /// What a chain with a kernel does on each call.
@@ -38,7 +46,9 @@ enum class KernelPolicy {
   /// As fallback, and on every call the kernel runs, also replay the members and compare: a
   /// result whose structure, shape, dtype or device differs, or whose values differ by more than
   /// the default tolerance of their dtype (see VerifyOptions), throws a FusionError naming the
-  /// kernel and the chain. Twice the work: for tests and for trying a new kernel.
+  /// kernel and the chain. Twice the work: for tests and for trying a new kernel. Except calls
+  /// with a free input of a user type (not a tensor, number, string, list or None: a KV cache
+  /// pointer), whose replay would change that value a second time; `report` counts the checks.
   checked,
 };
 

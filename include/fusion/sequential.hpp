@@ -295,9 +295,11 @@ class SequentialImpl : public torch::nn::Cloneable<SequentialImpl> {
     return chain != nullptr && slot.member_index() + 1 == chain->size() &&
            chain->kernel() != nullptr && chain->kernel()->blocked_layout_now();
   }
+  /// Blocked tensors come only from float32 models, blocked in float32 or, from a bfloat16
+  /// kernel, in bfloat16: what follows gets float32, as unfused.
   static void to_dense(torch::nn::AnyValue& value) {
     if (auto* tensor = value.try_get<torch::Tensor>()) {
-      if (tensor->is_mkldnn()) *tensor = tensor->to_dense();
+      if (tensor->is_mkldnn()) *tensor = tensor->to_dense(torch::kFloat);
     }
   }
 

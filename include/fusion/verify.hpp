@@ -41,7 +41,9 @@ struct VerifyOptions {
   /// tensor is compared within a tolerance relative to its largest magnitude in the unfused run,
   /// by dtype: 1e-10 for float64, 1e-5 for float32, 1e-2 for float16, 5e-2 for bfloat16; integer
   /// and boolean tensors and other values must be equal. A replay is exact (it runs the same ops);
-  /// the defaults are for kernels, whose arithmetic is reordered.
+  /// the defaults are for kernels, whose arithmetic is reordered. A chain whose kernel computes in
+  /// a lower precision (KernelOptions::compute_dtype) is compared within that dtype's default
+  /// where it is looser: a bfloat16 kernel on a float32 model within 5e-2.
   std::optional<double> tolerance = std::nullopt;
   /// With grad mode on: backpropagate a fixed random projection of the result and compare the
   /// gradients of every parameter under the root and of `inputs`.
@@ -55,6 +57,12 @@ struct VerifyOptions {
   /// its replay's result.
   bool require_kernel_run = true;
 };
+
+/// The tolerance verify uses by default for tensors of `dtype`, relative to the largest magnitude
+/// of the unfused result (see VerifyOptions::tolerance).
+inline double default_tolerance(c10::ScalarType dtype) {
+  return detail::default_relative_tolerance(dtype);
+}
 
 struct ChainCheck {
   FusedChain chain;
@@ -107,11 +115,13 @@ struct VerifyReport {
 namespace detail {
 
 /// Compares a fused run with the unfused one into `check` (results, then each gradient).
+/// Without a tolerance, within the defaults of each tensor's dtype or `computed_in`, the looser.
 inline void compare_runs(ChainCheck& check, const RunOutcome& reference, const RunOutcome& fused,
-                         const std::vector<std::string>& names, std::optional<double> tolerance) {
+                         const std::vector<std::string>& names, std::optional<double> tolerance,
+                         c10::optional<c10::ScalarType> computed_in) {
   const c10::optional<double> absolute =
       tolerance ? c10::optional<double>(*tolerance) : c10::nullopt;
-  const Difference result = difference(reference.result, fused.result, absolute);
+  const Difference result = difference(reference.result, fused.result, absolute, computed_in);
   check.max_abs_diff = result.max_abs;
   double excess = result.excess;
   const bool compare = !reference.gradients.empty() || !fused.gradients.empty();
@@ -119,7 +129,7 @@ inline void compare_runs(ChainCheck& check, const RunOutcome& reference, const R
     const at::Tensor none;
     const at::Tensor& a = g < reference.gradients.size() ? reference.gradients[g] : none;
     const at::Tensor& b = g < fused.gradients.size() ? fused.gradients[g] : none;
-    const Difference diff = difference(a, b, absolute);
+    const Difference diff = difference(a, b, absolute, computed_in);
     excess = std::max(excess, diff.excess);
     if (check.worst_gradient.empty() || diff.max_abs > check.max_grad_diff) {
       check.max_grad_diff = diff.max_abs;
@@ -152,8 +162,9 @@ ChainCheck check_chain(Chain& chain, FusedChain info, Run& run, SavedState& stat
   chain.attach();
   try {
     std::uint64_t before = runs();
+    const auto computed_in = kernel ? kernel->compute_dtype() : c10::nullopt;
     compare_runs(check, references.as_called, run_once(run, state, options.gradients),
-                 state.gradient_names(), options.tolerance);
+                 state.gradient_names(), options.tolerance, computed_in);
     check.kernel_ran = runs() > before;
     if (kernel && !check.kernel_ran && (torch::GradMode::is_enabled() || flags.any_training())) {
       const torch::NoGradGuard no_grad;
@@ -167,7 +178,8 @@ ChainCheck check_chain(Chain& chain, FusedChain info, Run& run, SavedState& stat
       ChainCheck in_eval;
       in_eval.chain = std::move(check.chain);
       check = std::move(in_eval);
-      compare_runs(check, *references.in_eval, run_once(run, state, false), {}, options.tolerance);
+      compare_runs(check, *references.in_eval, run_once(run, state, false), {}, options.tolerance,
+                   computed_in);
       check.kernel_ran = check.kernel_in_eval = runs() > before;
     }
     if (kernel && !check.kernel_ran && options.require_kernel_run) check.ok = false;

@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 #include <fusion/fusion.hpp>
 #include <fusion/kernels/batch_norm_folding.hpp>
+#include <fusion/kernels/bfloat16.hpp>
 #include <fusion/kernels/transformer.hpp>
 #include <fusion/optimize.hpp>
 #include <fusion/plan_json.hpp>

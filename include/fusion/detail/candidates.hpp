@@ -114,8 +114,9 @@ inline void extend(const CallTrace& trace, const std::map<std::size_t, std::vect
 }  // namespace candidates
 
 /// Every (chain, kernel) pair whose member types are those of a kernel registered (and listed in
-/// `allowed`, when it is not empty), longest chains first, then kernels by name. `notes` gets a
-/// line for each Slot that would fit a kernel but is called more than once per run.
+/// `allowed`, when it is not empty; a reduced-precision kernel only when listed there), longest
+/// chains first, then kernels by name. `notes` gets a line for each Slot that would fit a kernel
+/// but is called more than once per run.
 inline std::vector<Candidate> find_candidates(const CallTrace& trace,
                                               const std::vector<std::string>& allowed,
                                               std::vector<std::string>& notes) {
@@ -123,7 +124,8 @@ inline std::vector<Candidate> find_candidates(const CallTrace& trace,
   std::vector<Candidate> found;
   std::set<std::type_index> kernel_types;
   for (const auto& [name, types] : KernelRegistry::instance().member_types()) {
-    if (!allowed.empty() && std::find(allowed.begin(), allowed.end(), name) == allowed.end()) {
+    const bool listed = std::find(allowed.begin(), allowed.end(), name) != allowed.end();
+    if (!listed && (!allowed.empty() || KernelRegistry::instance().reduced_precision(name))) {
       continue;
     }
     kernel_types.insert(types.begin(), types.end());

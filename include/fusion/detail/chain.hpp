@@ -61,6 +61,8 @@ class KernelRunner {
   virtual std::vector<c10::IValue>* try_run(const Chain& chain, Capture& capture) = 0;
   virtual const std::string& name() const noexcept = 0;
   virtual KernelPolicy policy() const noexcept = 0;
+  /// KernelOptions::compute_dtype of its implementations (the first that sets one).
+  virtual c10::optional<c10::ScalarType> compute_dtype() const noexcept = 0;
   /// Makes the next call rebuild the kernel's prepared state.
   virtual void invalidate() noexcept = 0;
   virtual KernelStats stats() const = 0;

@@ -100,9 +100,13 @@ class FusedModule final : public Dispatch {
   }
 
  private:
+  /// As fusion::Sequential's: float32, what the unfused model gives (a bfloat16 kernel's blocked
+  /// result included).
   static void to_dense(std::vector<c10::IValue>& values) {
     for (auto& value : values) {
-      if (value.isTensor() && value.toTensor().is_mkldnn()) value = value.toTensor().to_dense();
+      if (value.isTensor() && value.toTensor().is_mkldnn()) {
+        value = value.toTensor().to_dense(at::kFloat);
+      }
     }
   }
 

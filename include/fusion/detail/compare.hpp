@@ -48,10 +48,12 @@ struct Difference {
 };
 
 /// `result` against `reference`: per tensor, against `absolute` when given, else against the
-/// default relative tolerance of the reference's dtype. Structure, shapes, dtypes or non-numeric
-/// values that differ give infinity. NaN equals NaN.
+/// default relative tolerance of the reference's dtype, or of `computed_in` where that is looser
+/// (a kernel that computes in bfloat16: KernelOptions::compute_dtype). Structure, shapes, dtypes
+/// or non-numeric values that differ give infinity. NaN equals NaN.
 inline Difference difference(const c10::IValue& reference, const c10::IValue& result,
-                             c10::optional<double> absolute) {
+                             c10::optional<double> absolute,
+                             c10::optional<c10::ScalarType> computed_in = c10::nullopt) {
   constexpr double mismatch = std::numeric_limits<double>::infinity();
   const auto excess = [&](double diff, double allowed) {
     if (diff == 0) return 0.0;
@@ -72,9 +74,12 @@ inline Difference difference(const c10::IValue& reference, const c10::IValue& re
     const at::Tensor diff = (xd - yd).abs().masked_fill(xd.isnan() & yd.isnan(), 0);
     const double worst = diff.max().item<double>();
     if (std::isnan(worst)) return {mismatch, mismatch};
-    const double allowed = absolute ? *absolute
-                                    : default_relative_tolerance(x.scalar_type()) *
-                                          xd.abs().masked_fill(xd.isnan(), 0).max().item<double>();
+    double relative = default_relative_tolerance(x.scalar_type());
+    if (computed_in && relative > 0) {
+      relative = std::max(relative, default_relative_tolerance(*computed_in));
+    }
+    const double allowed =
+        absolute ? *absolute : relative * xd.abs().masked_fill(xd.isnan(), 0).max().item<double>();
     return {worst, excess(worst, allowed)};
   }
   if ((reference.isTuple() && result.isTuple()) || (reference.isList() && result.isList())) {
@@ -84,7 +89,9 @@ inline Difference difference(const c10::IValue& reference, const c10::IValue& re
         result.isTuple() ? result.toTupleRef().elements().vec() : result.toListRef().vec();
     if (xs.size() != ys.size()) return {mismatch, mismatch};
     Difference worst;
-    for (std::size_t i = 0; i < xs.size(); ++i) worst.merge(difference(xs[i], ys[i], absolute));
+    for (std::size_t i = 0; i < xs.size(); ++i) {
+      worst.merge(difference(xs[i], ys[i], absolute, computed_in));
+    }
     return worst;
   }
   if (reference.isGenericDict() && result.isGenericDict()) {
@@ -95,7 +102,7 @@ inline Difference difference(const c10::IValue& reference, const c10::IValue& re
     for (const auto& entry : xs) {
       auto found = ys.find(entry.key());
       if (found == ys.end()) return {mismatch, mismatch};
-      worst.merge(difference(entry.value(), found->value(), absolute));
+      worst.merge(difference(entry.value(), found->value(), absolute, computed_in));
     }
     return worst;
   }

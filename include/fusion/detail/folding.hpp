@@ -80,6 +80,13 @@ torch::Tensor convolve(const ConvImpl& conv, const torch::Tensor& input,
   return run(input, c10::string_view(same ? "same" : "valid"));
 }
 
+/// `x` in oneDNN's blocked layout in `dtype` (float32 or bfloat16): as it is, or reordered once.
+/// Blocked tensors handed between kernels may be in either (a bfloat16 kernel's results are).
+inline torch::Tensor blocked(const torch::Tensor& x, c10::ScalarType dtype) {
+  if (!x.is_mkldnn()) return x.to_mkldnn(dtype);
+  return x.scalar_type() == dtype ? x : x.to_dense(torch::kFloat).to_mkldnn(dtype);
+}
+
 template <std::size_t D>
 std::vector<int64_t> as_vector(const torch::ExpandingArray<D>& values) {
   return {values->begin(), values->end()};

@@ -43,11 +43,15 @@ class KernelBinding final : public KernelRunner {
     for (const auto& impl : impls_) {
       blocked_layout_ = blocked_layout_ || impl->options.blocked_layout;
       stateless_ = stateless_ && !impl->stateful;
+      if (!compute_dtype_ && impl->options.compute_dtype) {
+        compute_dtype_ = *impl->options.compute_dtype;
+      }
     }
   }
 
   const std::string& name() const noexcept override { return name_; }
   KernelPolicy policy() const noexcept override { return policy_; }
+  c10::optional<c10::ScalarType> compute_dtype() const noexcept override { return compute_dtype_; }
   bool blocked_layout_now() const noexcept override {
     if (!blocked_layout_ || policy_ == KernelPolicy::checked || unchecked_.load() ||
         dirty_.load(std::memory_order_acquire)) {
@@ -108,8 +112,12 @@ class KernelBinding final : public KernelRunner {
       prepared = current(*call.impl, call.members.data());
     }
     // The first call after a prepare is checked against a replay, which gives dense tensors.
-    const bool check_values = policy_ == KernelPolicy::checked;
-    if (check_values || (!call.training_mode && unchecked_.load())) BlockedHandOff::take_grant();
+    // Not a call with a free input of a user type (a KV cache the attention appends to): the
+    // replay would change it a second time. The first call without one is checked.
+    const bool check_values = policy_ == KernelPolicy::checked && call.replayable;
+    if (check_values || (!call.training_mode && call.replayable && unchecked_.load())) {
+      BlockedHandOff::take_grant();
+    }
     const ClearOnThrow guard{capture};
     auto& outputs = capture.outputs.back();
     outputs.clear();
@@ -125,7 +133,7 @@ class KernelBinding final : public KernelRunner {
     // checked against the replay, outside training mode, where replaying has side effects (batch
     // statistics): a kernel whose result has the wrong shape would otherwise be broadcast by the
     // parent's next op, silently.
-    if (check_values || (!call.training_mode && unchecked_.exchange(false))) {
+    if (check_values || (!call.training_mode && call.replayable && unchecked_.exchange(false))) {
       return check(chain, capture, check_values);
     }
     for (auto& args : capture.args) args.clear();
@@ -142,6 +150,8 @@ class KernelBinding final : public KernelRunner {
     c10::SmallVector<const c10::IValue*, 8> inputs;  // the free inputs, in order
     c10::SmallVector<void*, 8> members;              // the member modules, as Impl*
     bool training_mode = false;
+    bool replayable = true;  // no free input is of a user type (a capsule), which a replay could
+                             // change a second time
   };
 
   /// Whether the kernel applies to this call, the cheap checks first; fills `call` if it does.
@@ -156,6 +166,7 @@ class KernelBinding final : public KernelRunner {
     for (const FreeInput& free : chain.free_inputs()) {
       const c10::IValue& value = chain.free_input(capture, free);
       call.inputs.push_back(&value);
+      call.replayable = call.replayable && !value.isCapsule();
       if (!value.isTensor()) continue;
       const at::Tensor& tensor = value.toTensor();
       if (!tensor.defined()) continue;
@@ -230,12 +241,12 @@ class KernelBinding final : public KernelRunner {
             capture, fmt::format("kernel '{}' gave a result unlike the replay's: {}", name_, *why));
       }
       for (std::size_t i = 0; values && i < replayed.size(); ++i) {
-        const Difference diff = difference(replayed[i], computed[i], c10::nullopt);
+        const Difference diff = difference(replayed[i], computed[i], c10::nullopt, compute_dtype_);
         if (diff.excess > 1) {
           chain.fail_call(capture,
                           fmt::format("kernel '{}' (checked policy): output #{} differs from the "
                                       "replay by {:g}, more than the default tolerance of its "
-                                      "dtype allows ({:g})",
+                                      "dtype (or the kernel's compute_dtype) allows ({:g})",
                                       name_, i, diff.max_abs, diff.max_abs / diff.excess));
         }
       }
@@ -308,6 +319,7 @@ class KernelBinding final : public KernelRunner {
   KernelPolicy policy_;
   bool blocked_layout_ = false;  // an implementation has KernelOptions::blocked_layout
   bool stateless_ = true;        // no implementation prepares a state
+  c10::optional<c10::ScalarType> compute_dtype_;
   std::atomic<std::uint64_t> runs_{0}, prepares_{0}, exceptions_{0}, checks_{0};
   std::atomic<bool> dirty_{false};
   std::atomic<bool> unchecked_{true};  // the next run outside training mode is checked

@@ -89,6 +89,18 @@ class FUSION_API KernelRegistry {
     return result;
   }
 
+  /// Whether an implementation of kernel `name` computes in another dtype than its inputs
+  /// (KernelOptions::compute_dtype).
+  bool reduced_precision(const std::string& name) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto found = kernels_.find(name);
+    if (found == kernels_.end()) return false;
+    for (const auto& impl : found->second) {
+      if (impl->options.compute_dtype) return true;
+    }
+    return false;
+  }
+
   std::vector<std::string> names() const {
     std::lock_guard<std::mutex> lock(mutex_);
     std::vector<std::string> result;

@@ -111,6 +111,7 @@ inline FusedChain with_kernel(FusedChain info, const Chain& chain) {
   if (const auto& kernel = chain.kernel()) {
     info.kernel = kernel->name();
     info.stats = kernel->stats();
+    if (const auto dtype = kernel->compute_dtype()) info.kernel_dtype = c10::toString(*dtype);
   }
   return info;
 }

@@ -5,6 +5,7 @@
 //   fusion.conv{1,2,3}d_bn_<activation>  ... -> the activation, in place on the fresh output
 //   fusion.conv{1,2,3}d_<activation>     Conv{1,2,3}d -> the activation (the weights as they are)
 //   fusion.conv_transpose{1,2,3}d_bn     ConvTranspose{1,2,3}d -> BatchNorm{1,2,3}d, folded
+//   fusion.conv2d_....bf16               each 2d kernel above, computing in bfloat16
 //
 // <activation>: relu, relu6, silu, hardswish (fusion::Hardswish), leaky_relu, gelu
 // (detail/epilogue.hpp). In eval mode, BatchNorm is the per-channel affine map
@@ -18,6 +19,13 @@
 // compute what the modules compute, the chain replays: training mode (batch statistics; the
 // options say so), BatchNorm without running statistics (`track_running_stats(false)`, which uses
 // batch statistics in eval mode too; the kernel's applies() says no), and gradients.
+//
+// The bfloat16 variants (KernelOptions::compute_dtype, kernels/bfloat16.hpp) keep the folded
+// weights in bfloat16, rounded once from float64 (half the bytes), and run oneDNN's bfloat16
+// convolution with float32 accumulation and a float32 bias on float32 CPU inputs: the input is
+// reordered into oneDNN's layout in bfloat16, the result back to float32 (or kept blocked, in
+// bfloat16, inside a block kernel or between kernels that hand blocked tensors on). Where the CPU
+// lacks AVX512_BF16 they decline, and their chains replay in float32.
 #pragma once
 
 #include <cstdint>
@@ -32,6 +40,7 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/types.h>
 
+#include "fusion/detail/bfloat16.hpp"
 #include "fusion/detail/epilogue.hpp"
 #include "fusion/detail/folding.hpp"
 #include "fusion/kernel.hpp"
@@ -43,8 +52,11 @@ namespace fusion::kernels {
 template <std::size_t D, typename ConvImpl, typename BatchNormImpl, typename Activation = void>
 struct ConvBatchNorm {
   using Epilogue = detail::Epilogue<Activation>;
+  bool bfloat16 = false;  // the ".bf16" variant: weights and activations in bfloat16
+
   struct State {
     torch::Tensor weight, bias;
+    bool bfloat16 = false;               // weight in bfloat16 for float32 inputs (bias in float32)
     torch::Tensor weight_channels_last;  // for channels-last inputs (2d and 3d)
     std::shared_ptr<const detail::PrepackedConv2d> prepacked;  // 2d, where LibTorch has the ops
     // 2d: the weight in oneDNN's own layout, for inputs in that layout (`x.to_mkldnn()`, as
@@ -56,43 +68,55 @@ struct ConvBatchNorm {
     std::vector<torch::Tensor> tensors() const { return {weight, bias, weight_channels_last}; }
   };
 
-  State prepare(ConvImpl& conv, BatchNormImpl& bn) const { return fold(conv, bn); }
+  State prepare(ConvImpl& conv, BatchNormImpl& bn) const {
+    return fold(conv, bn, /*channels_last=*/true, bfloat16);
+  }
 
-  /// The state for `conv` with `bn` folded in; see with_weights for `channels_last`.
-  static State fold(ConvImpl& conv, BatchNormImpl& bn, bool channels_last = true) {
+  /// The state for `conv` with `bn` folded in; see with_weights for `channels_last` and
+  /// `bfloat16`.
+  static State fold(ConvImpl& conv, BatchNormImpl& bn, bool channels_last = true,
+                    bool bfloat16 = false) {
     auto [scale, shift] = detail::batch_norm_affine(bn);
     std::vector<int64_t> per_channel(D + 2, 1);
     per_channel[0] = -1;
     const auto dtype = conv.weight.scalar_type();
     auto bias = conv.bias.defined() ? conv.bias.to(torch::kFloat64) * scale + shift : shift;
-    return with_weights(conv, (conv.weight.to(torch::kFloat64) * scale.view(per_channel)).to(dtype),
-                        bias.to(dtype), channels_last);
+    return with_weights(conv,
+                        (conv.weight.to(torch::kFloat64) * scale.view(per_channel))
+                            .to(bfloat16 ? torch::kBFloat16 : dtype),
+                        bias.to(dtype), channels_last, bfloat16);
   }
 
   /// The state for computing `conv` with `weight` and `bias` (undefined: none); with a
   /// channels-last copy of the weight for channels-last inputs (2d and 3d) where `channels_last`.
+  /// With `bfloat16` (2d only), `weight` is rounded to bfloat16 for the bfloat16 convolution of
+  /// float32 inputs, and no channels-last copy is made: every CPU input goes through oneDNN.
   static State with_weights(ConvImpl& conv, torch::Tensor weight, torch::Tensor bias,
-                            bool channels_last = true) {
+                            bool channels_last = true, bool bfloat16 = false) {
     State state;
-    state.weight = std::move(weight);
+    state.bfloat16 = D == 2 && bfloat16;
+    state.weight = state.bfloat16 ? weight.to(torch::kBFloat16) : std::move(weight);
     state.bias = std::move(bias);
     if constexpr (D == 2) {
-      if (channels_last) {
+      if (channels_last && !state.bfloat16) {
         state.weight_channels_last = state.weight.contiguous(torch::MemoryFormat::ChannelsLast);
       }
       const auto& o = conv.options;
       const auto* padding = detail::alternative<torch::ExpandingArray<2>>(o.padding());
-      // oneDNN convolves numeric zero padding of float32 on the CPU; other cases go dense.
+      // oneDNN convolves numeric zero padding of float32 (or bfloat16 for float32) on the CPU;
+      // other cases go dense.
       const bool onednn =
           padding != nullptr &&
           detail::alternative<torch::enumtype::kZeros>(o.padding_mode()) != nullptr &&
-          state.weight.device().is_cpu() && state.weight.scalar_type() == torch::kFloat32;
+          state.weight.device().is_cpu() &&
+          (state.weight.scalar_type() == torch::kFloat32 || state.bfloat16);
       if (onednn) {
         state.stride = detail::as_vector(o.stride());
         state.padding = detail::as_vector(*padding);
         state.dilation = detail::as_vector(o.dilation());
       }
-      if (onednn && detail::PrepackedConv2d::available()) {
+      // LibTorch's prepacked convolution takes float32 only.
+      if (onednn && !state.bfloat16 && detail::PrepackedConv2d::available()) {
         state.prepacked = std::make_shared<const detail::PrepackedConv2d>(
             state.weight.contiguous(), state.bias, state.stride, state.padding, state.dilation,
             o.groups(), Epilogue::onednn_post_op);
@@ -110,7 +134,9 @@ struct ConvBatchNorm {
     return state;
   }
 
-  bool applies(ConvImpl&, BatchNormImpl& bn) const { return detail::has_running_stats(bn); }
+  bool applies(ConvImpl&, BatchNormImpl& bn) const {
+    return detail::has_running_stats(bn) && (!bfloat16 || detail::bfloat16_enabled());
+  }
 
   torch::Tensor operator()(const State& s, ConvImpl& conv, BatchNormImpl& bn,
                            const torch::Tensor& input) const {
@@ -121,17 +147,20 @@ struct ConvBatchNorm {
   }
 
   /// The convolution with the state's weights, then the activation (the module's options).
+  /// A blocked input gives a blocked result, in the state's compute dtype.
   static torch::Tensor run(const State& s, ConvImpl& conv, const torch::Tensor& input,
                            const Activation* activation) {
     if constexpr (D == 2) {
+      if (s.bfloat16) return run_bfloat16(s, conv, input, activation);
       if (input.is_mkldnn()) {
         // A padding mode oneDNN lacks, or an input the convolution refuses (ATen's error then).
         if (!s.weight_mkldnn.defined() || !fits_prepacked(s, conv, input)) {
-          return run(s, conv, input.to_dense(), activation).to_mkldnn();
+          return run(s, conv, input.to_dense(torch::kFloat), activation).to_mkldnn();
         }
-        return Epilogue::apply(at::mkldnn_convolution(input, s.weight_mkldnn, s.bias, s.padding,
-                                                      s.stride, s.dilation, conv.options.groups()),
-                               activation);
+        return Epilogue::apply(
+            at::mkldnn_convolution(detail::blocked(input, torch::kFloat), s.weight_mkldnn, s.bias,
+                                   s.padding, s.stride, s.dilation, conv.options.groups()),
+            activation);
       }
       if (s.prepacked && input.is_contiguous() && input.device().is_cpu() &&
           input.scalar_type() == torch::kFloat32 && fits_prepacked(s, conv, input)) {
@@ -146,6 +175,32 @@ struct ConvBatchNorm {
     }
     return Epilogue::apply(detail::convolve<D>(conv, input, weight_for(s, input), s.bias),
                            activation);
+  }
+
+  /// The bfloat16 state's convolution: oneDNN's for blocked and float32 CPU inputs. Otherwise
+  /// (other padding modes, which LibTorch 1.13 cannot pad in bfloat16; inputs oneDNN refuses,
+  /// which then get ATen's error) the dense convolution in the input's dtype with the bfloat16
+  /// weight.
+  static torch::Tensor run_bfloat16(const State& s, ConvImpl& conv, const torch::Tensor& input,
+                                    const Activation* activation) {
+    const bool onednn =
+        s.weight_mkldnn.defined() && fits_prepacked(s, conv, input) &&
+        (input.is_mkldnn() || (input.device().is_cpu() && input.scalar_type() == torch::kFloat32));
+    if (!onednn) {
+      const auto dense = input.is_mkldnn() ? input.to_dense(torch::kFloat) : input;
+      auto output = detail::convolve<D>(conv, dense, s.weight.to(dense.dtype()), s.bias);
+      output = Epilogue::apply(output, activation);
+      return input.is_mkldnn() ? output.to_mkldnn(torch::kBFloat16) : output;
+    }
+    auto output =
+        at::mkldnn_convolution(detail::blocked(input, torch::kBFloat16), s.weight_mkldnn, s.bias,
+                               s.padding, s.stride, s.dilation, conv.options.groups());
+    if (input.is_mkldnn()) return Epilogue::apply(output, activation);
+    output = output.to_dense(torch::kFloat);  // the activation then runs on float32, in place
+    if (!input.is_contiguous() && input.is_contiguous(torch::MemoryFormat::ChannelsLast)) {
+      output = output.contiguous(torch::MemoryFormat::ChannelsLast);  // as the module's output
+    }
+    return Epilogue::apply(output, activation);
   }
 
   /// Whether oneDNN's convolution computes this input as ATen's would: a non-empty batch of the
@@ -190,11 +245,13 @@ struct ConvBatchNormActivation {
   using Folded = ConvBatchNorm<D, ConvImpl, BatchNormImpl, Activation>;
   using State = typename Folded::State;
 
+  bool bfloat16 = false;  // the ".bf16" variant
+
   State prepare(ConvImpl& conv, BatchNormImpl& bn, Activation&) const {
-    return Folded().prepare(conv, bn);
+    return Folded::fold(conv, bn, /*channels_last=*/true, bfloat16);
   }
-  bool applies(ConvImpl&, BatchNormImpl& bn, Activation&) const {
-    return detail::has_running_stats(bn);
+  bool applies(ConvImpl& conv, BatchNormImpl& bn, Activation&) const {
+    return Folded{bfloat16}.applies(conv, bn);
   }
   torch::Tensor operator()(const State& s, ConvImpl& conv, BatchNormImpl& bn,
                            Activation& activation, const torch::Tensor& input) const {
@@ -213,12 +270,14 @@ struct ConvActivation {
   // The batch norm type is not used: ConvBatchNorm's state and run, without the fold.
   using Runner = ConvBatchNorm<D, ConvImpl, torch::nn::BatchNorm2dImpl, Activation>;
   using State = typename Runner::State;
+  bool bfloat16 = false;  // the ".bf16" variant (a bfloat16 copy of the weight)
 
   State prepare(ConvImpl& conv, Activation&) const {
     return Runner::with_weights(conv, conv.weight.detach(),
                                 conv.bias.defined() ? conv.bias.detach() : torch::Tensor(),
-                                /*channels_last=*/false);
+                                /*channels_last=*/false, bfloat16);
   }
+  bool applies(ConvImpl&, Activation&) const { return !bfloat16 || detail::bfloat16_enabled(); }
   torch::Tensor operator()(const State& s, ConvImpl& conv, Activation& activation,
                            const torch::Tensor& input) const {
     if (input.dim() != D + 2 && !input.is_mkldnn()) {
@@ -292,7 +351,15 @@ using ConvActivations =
     std::tuple<torch::nn::ReLUImpl, torch::nn::ReLU6Impl, torch::nn::SiLUImpl,
                fusion::HardswishImpl, torch::nn::LeakyReLUImpl, torch::nn::GELUImpl>;
 
-/// Registers fusion.<conv>_bn_<activation> and fusion.<conv>_<activation> for each activation.
+/// The options of the ".bf16" variants: the CPU, eval mode, bfloat16.
+inline KernelOptions bfloat16_options() {
+  KernelOptions options{{c10::DeviceType::CPU}};
+  options.compute_dtype = c10::ScalarType::BFloat16;
+  return options;
+}
+
+/// Registers fusion.<conv>_bn_<activation> and fusion.<conv>_<activation> for each activation,
+/// and their ".bf16" variants for 2d.
 template <std::size_t D, typename ConvImpl, typename BatchNormImpl, typename... Activations>
 void register_conv_activations(const std::string& conv, std::tuple<Activations...>* /*types*/) {
   const KernelOptions eval_only{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
@@ -305,6 +372,16 @@ void register_conv_activations(const std::string& conv, std::tuple<Activations..
   (register_kernel("fusion." + conv + "_" + Epilogue<Activations>::name,
                    kernels::ConvActivation<D, ConvImpl, Activations>{}, any_mode),
    ...);
+  if constexpr (D == 2) {
+    (register_kernel(
+         "fusion." + conv + "_bn_" + Epilogue<Activations>::name + ".bf16",
+         kernels::ConvBatchNormActivation<D, ConvImpl, BatchNormImpl, Activations>{true},
+         bfloat16_options()),
+     ...);
+    (register_kernel("fusion." + conv + "_" + Epilogue<Activations>::name + ".bf16",
+                     kernels::ConvActivation<D, ConvImpl, Activations>{true}, bfloat16_options()),
+     ...);
+  }
 }
 
 /// Registers every kernel of this file.
@@ -315,6 +392,8 @@ inline void register_conv_kernels() {
   const KernelOptions eval_only{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
   register_kernel("fusion.conv1d_bn", ConvBatchNorm<1, Conv1dImpl, BatchNorm1dImpl>{}, eval_only);
   register_kernel("fusion.conv2d_bn", ConvBatchNorm<2, Conv2dImpl, BatchNorm2dImpl>{}, eval_only);
+  register_kernel("fusion.conv2d_bn.bf16", ConvBatchNorm<2, Conv2dImpl, BatchNorm2dImpl>{true},
+                  bfloat16_options());
   register_kernel("fusion.conv3d_bn", ConvBatchNorm<3, Conv3dImpl, BatchNorm3dImpl>{}, eval_only);
   ConvActivations* activations = nullptr;
   register_conv_activations<1, Conv1dImpl, BatchNorm1dImpl>("conv1d", activations);

@@ -10,7 +10,8 @@
 // detail/blocked_layout.hpp). A max pooling on a dense NCHW tensor is far slower than on blocked
 // activations in LibTorch (docs/performance.md), so this chain is where the layout pays most.
 // Elsewhere (CUDA, other dtypes, dilated or index-returning pooling) the folded convolution runs as
-// in fusion.conv2d_bn_relu and the module pools.
+// in fusion.conv2d_bn_relu and the module pools. fusion.conv2d_bn_relu_maxpool2d.bf16 is the same
+// in bfloat16 (conv_folding.hpp says how).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -31,14 +32,15 @@ struct ConvBatchNormReLUMaxPool {
   using Folded =
       ConvBatchNorm<2, torch::nn::Conv2dImpl, torch::nn::BatchNorm2dImpl, torch::nn::ReLUImpl>;
   using State = Folded::State;
+  bool bfloat16 = false;  // the ".bf16" variant
 
   State prepare(torch::nn::Conv2dImpl& conv, torch::nn::BatchNorm2dImpl& bn, torch::nn::ReLUImpl&,
                 torch::nn::MaxPool2dImpl&) const {
-    return Folded::fold(conv, bn, /*channels_last=*/false);
+    return Folded::fold(conv, bn, /*channels_last=*/false, bfloat16);
   }
-  bool applies(torch::nn::Conv2dImpl&, torch::nn::BatchNorm2dImpl& bn, torch::nn::ReLUImpl&,
+  bool applies(torch::nn::Conv2dImpl& conv, torch::nn::BatchNorm2dImpl& bn, torch::nn::ReLUImpl&,
                torch::nn::MaxPool2dImpl&) const {
-    return detail::has_running_stats(bn);
+    return Folded{bfloat16}.applies(conv, bn);
   }
 
   torch::Tensor operator()(const State& s, torch::nn::Conv2dImpl& conv,
@@ -57,7 +59,8 @@ struct ConvBatchNormReLUMaxPool {
     // Taken first: the grant is for this call, not for a module called below.
     const bool keep_blocked = detail::BlockedHandOff::take_grant() && onednn && !input.is_mkldnn();
     if (!onednn) return pool.forward(Folded::run(s, conv, input, &relu));
-    const torch::Tensor blocked = input.is_mkldnn() ? input : input.to_mkldnn();
+    const torch::Tensor blocked =
+        detail::blocked(input, s.bfloat16 ? torch::kBFloat16 : torch::kFloat);
     const auto& o = pool.options;
     // ATen's oneDNN pooling itself: LibTorch 2.x dispatches max_pool2d on oneDNN tensors only in
     // InferenceMode, whose tensors 1.13 cannot reorder outside it.
@@ -69,7 +72,7 @@ struct ConvBatchNormReLUMaxPool {
       detail::BlockedHandOff::gave_blocked();
       return pooled;
     }
-    return pooled.to_dense();
+    return pooled.to_dense(torch::kFloat);
   }
 };
 
@@ -81,6 +84,10 @@ inline void register_conv_pooling_kernels() {
   KernelOptions options{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
   options.blocked_layout = true;
   register_kernel("fusion.conv2d_bn_relu_maxpool2d", kernels::ConvBatchNormReLUMaxPool{}, options);
+  KernelOptions bfloat16 = bfloat16_options();
+  bfloat16.blocked_layout = true;
+  register_kernel("fusion.conv2d_bn_relu_maxpool2d.bf16", kernels::ConvBatchNormReLUMaxPool{true},
+                  bfloat16);
 }
 
 }  // namespace fusion::detail

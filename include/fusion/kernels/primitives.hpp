@@ -192,8 +192,9 @@ inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
   sizes.back() = out;
   const auto blas = [&](const at::Tensor& x2) {
     if (in_out) return bias.defined() ? at::addmm(bias, x2, weight) : at::mm(x2, weight);
-    if (rows != 1) return at::linear(x2, weight, bias);
-    // linear runs one row as a GEMM, which OpenBLAS runs several times slower than its GEMV.
+    // linear runs one float32 row as a GEMM, which OpenBLAS runs several times slower than its
+    // GEMV; for a bfloat16 row linear's oneDNN GEMM is the faster (ATen's own GEMV otherwise).
+    if (rows != 1 || x2.scalar_type() != at::kFloat) return at::linear(x2, weight, bias);
     auto y = at::mv(weight, x2.view({in})).view({1, out});
     return bias.defined() ? y.add_(bias) : y;
   };

@@ -17,7 +17,9 @@
 // ReLUs run in place on them, and the result is reordered once (kept blocked where the caller
 // takes that: fusion::Sequential between two such kernels, detail/blocked_layout.hpp). Elsewhere
 // (CUDA, other dtypes) the same folded arithmetic runs densely. Eval mode without gradients;
-// otherwise the block's own forward runs.
+// otherwise the block's own forward runs. register_residual_block also registers `name + ".bf16"`,
+// the block in bfloat16 (conv_folding.hpp says how; kernels/bfloat16.hpp): blocked activations in
+// bfloat16 from the input's reorder to the result's.
 #pragma once
 
 #include <cstdint>
@@ -146,6 +148,7 @@ template <typename Block>
 struct ResidualBlock {
   using Fold = ConvBatchNorm<2, torch::nn::Conv2dImpl, torch::nn::BatchNorm2dImpl>;
   ResidualBlockLayout<Block> layout;
+  bool bfloat16 = false;  // the ".bf16" variant
 
   struct State {
     std::vector<Fold::State> stages;
@@ -161,16 +164,18 @@ struct ResidualBlock {
   State prepare(Block& block) const {
     State state;
     for (const auto& stage : layout.stages) {
-      state.stages.push_back(Fold::fold(stage.conv(block), stage.bn(block), false));
+      state.stages.push_back(Fold::fold(stage.conv(block), stage.bn(block), false, bfloat16));
     }
     const auto branch = layout.downsample.find(block);
     if (branch.conv != nullptr) {
-      state.downsample = std::make_shared<Fold::State>(Fold::fold(*branch.conv, *branch.bn, false));
+      state.downsample =
+          std::make_shared<Fold::State>(Fold::fold(*branch.conv, *branch.bn, false, bfloat16));
     }
     return state;
   }
 
   bool applies(Block& block) const {
+    if (bfloat16 && !detail::bfloat16_enabled()) return false;
     for (const auto& stage : layout.stages) {
       if (!detail::has_running_stats(stage.bn(block))) return false;
     }
@@ -229,7 +234,8 @@ struct ResidualBlock {
                           x.scalar_type() == torch::kFloat32 && x.numel() > 0);
     // Taken first: the grant is for this call, not for a module the block's code would call.
     const bool keep_blocked = detail::BlockedHandOff::take_grant() && onednn && !x.is_mkldnn();
-    const torch::Tensor input = onednn && !x.is_mkldnn() ? x.to_mkldnn() : x;
+    const torch::Tensor input =
+        onednn ? detail::blocked(x, bfloat16 ? torch::kBFloat16 : torch::kFloat) : x;
     torch::Tensor h = input;
     const std::size_t last = s.stages.size() - 1;
     for (std::size_t i = 0; i < last; ++i) {
@@ -244,17 +250,21 @@ struct ResidualBlock {
     }
     torch::relu_(h);
     if (keep_blocked) detail::BlockedHandOff::gave_blocked();
-    return x.is_mkldnn() || keep_blocked || !onednn ? h : h.to_dense();
+    return x.is_mkldnn() || keep_blocked || !onednn ? h : h.to_dense(torch::kFloat);
   }
 };
 
 /// Registers kernel `name` for one-member chains on blocks of type Block (a residual block's
 /// path, e.g. "layer*.*"), eval mode only (BatchNorm folds only with running statistics).
+/// Also registers `name + ".bf16"`, the block in bfloat16 on the CPU.
 template <typename Block>
 void register_residual_block(const std::string& name, ResidualBlockLayout<Block> layout) {
   KernelOptions options{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
   options.blocked_layout = true;
-  register_kernel(name, ResidualBlock<Block>{std::move(layout)}, options);
+  register_kernel(name, ResidualBlock<Block>{layout, false}, options);
+  KernelOptions bfloat16 = detail::bfloat16_options();
+  bfloat16.blocked_layout = true;
+  register_kernel(name + ".bf16", ResidualBlock<Block>{std::move(layout), true}, bfloat16);
 }
 
 }  // namespace fusion::kernels

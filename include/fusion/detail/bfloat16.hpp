@@ -1,0 +1,49 @@
+// Whether the bfloat16 kernels (fusion::kernels::in_bfloat16, kernels/bfloat16.hpp) compute in
+// bfloat16 here: oneDNN's bfloat16 convolutions and matmuls are fast only on CPUs with the
+// AVX512_BF16 instructions (elsewhere oneDNN emulates them, slower than float32), so without them
+// the bfloat16 kernels decline and their chains replay in float32.
+#pragma once
+
+#include <atomic>
+#include <cstdlib>
+
+#include <ATen/Context.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
+
+#include "fusion/detail/abi.hpp"
+#include "fusion/detail/simd.hpp"
+
+namespace fusion::detail {
+
+inline namespace FUSION_ABI_VERSION {
+/// Whether the bfloat16 kernels may compute in bfloat16: FUSION_NO_BFLOAT16 is unset and
+/// set_bfloat16(false) was not called. One word per process (FUSION_API).
+inline FUSION_API std::atomic<bool>& bfloat16_allowed() {
+  static std::atomic<bool> allowed{std::getenv("FUSION_NO_BFLOAT16") == nullptr};
+  return allowed;
+}
+}  // namespace FUSION_ABI_VERSION
+
+/// The CPU has AVX512_BF16 (CPUID leaf 7, sub-leaf 1, EAX bit 5) with the AVX-512 state enabled
+/// by the OS (what cpu_has_avx512 checks), and LibTorch has oneDNN.
+inline bool cpu_has_bfloat16() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return cpu_has_avx512() && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 &&
+           (eax & (1u << 5)) != 0 && at::hasMKLDNN();
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+inline bool bfloat16_enabled() {
+  return cpu_has_bfloat16() && bfloat16_allowed().load(std::memory_order_relaxed);
+}
+
+}  // namespace fusion::detail
