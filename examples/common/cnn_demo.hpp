@@ -76,11 +76,7 @@ inline Options parse(int argc, char** argv, const std::string& program) {
     } else if (arg == "--min-speedup") {
       options.min_speedup = std::stod(value());
     } else if (arg == "--dtype") {
-      const std::string dtype = value();
-      if (dtype != "float32" && dtype != "bf16") {
-        throw std::invalid_argument("--dtype takes float32 or bf16, not " + dtype);
-      }
-      options.bfloat16 = dtype == "bf16";
+      options.bfloat16 = demo::parse_bfloat16(value());
     } else {
       throw std::invalid_argument(
           "unknown option " + arg + "\nusage: " + program +

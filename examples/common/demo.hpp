@@ -41,6 +41,14 @@ inline std::vector<int64_t> parse_ids(const std::string& text) {
   return ids;
 }
 
+/// --dtype: "bf16" (true) or "float32" (false); anything else is an error naming it.
+inline bool parse_bfloat16(const std::string& dtype) {
+  if (dtype != "float32" && dtype != "bf16") {
+    throw std::invalid_argument("--dtype takes float32 or bf16, not " + dtype);
+  }
+  return dtype == "bf16";
+}
+
 /// The demos' command line: [--model-dir DIR] [--input-ids 1,2,3] [--generate N]
 /// [--save-logits FILE] [--save-kernel-logits FILE] [--folded] [--expect FILE]
 /// [--auto [--min-speedup X]] [--dtype float32|bf16].
@@ -84,11 +92,7 @@ inline Options parse(int argc, char** argv) {
     } else if (arg == "--min-speedup") {
       options.min_speedup = std::stod(value());
     } else if (arg == "--dtype") {
-      const std::string dtype = value();
-      if (dtype != "float32" && dtype != "bf16") {
-        throw std::invalid_argument("--dtype takes float32 or bf16, not " + dtype);
-      }
-      options.bfloat16 = dtype == "bf16";
+      options.bfloat16 = parse_bfloat16(value());
     } else {
       throw std::invalid_argument(
           "unknown option " + arg +
