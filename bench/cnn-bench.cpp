@@ -235,7 +235,12 @@ void time_against_torchscript(benchmark::State& state, const std::string& dir,
   traced.eval();
   auto frozen = torch::jit::freeze(traced);
   auto optimized = torch::jit::optimize_for_inference(frozen);
-  const auto torchscript = [&] { return optimized.forward({images}).toTensor(); };
+  // LibTorch 2.x runs the graph's max_pool2d on oneDNN tensors only in InferenceMode (else an
+  // internal assert: kernels registered to both CompositeImplicitAutograd and a backend).
+  const auto torchscript = [&] {
+    c10::InferenceMode inference;
+    return optimized.forward({images}).toTensor();
+  };
   for (int warm = 0; warm < 3; ++warm) torchscript();  // the profiling executor's first runs
   double diff = max_diff(torchscript(), expected), diff_bf16 = 0;
   for (const auto& variant : variants) {
