@@ -15,8 +15,21 @@
 
 #include "fusion/detail/abi.hpp"
 #include "fusion/detail/simd.hpp"
+#include "fusion/options.hpp"
 
 namespace fusion::detail {
+
+/// What names a kernel's bfloat16 variant, `name + kBFloat16Suffix`: where the built-in variants
+/// are registered and where in_bfloat16 looks them up.
+inline constexpr const char* kBFloat16Suffix = ".bf16";
+
+/// The options of the bfloat16 variants: the CPU, eval mode, computing in bfloat16.
+inline KernelOptions bfloat16_options(bool blocked_layout = false) {
+  KernelOptions options{{c10::DeviceType::CPU}};
+  options.blocked_layout = blocked_layout;
+  options.compute_dtype = c10::ScalarType::BFloat16;
+  return options;
+}
 
 inline namespace FUSION_ABI_VERSION {
 /// Whether the bfloat16 kernels may compute in bfloat16: FUSION_NO_BFLOAT16 is unset and

@@ -25,7 +25,7 @@
 namespace fusion::kernels {
 
 /// What names a kernel's bfloat16 variant: `name + kBFloat16Suffix`.
-inline constexpr const char* kBFloat16Suffix = ".bf16";
+inline constexpr const char* kBFloat16Suffix = detail::kBFloat16Suffix;
 
 /// Whether the bfloat16 kernels compute in bfloat16 here: the CPU has AVX512_BF16 (oneDNN
 /// emulates bfloat16 more slowly than float32 without it), LibTorch has oneDNN, and neither

@@ -298,13 +298,6 @@ using ConvActivations =
     std::tuple<torch::nn::ReLUImpl, torch::nn::ReLU6Impl, torch::nn::SiLUImpl,
                fusion::HardswishImpl, torch::nn::LeakyReLUImpl, torch::nn::GELUImpl>;
 
-/// The options of the ".bf16" variants: the CPU, eval mode, bfloat16.
-inline KernelOptions bfloat16_options() {
-  KernelOptions options{{c10::DeviceType::CPU}};
-  options.compute_dtype = c10::ScalarType::BFloat16;
-  return options;
-}
-
 /// Registers fusion.<conv>_bn_<activation> and fusion.<conv>_<activation> for each activation,
 /// and their ".bf16" variants for 2d.
 template <std::size_t D, typename ConvImpl, typename BatchNormImpl, typename... Activations>
@@ -321,11 +314,11 @@ void register_conv_activations(const std::string& conv, std::tuple<Activations..
    ...);
   if constexpr (D == 2) {
     (register_kernel(
-         "fusion." + conv + "_bn_" + Epilogue<Activations>::name + ".bf16",
+         "fusion." + conv + "_bn_" + Epilogue<Activations>::name + kBFloat16Suffix,
          kernels::ConvBatchNormActivation<D, ConvImpl, BatchNormImpl, Activations>{true},
          bfloat16_options()),
      ...);
-    (register_kernel("fusion." + conv + "_" + Epilogue<Activations>::name + ".bf16",
+    (register_kernel("fusion." + conv + "_" + Epilogue<Activations>::name + kBFloat16Suffix,
                      kernels::ConvActivation<D, ConvImpl, Activations>{true}, bfloat16_options()),
      ...);
   }
@@ -339,8 +332,8 @@ inline void register_conv_kernels() {
   const KernelOptions eval_only{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
   register_kernel("fusion.conv1d_bn", ConvBatchNorm<1, Conv1dImpl, BatchNorm1dImpl>{}, eval_only);
   register_kernel("fusion.conv2d_bn", ConvBatchNorm<2, Conv2dImpl, BatchNorm2dImpl>{}, eval_only);
-  register_kernel("fusion.conv2d_bn.bf16", ConvBatchNorm<2, Conv2dImpl, BatchNorm2dImpl>{true},
-                  bfloat16_options());
+  register_kernel(std::string("fusion.conv2d_bn") + kBFloat16Suffix,
+                  ConvBatchNorm<2, Conv2dImpl, BatchNorm2dImpl>{true}, bfloat16_options());
   register_kernel("fusion.conv3d_bn", ConvBatchNorm<3, Conv3dImpl, BatchNorm3dImpl>{}, eval_only);
   ConvActivations* activations = nullptr;
   register_conv_activations<1, Conv1dImpl, BatchNorm1dImpl>("conv1d", activations);

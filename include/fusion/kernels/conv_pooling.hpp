@@ -14,6 +14,8 @@
 // in bfloat16 (conv_folding.hpp says how).
 #pragma once
 
+#include <string>
+
 #include <ATen/ATen.h>
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/batchnorm.h>
@@ -84,10 +86,9 @@ inline void register_conv_pooling_kernels() {
   KernelOptions options{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
   options.blocked_layout = true;
   register_kernel("fusion.conv2d_bn_relu_maxpool2d", kernels::ConvBatchNormReLUMaxPool{}, options);
-  KernelOptions bfloat16 = bfloat16_options();
-  bfloat16.blocked_layout = true;
-  register_kernel("fusion.conv2d_bn_relu_maxpool2d.bf16", kernels::ConvBatchNormReLUMaxPool{true},
-                  bfloat16);
+  register_kernel(std::string("fusion.conv2d_bn_relu_maxpool2d") + kBFloat16Suffix,
+                  kernels::ConvBatchNormReLUMaxPool{true},
+                  bfloat16_options(/*blocked_layout=*/true));
 }
 
 }  // namespace fusion::detail

@@ -262,9 +262,8 @@ void register_residual_block(const std::string& name, ResidualBlockLayout<Block>
   KernelOptions options{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
   options.blocked_layout = true;
   register_kernel(name, ResidualBlock<Block>{layout, false}, options);
-  KernelOptions bfloat16 = detail::bfloat16_options();
-  bfloat16.blocked_layout = true;
-  register_kernel(name + ".bf16", ResidualBlock<Block>{std::move(layout), true}, bfloat16);
+  register_kernel(name + detail::kBFloat16Suffix, ResidualBlock<Block>{std::move(layout), true},
+                  detail::bfloat16_options(/*blocked_layout=*/true));
 }
 
 }  // namespace fusion::kernels
