@@ -307,29 +307,26 @@ void BM_ResNet18AgainstTorchScript(benchmark::State& state, const std::string& d
   time_against_torchscript(state, dir, images, original(images), variants);
 }
 
-/// MobileNetV2 against TorchScript: the port unfused and with folding_plan (dense, channels-last,
-/// and with the input in oneDNN's layout by hand). Runs only with FUSION_MOBILENET_TORCHSCRIPT=DIR,
-/// a directory `examples/common/torchvision-model.py mobilenet_v2 DIR --torchscript` wrote.
+/// MobileNetV2 against TorchScript: the port unfused, folded per member (folding_plan) and with
+/// block_plan (dense input; in float32 and in bfloat16). Runs only with
+/// FUSION_MOBILENET_TORCHSCRIPT=DIR, a directory
+/// `examples/common/torchvision-model.py mobilenet_v2 DIR --torchscript` wrote.
 void BM_MobileNetV2AgainstTorchScript(benchmark::State& state, const std::string& dir) {
   torch::NoGradGuard no_grad;
   const int64_t batch = state.range(0), size = state.range(1);
-  mobilenet::MobileNetV2 original, folded, folded_bf16;
-  for (auto* model : {&original, &folded, &folded_bf16}) {
+  mobilenet::MobileNetV2 original, folded, blocks, blocks_bf16;
+  for (auto* model : {&original, &folded, &blocks, &blocks_bf16}) {
     mobilenet::load_weights(**model, dir);
     (*model)->eval();
   }
   fusion::fuse_modules(folded, mobilenet::folding_plan());
-  fusion::fuse_modules(folded_bf16, fusion::kernels::in_bfloat16(mobilenet::folding_plan()));
+  fusion::fuse_modules(blocks, mobilenet::block_plan());
+  fusion::fuse_modules(blocks_bf16, fusion::kernels::in_bfloat16(mobilenet::block_plan()));
   const auto images = torch::randn({batch, 3, size, size});
-  const auto channels_last = images.contiguous(torch::MemoryFormat::ChannelsLast);
   std::vector<Variant> variants{{"original", [&] { return original(images); }},
                                 {"folded", [&] { return folded(images); }},
-                                {"folded_cl", [&] { return folded(channels_last); }},
-                                {"folded_mkldnn", [&]() -> torch::Tensor {
-                                   c10::InferenceMode inference;
-                                   return folded(images.to_mkldnn());
-                                 }}};
-  add_bfloat16(state, variants, "folded_bf16", [&] { return folded_bf16(images); });
+                                {"blocks", [&] { return blocks(images); }}};
+  add_bfloat16(state, variants, "blocks_bf16", [&] { return blocks_bf16(images); });
   time_against_torchscript(state, dir, images, original(images), variants);
 }
 

@@ -4,11 +4,14 @@
 // on blocked between them (detail/blocked_layout.hpp).
 #include "catch_compat.hpp"
 
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <fusion/fusion.hpp>
 #include <fusion/kernels/batch_norm_folding.hpp>
+#include <fusion/kernels/bfloat16.hpp>
 #include <fusion/kernels/residual_block.hpp>
 
 using fusion_test::Contains;
@@ -100,6 +103,85 @@ struct BottleneckImpl : nn::Cloneable<BottleneckImpl> {
 };
 TORCH_MODULE(Bottleneck);
 
+/// torchvision's Conv2dNormActivation as a module of Slots: conv, bn, then the activation.
+template <typename Activation>
+struct StageImpl : nn::Cloneable<StageImpl<Activation>> {
+  StageImpl(int64_t in_channels, int64_t out_channels, int64_t stage_stride)
+      : in(in_channels), out(out_channels), stride(stage_stride) {
+    reset();
+  }
+  void reset() override {
+    conv = fusion::register_slot(*this, "0", ::conv(in, out, 3, stride));
+    bn = fusion::register_slot(*this, "1", nn::BatchNorm2d(out));
+    act = fusion::register_slot(*this, "2", Activation());
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return act(bn(conv(x))); }
+  int64_t in, out, stride;
+  fusion::Slot<nn::Conv2d> conv;
+  fusion::Slot<nn::BatchNorm2d> bn;
+  fusion::Slot<Activation> act;
+};
+using ReLU6Stage = nn::ModuleHolder<StageImpl<nn::ReLU6>>;
+
+/// torchvision's Conv2dNormActivation with any activation (an AnyModule, registered as "2").
+struct ConvNormActImpl : nn::Cloneable<ConvNormActImpl> {
+  ConvNormActImpl(nn::Conv2d conv_layer, nn::AnyModule activation_module)
+      : conv(std::move(conv_layer)), act(std::move(activation_module)) {
+    reset();
+  }
+  void reset() override {
+    conv = register_module("0", conv);
+    bn = register_module("1", nn::BatchNorm2d(conv->options.out_channels()));
+    register_module("2", act.ptr());
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return act.forward(bn(conv(x))); }
+  nn::Conv2d conv;
+  nn::BatchNorm2d bn{nullptr};
+  nn::AnyModule act;
+};
+TORCH_MODULE(ConvNormAct);
+
+/// torchvision's InvertedResidual, its `conv` a torch::nn::Sequential of Conv2dNormActivations
+/// (conv, bn, activation) as torchvision's: an expanding 1x1 (unless `expand` is 1), a depthwise
+/// 3x3, a 1x1 projection and its BatchNorm; the input added where the stride is 1 and the channels
+/// stay.
+struct InvertedImpl : nn::Cloneable<InvertedImpl> {
+  InvertedImpl(int64_t in_channels, int64_t out_channels, int64_t block_stride, int64_t ratio,
+               std::function<nn::AnyModule()> activation_factory)
+      : in(in_channels),
+        out(out_channels),
+        stride(block_stride),
+        expand(ratio),
+        activation(std::move(activation_factory)) {
+    reset();
+  }
+  void reset() override {
+    const int64_t hidden = in * expand;
+    conv = register_module("conv", nn::Sequential());
+    if (expand != 1) conv->push_back(ConvNormAct(pointwise(in, hidden), activation()));
+    conv->push_back(ConvNormAct(nn::Conv2d(nn::Conv2dOptions(hidden, hidden, 3)
+                                               .stride(stride)
+                                               .padding(1)
+                                               .groups(hidden)
+                                               .bias(false)),
+                                activation()));
+    conv->push_back(pointwise(hidden, out));
+    conv->push_back(nn::BatchNorm2d(out));
+    use_res_connect = stride == 1 && in == out;
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return use_res_connect ? x + conv->forward(x) : conv->forward(x);
+  }
+  static nn::Conv2d pointwise(int64_t in, int64_t out) {
+    return nn::Conv2d(nn::Conv2dOptions(in, out, 1).bias(false));
+  }
+  int64_t in, out, stride, expand;
+  std::function<nn::AnyModule()> activation;
+  bool use_res_connect = false;
+  nn::Sequential conv{nullptr};
+};
+TORCH_MODULE(Inverted);
+
 void register_blocks() {
   fusion::register_kernels_once("residual-block-test", [] {
     fk::register_residual_block("test.basic",
@@ -111,6 +193,12 @@ void register_blocks() {
         "test.bottleneck",
         fk::residual_block(fk::conv_bn(&B::conv1, &B::bn1), fk::conv_bn(&B::conv2, &B::bn2),
                            fk::conv_bn(&B::conv3, &B::bn3), fk::downsample(&B::downsample)));
+    using S = StageImpl<nn::ReLU6>;
+    fk::register_residual_block("test.stage",
+                                fk::conv_block(fk::conv_bn(&S::conv, &S::bn, &S::act)));
+    fk::register_residual_block("test.inverted",
+                                fk::conv_block(fk::sequential_stages(&InvertedImpl::conv),
+                                               fk::add_input_if(&InvertedImpl::use_res_connect)));
   });
 }
 
@@ -257,8 +345,8 @@ TEST_CASE(
   SECTION("no downsample branch where the identity cannot fit") {
     auto model = fusion::Sequential(Basic(8, 16, 2, /*branch=*/false));
     REQUIRE_THROWS_WITH(fusion::fuse_modules(model, {"*"}, one_tensor, kernel("test.basic")),
-                        Contains("no downsample branch, but its stages take 8 channels and give "
-                                 "16 (stride 2)"));
+                        Contains("adds its input without a downsample branch, but its stages take "
+                                 "8 channels and give 16 (stride 2)"));
   }
   SECTION("without running statistics the block's own code runs") {
     auto model = fusion::Sequential(Basic(8, 8, 1));
@@ -269,6 +357,105 @@ TEST_CASE(
     fusion::fuse_modules(model, {"*"}, one_tensor, kernel("test.basic"));
     require_close(model->forward(x), expected);
     CHECK(fusion::fused_chains(*model).at(0).stats.replays_declined == 1);
+  }
+}
+
+TEST_CASE(
+    "conv_block: MobileNetV2's inverted residual blocks and conv + bn + activation stages, each "
+    "activation, handed on blocked") {
+  register_blocks();
+  register_probe();
+  torch::NoGradGuard no_grad;
+  const std::vector<std::pair<std::string, std::function<nn::AnyModule()>>> activations{
+      {"ReLU6", [] { return nn::AnyModule(nn::ReLU6()); }},
+      {"Hardswish", [] { return nn::AnyModule(fusion::Hardswish()); }},
+      {"SiLU", [] { return nn::AnyModule(nn::SiLU()); }},
+      {"LeakyReLU",
+       [] { return nn::AnyModule(nn::LeakyReLU(nn::LeakyReLUOptions().negative_slope(0.2))); }},
+      {"GELU", [] { return nn::AnyModule(nn::GELU(nn::GELUOptions().approximate("tanh"))); }}};
+  for (const auto& [name, activation] : activations) {
+    CAPTURE(name);
+    torch::manual_seed(4);
+    // The stem, a probe, then blocks: expanding with the input added, strided (no add), not
+    // expanding (expand ratio 1) with the input added, and one of 24 channels (padded in oneDNN's
+    // blocks of 16).
+    auto model =
+        fusion::Sequential(ReLU6Stage(3, 16, 2), Probe(), Inverted(16, 16, 1, 6, activation),
+                           Inverted(16, 24, 2, 6, activation), Inverted(24, 24, 1, 1, activation),
+                           ReLU6Stage(24, 32, 1));
+    randomize(model);
+    const auto x = torch::randn({2, 3, 30, 30});
+    const auto expected = model->forward(x);
+    // Compared within a tolerance of the largest result of any entry: activations that do not
+    // bound their results (all but ReLU6) let magnitudes grow from block to block, and the last
+    // stage's ReLU6 clamps them to 6, so its output alone would not show the scale of the rounding.
+    double largest = 0;
+    torch::Tensor h = x;
+    for (auto& entry : *model) {
+      h = entry.forward(h);
+      largest = std::max(largest, h.abs().max().item<double>());
+    }
+    const auto require_within = [&](const torch::Tensor& got, double tolerance) {
+      REQUIRE_FALSE(got.is_mkldnn());
+      const double diff = (got - expected).abs().max().item<double>();
+      INFO("max abs diff " << diff << ", largest result of an entry " << largest);
+      REQUIRE(diff <= tolerance * largest);
+    };
+    fusion::fuse_modules(model, {"0"}, one_tensor, kernel("test.stage"));
+    fusion::fuse_modules(model, {"1"}, one_tensor, kernel("test.probe"));
+    for (const char* block : {"2", "3", "4"}) {
+      fusion::fuse_modules(model, {block}, one_tensor, kernel("test.inverted"));
+    }
+    fusion::fuse_modules(model, {"5"}, one_tensor, kernel("test.stage"));
+    probe_inputs.clear();
+    for (int call = 0; call < 3; ++call) require_within(model->forward(x), kRelativeTolerance);
+    CHECK(probe_inputs == std::vector<bool>{false, true, true});  // the stem handed its result on
+    for (const auto& chain : fusion::fused_chains(*model)) CHECK(chain.stats.runs == 3);
+    // An input in oneDNN's layout comes out in it.
+    const auto blocked = model->forward(x.to_mkldnn());
+    REQUIRE(blocked.is_mkldnn());
+    require_within(blocked.to_dense(), kRelativeTolerance);
+
+    if (fusion::kernels::bfloat16_supported()) {
+      auto plan = fusion::plan_of(*model);
+      fusion::unfuse_modules(model);
+      for (auto& rule : plan.rules) {
+        if (rule.options.kernel != "test.probe") rule.options.kernel += ".bf16";
+      }
+      fusion::fuse_modules(model, plan);
+      const auto y = model->forward(x);
+      require_within(y, fusion::default_tolerance(torch::kBFloat16));
+      CHECK_FALSE(torch::equal(y, expected));  // it did compute in bfloat16
+    }
+  }
+}
+
+TEST_CASE("conv_block names the module or member that does not fit") {
+  register_blocks();
+  torch::NoGradGuard no_grad;
+  const auto relu6 = [] { return nn::AnyModule(nn::ReLU6()); };
+  SECTION("a module that is not part of a stage") {
+    auto model = fusion::Sequential(Inverted(8, 8, 1, 6, relu6));
+    model->ptr<InvertedImpl>(0)->conv->push_back(nn::Dropout(0.1));
+    REQUIRE_THROWS_WITH(
+        fusion::fuse_modules(model, {"*"}, one_tensor, kernel("test.inverted")),
+        Contains("its stages: module #8 (torch::nn::DropoutImpl) is not a Conv2d followed by a "
+                 "BatchNorm2d"));
+    CHECK(fusion::fused_chains(*model).empty());
+  }
+  SECTION("an added input that does not fit") {
+    auto model = fusion::Sequential(Inverted(8, 16, 1, 6, relu6));
+    model->ptr<InvertedImpl>(0)->use_res_connect = true;
+    REQUIRE_THROWS_WITH(fusion::fuse_modules(model, {"*"}, one_tensor, kernel("test.inverted")),
+                        Contains("adds its input without a downsample branch, but its stages take "
+                                 "8 channels and give 16 (stride 1)"));
+  }
+  SECTION("a nested member's channels") {
+    auto model = fusion::Sequential(Inverted(8, 8, 1, 6, relu6));
+    model->ptr<InvertedImpl>(0)->conv[1]->as<ConvNormActImpl>()->bn->options.num_features(4);
+    REQUIRE_THROWS_WITH(
+        fusion::fuse_modules(model, {"*"}, one_tensor, kernel("test.inverted")),
+        Contains("member 'conv.1.1': normalises 4 channels, its convolution gives 48"));
   }
 }
 

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include <fusion/detail/blocked_eltwise.hpp>
 #include <fusion/kernels/batch_norm_folding.hpp>
 
 #include "models.hpp"
@@ -136,6 +137,35 @@ TEST_CASE("the LibTorch internals docs/compatibility.md lists behave as the libr
     REQUIRE(defaults[2].has_value());
     CHECK(defaults[1]->get<double>() == 2.0);
     CHECK(defaults[2]->get<int64_t>() == 1);
+  }
+  SECTION("TorchScript's in-place activations on oneDNN tensors (prim::MKLDNNClamp_, HardSwish_)") {
+    if (!at::hasMKLDNN()) return;  // no oneDNN tensors to run them on
+    INFO(
+        "LibTorch changed the JIT operators prim::MKLDNNClamp_ or prim::MKLDNNHardSwish_ "
+        "(frozen_ops_to_mkldnn.cpp), or Operator::getOperation(node)");
+    for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+      CAPTURE(dtype);
+      // A convolution's result, in oneDNN's blocked layout (nChw16c or nChw8c): 32 channels, so
+      // nothing is padded.
+      const auto x = torch::randn({2, 32, 5, 5});
+      const auto weight = at::mkldnn_reorder_conv2d_weight(
+          (torch::randn({32, 32, 1, 1}) * 5).to_mkldnn(dtype), {0, 0}, {1, 1}, {1, 1}, 1);
+      const auto result = [&] {
+        return at::mkldnn_convolution(x.to_mkldnn(dtype), weight, {}, {0, 0}, {1, 1}, {1, 1}, 1);
+      };
+      const auto expected = result().to_dense(torch::kFloat);
+      auto clamped = result();
+      REQUIRE(d::BlockedEltwise::relu6_(clamped));
+      CHECK(torch::equal(clamped.to_dense(torch::kFloat), expected.clamp(0, 6)));
+      auto swished = result();
+      REQUIRE(d::BlockedEltwise::hardswish_(swished));
+      CHECK(torch::allclose(swished.to_dense(torch::kFloat),
+                            torch::hardswish(expected).to(dtype).to(torch::kFloat), 1e-2, 1e-2));
+    }
+    // 24 channels, padded to 32 in oneDNN's blocks: LibTorch 1.13's operator computes the wrong
+    // elements there, so the library declines (and goes dense and back).
+    auto padded = torch::randn({1, 24, 4, 4}).to_mkldnn();
+    CHECK_FALSE(d::BlockedEltwise::relu6_(padded));
   }
   SECTION("TorchScript's prepacked oneDNN convolution, where LibTorch has it") {
     if (!d::PrepackedConv2d::available()) {

@@ -13,6 +13,7 @@
 #include <torch/torch.h>
 #include <fusion/fusion.hpp>
 #include <fusion/kernels/batch_norm_folding.hpp>
+#include <fusion/kernels/residual_block.hpp>
 
 #include "safetensors.hpp"
 
@@ -141,6 +142,43 @@ inline fusion::Plan folding_plan() {
   for (int block = 2; block <= 17; ++block) {
     const std::string path = "features." + std::to_string(block) + ".conv.";
     plan.rules.push_back({{path + "2", path + "3"}, pair, conv_bn});
+  }
+  return plan;
+}
+
+/// Registers the built-in kernels and the example's two block kernels, declared by layout only
+/// (once; later calls do nothing): `mobilenet.conv_bn_relu6` for a ConvNormActivation, and
+/// `mobilenet.inverted_residual` for an InvertedResidual (its `conv` Sequential's stages, the
+/// input added where `use_res_connect`).
+inline void register_kernels() {
+  fusion::kernels::register_builtin_kernels();
+  fusion::register_kernels_once("mobilenet", [] {
+    namespace fk = fusion::kernels;
+    using Block = InvertedResidualImpl;
+    using Stage = ConvNormActivationImpl;
+    fk::register_residual_block(
+        "mobilenet.conv_bn_relu6",
+        fk::conv_block(fk::conv_bn(&Stage::conv, &Stage::bn, &Stage::relu6)));
+    fk::register_residual_block("mobilenet.inverted_residual",
+                                fk::conv_block(fk::sequential_stages(&Block::conv),
+                                               fk::add_input_if(&Block::use_res_connect)));
+  });
+}
+
+/// The example's plan: every entry of `features` as one chain of one member, the stem and the last
+/// 1x1 convolution with `mobilenet.conv_bn_relu6`, the 17 blocks with
+/// `mobilenet.inverted_residual`: fusion::Sequential then hands the activations on in oneDNN's
+/// blocked layout from the stem to the last convolution. Registers the kernels it names.
+inline fusion::Plan block_plan() {
+  register_kernels();
+  const fusion::ModuleSpec tensor{{"x"}, {"x"}};
+  fusion::FuseOptions stage, block;
+  stage.kernel = "mobilenet.conv_bn_relu6";
+  block.kernel = "mobilenet.inverted_residual";
+  fusion::Plan plan;
+  plan.rules = {{{"features.0"}, {tensor}, stage}, {{"features.18"}, {tensor}, stage}};
+  for (int index = 1; index <= 17; ++index) {
+    plan.rules.push_back({{"features." + std::to_string(index)}, {tensor}, block});
   }
   return plan;
 }

@@ -14,7 +14,8 @@
 #include <fusion/optimize.hpp>
 #include <fusion/plan_json.hpp>
 
-#include "gpt2.hpp"  // examples/gpt2/README.md declares its kernels
+#include "gpt2.hpp"       // examples/gpt2/README.md declares its kernels
+#include "mobilenet.hpp"  // docs/kernels.md declares block kernels for its InvertedResidual
 #include "models.hpp"
 #include "resnet.hpp"  // docs/kernels.md declares a residual block kernel for its BasicBlock
 

@@ -5,10 +5,12 @@
 #pragma once
 
 #include <string>
+#include <utility>
 
 #include <torch/nn/modules/activation.h>
 #include <torch/types.h>
 
+#include "fusion/detail/blocked_eltwise.hpp"
 #include "fusion/hardswish.hpp"
 
 namespace fusion::detail {
@@ -20,12 +22,17 @@ template <typename Activation>
 struct Epilogue;
 
 /// Applies `op_` in place; an output in oneDNN's layout, where ATen has no such op, goes through
-/// the dense layout and back.
+/// the dense layout and back, unless `blocked_op_` (detail/blocked_eltwise.hpp) runs it in place.
 template <typename Op>
-torch::Tensor in_place(torch::Tensor output, Op op_) {
+torch::Tensor in_place(torch::Tensor output, Op op_, bool (*blocked_op_)(const torch::Tensor&)) {
   if (!output.is_mkldnn()) return op_(output);
+  if (blocked_op_ != nullptr && blocked_op_(output)) return output;
   auto dense = output.to_dense();
   return op_(dense).to_mkldnn();
+}
+template <typename Op>
+torch::Tensor in_place(torch::Tensor output, Op op_) {
+  return in_place(std::move(output), op_, nullptr);
 }
 
 /// No activation.
@@ -51,7 +58,9 @@ struct Epilogue<torch::nn::ReLU6Impl> {
   static constexpr const char* name = "relu6";
   static constexpr const char* onednn_post_op = "none";
   static torch::Tensor apply(torch::Tensor output, const torch::nn::ReLU6Impl*) {
-    return in_place(output, [](torch::Tensor& t) { return torch::hardtanh_(t, 0.0, 6.0); });
+    return in_place(
+        output, [](torch::Tensor& t) { return torch::hardtanh_(t, 0.0, 6.0); },
+        &BlockedEltwise::relu6_);
   }
 };
 
@@ -69,7 +78,8 @@ struct Epilogue<HardswishImpl> {
   static constexpr const char* name = "hardswish";
   static constexpr const char* onednn_post_op = "none";
   static torch::Tensor apply(torch::Tensor output, const HardswishImpl*) {
-    return in_place(output, [](torch::Tensor& t) { return torch::hardswish_(t); });
+    return in_place(
+        output, [](torch::Tensor& t) { return torch::hardswish_(t); }, &BlockedEltwise::hardswish_);
   }
 };
 

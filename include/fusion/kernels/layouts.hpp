@@ -225,10 +225,10 @@ auto projections(P... parts) {
   return ProjectionGroup<Owner>{{detail::as_projection<Owner>(parts)...}};
 }
 
-/// The name of `child` among `owner`'s children ("?" if none), for messages.
+/// The path of `child` below `owner` ("conv1", "conv.0.0"; "?" if none), for messages.
 inline std::string child_name(const torch::nn::Module& owner, const torch::nn::Module* child) {
   if (child == &owner) return "";
-  for (const auto& item : owner.named_children()) {
+  for (const auto& item : owner.named_modules("", /*include_self=*/false)) {
     if (item.value().get() == child) return item.key();
   }
   return "?";
