@@ -6,11 +6,11 @@
 // LibTorch's frozen_ops_to_mkldnn.cpp) that run the ATen op on the tensor's whole buffer, padding
 // included; both map 0 to 0, so padded channels stay zero. But LibTorch 1.13's version runs the op
 // on as many elements as the tensor has logically: where oneDNN pads the channels (24 channels in
-// blocks of 16) it computes the wrong ones (tests/docs-test.cpp shows it). So they are used only
-// where the channels are a multiple of 16, which no blocked layout pads. They are reached here as
-// TorchScript's graph reaches them: an Operation made from a node that carries their attributes
-// (a LibTorch internal, docs/compatibility.md). Where a LibTorch lacks them, or the channels do not
-// fit, the callers go dense and back.
+// blocks of 16) it computes the wrong ones (measured; 2.14's is right). So
+// they are used only where the channels are a multiple of 16, which no blocked layout pads. They
+// are reached here as TorchScript's graph reaches them: an Operation made from a node that carries
+// their attributes (a LibTorch internal, docs/compatibility.md). Where a LibTorch lacks them, or
+// the channels do not fit, the callers go dense and back.
 #pragma once
 
 #include <optional>
