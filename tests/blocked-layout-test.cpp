@@ -439,8 +439,9 @@ TEST_CASE("conv_block names the module or member that does not fit") {
     model->ptr<InvertedImpl>(0)->conv->push_back(nn::Dropout(0.1));
     REQUIRE_THROWS_WITH(
         fusion::fuse_modules(model, {"*"}, one_tensor, kernel("test.inverted")),
-        Contains("its stages: module #8 (torch::nn::DropoutImpl) is not a Conv2d followed by a "
-                 "BatchNorm2d"));
+        Contains(
+            "its stages: member 'conv.4' (torch::nn::DropoutImpl) is not a Conv2d followed by a "
+            "BatchNorm2d"));
     CHECK(fusion::fused_chains(*model).empty());
   }
   SECTION("an added input that does not fit") {

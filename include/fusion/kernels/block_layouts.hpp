@@ -29,6 +29,7 @@
 #include <torch/types.h>
 
 #include "fusion/kernels/conv_folding.hpp"
+#include "fusion/kernels/layouts.hpp"
 
 namespace fusion::kernels {
 
@@ -110,9 +111,11 @@ std::function<torch::Tensor(torch::Tensor)> activation_of(torch::nn::Module& mod
                                                           std::tuple<Activations...>* /*types*/) {
   std::function<torch::Tensor(torch::Tensor)> found;
   const auto try_one = [&](auto* typed) {
-    using Activation = std::remove_pointer_t<decltype(typed)>;
+    using ActivationModule = std::remove_pointer_t<decltype(typed)>;
     if (found || typed == nullptr) return;
-    found = [typed](torch::Tensor t) { return Epilogue<Activation>::apply(std::move(t), typed); };
+    found = [typed](torch::Tensor t) {
+      return Epilogue<ActivationModule>::apply(std::move(t), typed);
+    };
   };
   (try_one(dynamic_cast<Activations*>(&module)), ...);
   return found;
@@ -127,8 +130,10 @@ inline void leaves(const std::shared_ptr<torch::nn::Module>& module,
   for (const auto& child : children) leaves(child, out);
 }
 
-/// Groups `modules` into stages: Conv2d, BatchNorm2d, then optionally an activation.
+/// Groups `modules` (below `owner`, for messages) into stages: Conv2d, BatchNorm2d, then optionally
+/// an activation.
 inline kernels::FoundStages group_stages(
+    const torch::nn::Module& owner,
     const std::vector<std::shared_ptr<torch::nn::Module>>& modules) {
   kernels::FoundStages found;
   ConvActivations* activations = nullptr;
@@ -139,9 +144,9 @@ inline kernels::FoundStages group_stages(
                    : nullptr;
     if (conv == nullptr || bn == nullptr) {
       found.why = fmt::format(
-          "module #{} ({}) is not a Conv2d followed by a BatchNorm2d: a stage is Conv2d, "
+          "member '{}' ({}) is not a Conv2d followed by a BatchNorm2d: a stage is Conv2d, "
           "BatchNorm2d, then optionally one of ReLU, ReLU6, SiLU, Hardswish, LeakyReLU, GELU",
-          i, modules[i]->name());
+          kernels::child_name(owner, modules[i].get()), modules[i]->name());
       return found;
     }
     kernels::ConvStage stage{conv, bn, {}};
@@ -151,6 +156,13 @@ inline kernels::FoundStages group_stages(
   }
   if (found.stages.empty()) found.why = "no Conv2d -> BatchNorm2d stage";
   return found;
+}
+
+/// The stage a conv_bn(...) part declares, in `block`.
+template <typename Block>
+kernels::ConvStage stage_of(const kernels::ConvBatchNormLayout<Block>& part, Block& block) {
+  return {&part.conv(block), &part.bn(block),
+          part.activation ? part.activation(block) : std::function<torch::Tensor(torch::Tensor)>()};
 }
 
 }  // namespace fusion::detail
@@ -181,11 +193,11 @@ ConvBatchNormLayout<Block> conv_bn(C Block::*conv, B Block::*bn, A Block::*... a
   if constexpr (sizeof...(A) == 1) {
     layout.activation = [activation...](Block& block) {
       auto& module = detail::module_member(block, activation...);
-      using Activation = std::remove_reference_t<decltype(module)>;
+      using ActivationModule = std::remove_reference_t<decltype(module)>;
       // Compiles only for the activation types of detail/epilogue.hpp.
       auto* typed = &module;
       return std::function<torch::Tensor(torch::Tensor)>(
-          [typed](torch::Tensor t) { return detail::Epilogue<Activation>::apply(t, typed); });
+          [typed](torch::Tensor t) { return detail::Epilogue<ActivationModule>::apply(t, typed); });
     };
   }
   return layout;
@@ -198,9 +210,10 @@ template <typename Block, typename S>
 SequentialStagesLayout<Block> sequential_stages(S Block::*member) {
   return {[member](Block& block) {
     const auto& holder = block.*member;
+    if (holder.is_empty()) return FoundStages{{}, "its Sequential member is empty (nullptr)"};
     std::vector<std::shared_ptr<torch::nn::Module>> modules;
     for (std::size_t i = 0; i < holder->size(); ++i) detail::leaves(holder->ptr(i), modules);
-    return detail::group_stages(modules);
+    return detail::group_stages(block, modules);
   }};
 }
 
@@ -242,14 +255,6 @@ DownsampleLayout<Block> no_downsample() {
   return {[](Block&) { return typename DownsampleLayout<Block>::Found{}; }};
 }
 
-namespace detail_layout {
-template <typename Block>
-ConvStage found(const ConvBatchNormLayout<Block>& part, Block& block) {
-  return {&part.conv(block), &part.bn(block),
-          part.activation ? part.activation(block) : std::function<torch::Tensor(torch::Tensor)>()};
-}
-}  // namespace detail_layout
-
 /// torchvision's BasicBlock and Bottleneck: the stages in order (a ReLU after each but the last,
 /// unless conv_bn names another activation), then optionally the downsample branch; the input (or
 /// the branch) added to the last stage's result, then a ReLU.
@@ -271,7 +276,7 @@ ResidualBlockLayout<Block> residual_block(ConvBatchNormLayout<Block> first, More
   layout.stages = [parts](Block& block) {
     FoundStages found;
     for (std::size_t i = 0; i < parts.size(); ++i) {
-      found.stages.push_back(detail_layout::found(parts[i], block));
+      found.stages.push_back(detail::stage_of(parts[i], block));
       if (!found.stages.back().activation && i + 1 < parts.size()) {
         found.stages.back().activation = [](torch::Tensor t) { return t.relu_(); };
       }
@@ -293,7 +298,7 @@ ResidualBlockLayout<Block> conv_block(First first, Parts... parts) {
     using Part = decltype(part);
     if constexpr (std::is_same_v<Part, ConvBatchNormLayout<Block>>) {
       finders.push_back([part](Block& block) {
-        return FoundStages{{detail_layout::found(part, block)}, {}};
+        return FoundStages{{detail::stage_of(part, block)}, {}};
       });
     } else if constexpr (std::is_same_v<Part, SequentialStagesLayout<Block>>) {
       finders.push_back(part.find);
