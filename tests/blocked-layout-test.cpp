@@ -395,7 +395,7 @@ TEST_CASE(
       h = entry.forward(h);
       largest = std::max(largest, h.abs().max().item<double>());
     }
-    const auto require_within = [&](const torch::Tensor& got, double tolerance) {
+    const auto require_within_entries = [&](const torch::Tensor& got, double tolerance) {
       REQUIRE_FALSE(got.is_mkldnn());
       const double diff = (got - expected).abs().max().item<double>();
       INFO("max abs diff " << diff << ", largest result of an entry " << largest);
@@ -408,13 +408,14 @@ TEST_CASE(
     }
     fusion::fuse_modules(model, {"5"}, one_tensor, kernel("test.stage"));
     probe_inputs.clear();
-    for (int call = 0; call < 3; ++call) require_within(model->forward(x), kRelativeTolerance);
+    for (int call = 0; call < 3; ++call)
+      require_within_entries(model->forward(x), kRelativeTolerance);
     CHECK(probe_inputs == std::vector<bool>{false, true, true});  // the stem handed its result on
     for (const auto& chain : fusion::fused_chains(*model)) CHECK(chain.stats.runs == 3);
     // An input in oneDNN's layout comes out in it.
     const auto blocked = model->forward(x.to_mkldnn());
     REQUIRE(blocked.is_mkldnn());
-    require_within(blocked.to_dense(), kRelativeTolerance);
+    require_within_entries(blocked.to_dense(), kRelativeTolerance);
 
     if (fusion::kernels::bfloat16_supported()) {
       auto plan = fusion::plan_of(*model);
@@ -424,7 +425,7 @@ TEST_CASE(
       }
       fusion::fuse_modules(model, plan);
       const auto y = model->forward(x);
-      require_within(y, fusion::default_tolerance(torch::kBFloat16));
+      require_within_entries(y, fusion::default_tolerance(torch::kBFloat16));
       CHECK_FALSE(torch::equal(y, expected));  // it did compute in bfloat16
     }
   }

@@ -30,12 +30,7 @@ namespace nn = torch::nn;
 constexpr double kRelativeTolerance = 1e-5;
 
 void require_close(const torch::Tensor& got, const torch::Tensor& expected) {
-  REQUIRE(got.sizes() == expected.sizes());
-  REQUIRE(got.dtype() == expected.dtype());
-  const double scale = std::max(1.0, expected.abs().max().item<double>());
-  const double diff = (got - expected).abs().max().item<double>();
-  INFO("max abs diff " << diff << ", largest output " << scale);
-  REQUIRE(diff <= kRelativeTolerance * scale);
+  fusion_test::require_within(got, expected, kRelativeTolerance);
 }
 
 fusion::KernelStats stats_of(fusion::SequentialImpl& model) {

@@ -2,6 +2,7 @@
 // `fusion::Sequential` entries that each take and give one tensor, fused by index, with a kernel.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <string>
 #include <vector>
@@ -9,7 +10,22 @@
 #include <torch/torch.h>
 #include <fusion/fusion.hpp>
 
+#include "catch_compat.hpp"
+
 namespace fusion_test {
+
+/// Requires `got` to have `expected`'s shape and dtype and to be within `relative_tolerance` of the
+/// larger of 1 and `expected`'s largest magnitude; returns the largest absolute difference.
+inline double require_within(const torch::Tensor& got, const torch::Tensor& expected,
+                             double relative_tolerance) {
+  REQUIRE(got.sizes() == expected.sizes());
+  REQUIRE(got.dtype() == expected.dtype());
+  const double scale = std::max(1.0, expected.abs().max().item<double>());
+  const double diff = (got - expected).abs().max().item<double>();
+  INFO("max abs diff " << diff << ", largest output " << scale);
+  REQUIRE(diff <= relative_tolerance * scale);
+  return diff;
+}
 
 /// Random affine parameters and running statistics, so folding has something to fold.
 inline void randomize_batch_norm(torch::nn::Module& bn) {
