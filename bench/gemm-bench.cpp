@@ -2,7 +2,9 @@
 // hand-written loops, in one run: OpenBLAS (through at::linear / at::matmul, what the unfused
 // model runs), oneDNN (at::mkldnn_linear, LibTorch's own), libxsmm 1.17 (JIT kernels, Debian's
 // libxsmm-dev), BLIS 0.9 (Debian's libblis-dev), the hand-written AVX-512 loops
-// (detail::small_gemm, small_gemm_kn) and fusion::kernels::project (the path it measured fastest).
+// (detail::small_gemm, small_gemm_kn) and fusion::kernels::project (the path it measured fastest);
+// and for a model in bfloat16, oneDNN's bfloat16 matmul against libxsmm's bfloat16 kernels and the
+// hand-written AVX512_BF16 loops (detail::gemv_bf16).
 //
 // BLIS is opened with dlopen(RTLD_LOCAL) and called by its own API (bli_sgemm): linked normally,
 // its sgemm_ would replace OpenBLAS's inside LibTorch and change the baseline. libxsmm 1.17 has no
@@ -177,6 +179,115 @@ BENCHMARK(BM_GemmLibraries)
     ->ArgsProduct({{1}, {1, 16, 128}, {512}, {1536, 2048}})
     ->ArgsProduct({{1}, {1, 16, 128}, {2048}, {512}})
     ->ArgsProduct({{1}, {1, 16, 128}, {64}, {256}})
+    ->Unit(benchmark::kMicrosecond)
+    ->MinTime(0.5);
+
+/// y [m, n] = x [m, k] w^T in bfloat16 (bfloat16 out, float32 accumulation), w [n, k] given as a
+/// copy in libxsmm's VNNI layout for A ([k / 2][n][2]: pairs along k interleaved), by libxsmm's
+/// bfloat16 JIT kernels over panels of 64 output columns, split across LibTorch's threads.
+class XsmmBFloat16 {
+ public:
+  XsmmBFloat16(int64_t m, int64_t k, int64_t n) : m_(m), k_(k), n_(n) {
+    const libxsmm_blasint lda = n, ldb = k, ldc = n;
+    const float alpha = 1, beta = 0;
+    const int flags = LIBXSMM_GEMM_FLAG_VNNI_A;
+    full_ = libxsmm_bmmdispatch(kPanel, m, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
+    if (n % kPanel != 0) {
+      tail_ =
+          libxsmm_bmmdispatch(n % kPanel, m, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
+    }
+  }
+  bool ok() const { return full_ != nullptr && (n_ % kPanel == 0 || tail_ != nullptr); }
+  /// w [n, k] as libxsmm's VNNI A operand: a copy (twice the weight bytes, as a folded kernel).
+  static torch::Tensor vnni(const torch::Tensor& w) {
+    return w.t().reshape({w.size(1) / 2, 2, w.size(0)}).permute({0, 2, 1}).contiguous();
+  }
+  void operator()(const libxsmm_bfloat16* x, const libxsmm_bfloat16* w_vnni,
+                  libxsmm_bfloat16* y) const {
+    const int64_t panels = (n_ + kPanel - 1) / kPanel;
+    const int64_t grain = fusion::detail::gemm_grain(m_ * k_ * kPanel, k_ * kPanel * 2);
+    at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const auto kernel = (p + 1) * kPanel <= n_ ? full_ : tail_;
+        kernel(w_vnni + p * kPanel * 2, x, y + p * kPanel);
+      }
+    });
+  }
+
+ private:
+  static constexpr int64_t kPanel = 64;
+  int64_t m_, k_, n_;
+  libxsmm_bmmfunction full_ = nullptr, tail_ = nullptr;
+};
+
+/// One bfloat16 projection of `rows` rows, `in` -> `out`, weight [out, in] (a model converted
+/// with `to(torch::kBFloat16)`): linear (oneDNN's bfloat16 matmul, what the unfused model runs),
+/// the hand-written AVX512_BF16 loops (detail::gemv_bf16), libxsmm's bfloat16 kernels on a VNNI
+/// copy of the weight, and fusion::kernels::project; timed interleaved, ratios to linear, the
+/// weights cycled through copies that together exceed the L3 cache.
+void BM_GemmBFloat16(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  const int64_t rows = state.range(0), in = state.range(1), out = state.range(2);
+  const int64_t copies = std::max<int64_t>(2, (64 << 20) / (in * out * 2));
+  std::vector<torch::Tensor> weights, vnni;
+  for (int64_t i = 0; i < copies; ++i) {
+    weights.push_back((torch::randn({out, in}) * 0.05).to(torch::kBFloat16));
+    vnni.push_back(XsmmBFloat16::vnni(weights.back()));
+  }
+  const auto x = torch::randn({rows, in}).to(torch::kBFloat16);
+  auto y = torch::empty({rows, out}, x.options());
+  const auto expected = torch::linear(x.to(torch::kFloat), weights[0].to(torch::kFloat));
+  const auto bits = [](const torch::Tensor& t) { return fusion::detail::bf16_bits(t); };
+  using Path = std::function<torch::Tensor(std::size_t)>;
+  std::vector<std::pair<std::string, Path>> paths;
+  std::string missing;
+  paths.emplace_back("onednn", [&](std::size_t i) { return torch::linear(x, weights[i]); });
+  paths.emplace_back("project",
+                     [&](std::size_t i) { return fusion::kernels::project(x, weights[i]); });
+  if (fusion::kernels::avx512_enabled() && fusion::detail::cpu_has_avx512_bf16()) {
+    paths.emplace_back("hand_written", [&](std::size_t i) {
+      fusion::detail::gemv_bf16(bits(x), bits(weights[i]), nullptr, bits(y), rows, in, out);
+      return y;
+    });
+  } else {
+    missing += " hand_written (no AVX512_BF16 here, or FUSION_NO_AVX512 is set);";
+  }
+  const XsmmBFloat16 xsmm(rows, in, out);
+  if (xsmm.ok()) {
+    paths.emplace_back("libxsmm_vnni_copy", [&](std::size_t i) {
+      xsmm(reinterpret_cast<const libxsmm_bfloat16*>(bits(x)),
+           reinterpret_cast<const libxsmm_bfloat16*>(bits(vnni[i])),
+           reinterpret_cast<libxsmm_bfloat16*>(bits(y)));
+      return y;
+    });
+  } else {
+    missing += " libxsmm (no bfloat16 JIT kernel for this shape or CPU);";
+  }
+  // Each must compute the projection before it is timed: within two bfloat16 roundings and float32
+  // summation order of the float32 product of the same values.
+  const double tolerance = 1e-2 * expected.abs().max().item<double>();
+  for (const auto& [name, path] : paths) {
+    y.zero_();
+    if ((path(0).to(torch::kFloat) - expected).abs().max().item<double>() > tolerance) {
+      state.SkipWithError((name + " differs from the reference").c_str());
+      return;
+    }
+  }
+  if (!missing.empty()) state.SetLabel("not run:" + missing);
+  std::vector<std::pair<std::string, std::function<void()>>> runs;
+  for (const auto& [name, path] : paths) {
+    runs.emplace_back(name, [&, path = path, cycle = std::size_t{0}]() mutable {
+      benchmark::DoNotOptimize(path(cycle++ % weights.size()));
+    });
+  }
+  time_rotating(state, runs, "us", 1e6);
+}
+BENCHMARK(BM_GemmBFloat16)
+    ->ArgNames({"rows", "in", "out"})
+    // Llama shapes at hidden 512 (q/k/v packed, gate/up packed, down, lm_head) and hidden 64.
+    ->ArgsProduct({{1, 2, 4, 16}, {512}, {1024, 3072, 4096}})
+    ->ArgsProduct({{1, 2, 4, 16}, {1536}, {512}})
+    ->ArgsProduct({{1, 2, 4, 16}, {64}, {384}})
     ->Unit(benchmark::kMicrosecond)
     ->MinTime(0.5);
 

@@ -125,6 +125,44 @@ BENCHMARK(BM_Qwen3ForwardKernels)
     ->Unit(benchmark::kMillisecond)
     ->MinTime(5.0);
 
+/// Decode as generation runs it: `steps` tokens one after another on one model, its KV cache
+/// growing from 64 prompt tokens; the float32 kernels against the model in bfloat16 under the same
+/// kernels, interleaved per `steps` tokens (ms counters: per token). Unlike BM_Qwen3ForwardKernels,
+/// where every single token follows another model's, a model's weights stay in the caches from one
+/// token to the next as far as they fit, as in a generation loop: the bfloat16 model's half-size
+/// weights fit where float32's do not.
+void BM_Qwen3Decode(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  const int64_t steps = state.range(0);
+  if (!fusion::kernels::bfloat16_supported()) {
+    state.SkipWithError("no AVX512_BF16 (or oneDNN) here: no bfloat16 variant");
+    return;
+  }
+  auto kernels = bench_model(), kernels_bf16 = bench_model();
+  kernels_bf16->to(torch::kBFloat16);
+  qwen3::fuse_with_kernels(kernels, /*folded=*/false);
+  qwen3::fuse_with_kernels(kernels_bf16, /*folded=*/false);
+  torch::manual_seed(1);
+  const auto prompt = torch::randint(0, 4096, {1, 64}, torch::kInt64);
+  const auto next = torch::randint(0, 4096, {steps, 1, 1}, torch::kInt64);
+  qwen3::KVCache base, base_bf16;
+  kernels->forward(prompt, &base);
+  kernels_bf16->forward(prompt, &base_bf16);
+  const auto generate = [&](qwen3::ForCausalLM& model, const qwen3::KVCache& from) {
+    qwen3::KVCache cache = from;  // tensor handles: `from` is never written
+    for (int64_t i = 0; i < steps; ++i) benchmark::DoNotOptimize(model->forward(next[i], &cache));
+  };
+  time_rotating(state,
+                {{"kernels", [&] { generate(kernels, base); }},
+                 {"kernels_bf16", [&] { generate(kernels_bf16, base_bf16); }}},
+                "ms", 1e3 / static_cast<double>(steps));
+}
+BENCHMARK(BM_Qwen3Decode)
+    ->ArgNames({"steps"})
+    ->Arg(16)
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(5.0);
+
 /// One kind of chain fused in every layer (range(2): 0 post_attention_layernorm -> mlp; 1
 /// input_layernorm -> self_attn, the packed q/k/v; 2 norm -> lm_head, untied here), with the
 /// library kernel against the same chains replayed and the unfused model, at hidden range(0)

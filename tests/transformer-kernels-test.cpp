@@ -422,6 +422,58 @@ TEST_CASE("project equals linear (addmm for [in, out] weights) on every path it 
   for (const auto& x : {torch::randn({128, 8}).t(), wide.narrow(1, 64, 128)}) {
     CHECK((fk::project(x, weight) - torch::linear(x, weight)).abs().max().item<double>() < 1e-3);
   }
+  // After a shape's path is chosen, a weight or bias of another shape raises linear's error (the
+  // loops would read past it).
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    const auto x = torch::randn({1, 64}).to(dtype);
+    fk::project(x, torch::randn({32, 64}).to(dtype));
+    CHECK_THROWS_AS(fk::project(x, torch::randn({32, 48}).to(dtype)), c10::Error);
+    CHECK_THROWS_AS(fk::project(x, torch::randn({32, 64}).to(dtype), torch::randn({31}).to(dtype)),
+                    c10::Error);
+  }
+}
+
+TEST_CASE("project equals linear in bfloat16 on both paths it takes") {
+  // A bfloat16 projection runs linear (oneDNN) or, for 1-4 rows of an [out, in] weight with rows
+  // a multiple of 32 long, the AVX512_BF16 dot-product loops (where the CPU has them; elsewhere,
+  // and with the AVX-512 loops off, linear). Each is forced in turn, and measured choice too.
+  // Tolerance: the float32 product of the same bfloat16 values, rounded once to bfloat16, and
+  // float32 summation order: 2^-8 of the output plus 1e-5 of the largest sum of term magnitudes.
+  torch::NoGradGuard no_grad;
+  using fk::GemmPath;
+  UNSCOPED_INFO("AVX512_BF16 " << fusion::detail::cpu_has_avx512_bf16());
+  for (const auto path : {std::optional<GemmPath>(), std::optional<GemmPath>(GemmPath::blas),
+                          std::optional<GemmPath>(GemmPath::hand_written)}) {
+    const auto before = fk::force_gemm_path(path);
+    INFO("path " << (path ? static_cast<int>(*path) : -1));
+    with_and_without_avx512([&] {
+      for (int64_t rows : {1, 2, 3, 4, 5, 16}) {
+        for (int64_t in : {32, 80, 512}) {
+          for (int64_t out : {1, 3, 130, 512}) {
+            const bool with_bias = (rows + out) % 2 == 1;
+            const auto x = torch::randn({1, rows, in}).to(torch::kBFloat16);
+            const auto weight = torch::randn({out, in}).to(torch::kBFloat16);
+            const auto bias =
+                with_bias ? torch::randn({out}).to(torch::kBFloat16) : torch::Tensor();
+            const auto as_float = [](const torch::Tensor& t) {
+              return t.defined() ? t.to(torch::kFloat) : t;
+            };
+            const auto exact = torch::linear(as_float(x), as_float(weight), as_float(bias));
+            auto magnitude = torch::linear(as_float(x).abs(), as_float(weight).abs());
+            if (with_bias) magnitude = magnitude + as_float(bias).abs();
+            const auto tolerance = exact.abs() * std::ldexp(1.0, -8) + 1e-5 * magnitude.max();
+            INFO("rows " << rows << ", in " << in << ", out " << out
+                         << (with_bias ? ", bias" : ""));
+            const auto got = fk::project(x, weight, bias);
+            REQUIRE(got.scalar_type() == torch::kBFloat16);
+            REQUIRE(got.sizes() == exact.sizes());
+            CHECK(((got.to(torch::kFloat) - exact).abs() <= tolerance).all().item<bool>());
+          }
+        }
+      }
+    });
+    fk::force_gemm_path(before);
+  }
 }
 
 TEST_CASE("activation_mul equals activation(gate) * up, for packed and separate halves") {
@@ -458,24 +510,62 @@ TEST_CASE("activation_mul equals activation(gate) * up, for packed and separate 
                         torch::gelu(torch::tensor({-1.0, 0.5}), "tanh")));
 }
 
-TEST_CASE("rms_norm equals the module's formula in float32 and bf16") {
-  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
-    for (int64_t dim : {1, 7, 8, 64, 1000}) {
-      const auto x = (torch::randn({3, 5, dim}) * 3).to(dtype);
-      const auto weight = (torch::rand({dim}) + 0.5).to(dtype);
-      auto xf = x.to(torch::kFloat);
-      xf = xf * torch::rsqrt(xf.pow(2).mean(-1, true) + 1e-6);
-      const auto expected = (weight * xf.to(dtype)).reshape({-1, dim});
-      const auto got = fk::rms_norm(x, weight, 1e-6);
-      INFO(dtype << ", dim " << dim);
-      REQUIRE(got.scalar_type() == dtype);
-      CHECK(torch::allclose(got.to(torch::kFloat), expected.to(torch::kFloat),
-                            dtype == torch::kFloat ? 1e-5 : 1e-2, 1e-6));
-      CHECK(torch::allclose(fk::rms_norm(x, {}, 1e-6).to(torch::kFloat),
-                            xf.to(dtype).reshape({-1, dim}).to(torch::kFloat),
-                            dtype == torch::kFloat ? 1e-5 : 1e-2, 1e-6));
+TEST_CASE("activation_mul in bfloat16 is within two bfloat16 roundings of the exact product") {
+  // The AVX-512 loop rounds SiLU's float32 result to bfloat16 and then the product, as two ATen
+  // ops store them: each rounding is within 2^-8 of the value, so 2^-7 of the product of the same
+  // bfloat16 inputs computed in float64. ATen's own bfloat16 SiLU (the path without the loops)
+  // rounds its intermediates too: it is held to 2^-6.
+  with_and_without_avx512([&] {
+    for (int64_t rows : {1, 3, 128}) {
+      for (int64_t inter : {1, 15, 16, 17, 1536}) {
+        auto gate_up = (torch::randn({rows, 2 * inter}) * 6).to(torch::kBFloat16);
+        gate_up[0][0] = 100.0f;
+        if (inter > 1) gate_up[0][1] = -100.0f;
+        const auto parts = gate_up.chunk(2, -1);
+        const auto exact = torch::silu(parts[0].to(torch::kDouble)) * parts[1].to(torch::kDouble);
+        INFO("rows " << rows << ", inter " << inter);
+        const auto got = fk::activation_mul(parts[0], parts[1], fk::Activation::silu);
+        REQUIRE(got.scalar_type() == torch::kBFloat16);
+        const double tolerance = std::ldexp(1.0, fk::avx512_enabled() ? -7 : -6);
+        CHECK(torch::allclose(got.to(torch::kDouble), exact, tolerance, 1e-30));
+      }
     }
-  }
+    auto with_nan = torch::randn({2, 34}).to(torch::kBFloat16);
+    with_nan[1][3] = std::numeric_limits<float>::quiet_NaN();
+    const auto halves = with_nan.chunk(2, -1);
+    CHECK(std::isnan(
+        fk::activation_mul(halves[0], halves[1], fk::Activation::silu)[1][3].item<float>()));
+  });
+}
+
+TEST_CASE("rms_norm equals the module's formula in float32 and bf16") {
+  // Bfloat16 with the AVX-512 loops on rounds where the module rounds; only the float32
+  // summation order of the mean differs.
+  with_and_without_avx512([&] {
+    for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+      for (int64_t dim : {1, 7, 8, 64, 1000}) {
+        const auto x = (torch::randn({3, 5, dim}) * 3).to(dtype);
+        const auto weight = (torch::rand({dim}) + 0.5).to(dtype);
+        auto xf = x.to(torch::kFloat);
+        xf = xf * torch::rsqrt(xf.pow(2).mean(-1, true) + 1e-6);
+        const auto expected = (weight * xf.to(dtype)).reshape({-1, dim});
+        const auto got = fk::rms_norm(x, weight, 1e-6);
+        INFO(dtype << ", dim " << dim);
+        REQUIRE(got.scalar_type() == dtype);
+        CHECK(torch::allclose(got.to(torch::kFloat), expected.to(torch::kFloat),
+                              dtype == torch::kFloat ? 1e-5 : 1e-2, 1e-6));
+        CHECK(torch::allclose(fk::rms_norm(x, {}, 1e-6).to(torch::kFloat),
+                              xf.to(dtype).reshape({-1, dim}).to(torch::kFloat),
+                              dtype == torch::kFloat ? 1e-5 : 1e-2, 1e-6));
+      }
+      // A weight of another shape: ATen's broadcasting, or its error, as the module's
+      // `weight * x`.
+      const auto x = torch::randn({2, 8}).to(dtype);
+      CHECK_THROWS_AS(fk::rms_norm(x, torch::ones({9}).to(dtype), 1e-6), c10::Error);
+      CHECK(torch::allclose(fk::rms_norm(x, torch::full({1}, 2.0).to(dtype), 1e-6),
+                            2 * fk::rms_norm(x, {}, 1e-6), dtype == torch::kFloat ? 1e-5 : 1e-2));
+    }
+  });
 }
 
 TEST_CASE("stack_in_place moves weights into one storage once, and re-points them") {

@@ -9,12 +9,8 @@
 
 #include <ATen/Context.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <cpuid.h>
-#endif
-
 #include "fusion/detail/abi.hpp"
-#include "fusion/detail/simd.hpp"
+#include "fusion/detail/simd_bf16.hpp"
 #include "fusion/options.hpp"
 
 namespace fusion::detail {
@@ -40,20 +36,8 @@ inline FUSION_API std::atomic<bool>& bfloat16_allowed() {
 }
 }  // namespace FUSION_ABI_VERSION
 
-/// The CPU has AVX512_BF16 (CPUID leaf 7, sub-leaf 1, EAX bit 5) with the AVX-512 state enabled
-/// by the OS (what cpu_has_avx512 checks), and LibTorch has oneDNN.
-inline bool cpu_has_bfloat16() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool has = [] {
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    return cpu_has_avx512() && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 &&
-           (eax & (1u << 5)) != 0 && at::hasMKLDNN();
-  }();
-  return has;
-#else
-  return false;
-#endif
-}
+/// The CPU has AVX512_BF16 (cpu_has_avx512_bf16) and LibTorch has oneDNN.
+inline bool cpu_has_bfloat16() { return cpu_has_avx512_bf16() && at::hasMKLDNN(); }
 
 inline bool bfloat16_enabled() {
   return cpu_has_bfloat16() && bfloat16_allowed().load(std::memory_order_relaxed);

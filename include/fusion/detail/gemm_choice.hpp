@@ -1,9 +1,9 @@
-// Which GEMM a float32 projection on the CPU runs: measured, not guessed. The same shape is fastest
-// on different paths on different machines (OpenBLAS 0.3.21 runs generic kernels on some AVX-512
-// CPUs and its AVX-512 ones on others; oneDNN's matmul wins on large shapes, the hand-written
-// loops on a few rows, BLIS on [in, out] weights), so the first call of each shape times every path
-// that can compute it on that call's own operands and keeps the fastest for the rest of the
-// process.
+// Which GEMM a float32 or bfloat16 projection on the CPU runs: measured, not guessed. The same
+// shape is fastest on different paths on different machines (OpenBLAS 0.3.21 runs generic kernels
+// on some AVX-512 CPUs and its AVX-512 ones on others; oneDNN's matmul wins on large shapes, the
+// hand-written loops on a few rows, BLIS on [in, out] weights), so the first call of each shape
+// times every path that can compute it on that call's own operands and keeps the fastest for the
+// rest of the process.
 #pragma once
 
 #include <array>
@@ -33,8 +33,9 @@ enum class GemmPath {
 namespace fusion::detail {
 
 inline namespace FUSION_ABI_VERSION {
-/// The path chosen per shape (layout, row bucket, in, out, threads), and a path forced by
-/// force_gemm_path. One table per process (FUSION_API).
+/// The path chosen per shape (layout: 0 float32 [out, in], 1 float32 [in, out], 2 bfloat16
+/// [out, in]; row bucket, in, out, threads), and a path forced by force_gemm_path. One table per
+/// process (FUSION_API).
 struct FUSION_API GemmChoices {
   static GemmChoices& instance() {
     static auto* choices = new GemmChoices();  // leaked: kernels may run during static destruction

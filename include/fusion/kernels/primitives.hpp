@@ -4,7 +4,8 @@
 // the packing of several weights into one storage without a second copy.
 //
 // Each takes any tensor and computes what the ATen expression in its comment computes; the fast
-// paths cover float32 on the CPU, everything else goes to those ATen ops (CUDA included).
+// paths cover float32 and bfloat16 on the CPU, everything else goes to those ATen ops (CUDA
+// included).
 #pragma once
 
 #include <algorithm>
@@ -24,6 +25,7 @@
 #include "fusion/detail/blis.hpp"
 #include "fusion/detail/gemm_choice.hpp"
 #include "fusion/detail/simd.hpp"
+#include "fusion/detail/simd_bf16.hpp"
 
 namespace fusion::kernels {
 
@@ -78,10 +80,24 @@ inline at::Tensor activate(const at::Tensor& x, Activation activation) {
 /// RMSNorm over the last dimension: x * rsqrt(mean(x^2) + eps), times `weight` when defined,
 /// computed in float32 (as Llama's and Qwen's RMSNorm compute it). Float32 on the CPU: one pass
 /// per row instead of ATen's eight ops; eight partial sums keep the loop fast without
-/// -ffast-math. Returns [rows, dim], contiguous.
+/// -ffast-math. Bfloat16 on the CPU (AVX-512): one pass too, rounding where the module rounds.
+/// Returns [rows, dim], contiguous.
 inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const int64_t dim = x.size(-1);
-  const bool fast = x.scalar_type() == at::kFloat && x.device().is_cpu() &&
+  // A weight of another shape goes to ATen's formula, which broadcasts it or raises as the
+  // module's `weight * x` does.
+  const bool fits = !weight.defined() || (weight.dim() == 1 && weight.size(0) == dim);
+  if (fits && x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && avx512_enabled() &&
+      (!weight.defined() || (weight.scalar_type() == at::kBFloat16 && weight.device().is_cpu()))) {
+    const auto input = x.contiguous();
+    auto out = at::empty({dim == 0 ? 0 : input.numel() / dim, dim}, input.options());
+    const auto w = weight.defined() ? weight.contiguous() : weight;
+    detail::rms_norm_rows_bf16(detail::bf16_bits(input),
+                               w.defined() ? detail::bf16_bits(w) : nullptr, detail::bf16_bits(out),
+                               out.size(0), dim, static_cast<float>(eps));
+    return out;
+  }
+  const bool fast = fits && x.scalar_type() == at::kFloat && x.device().is_cpu() &&
                     (!weight.defined() || weight.scalar_type() == at::kFloat);
   if (!fast) {
     auto xf = x.to(at::kFloat);
@@ -123,14 +139,23 @@ inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double
 
 /// activation(gate) * up for gate and up of one shape [rows, inter] (views of one [rows, 2 inter]
 /// GEMM output are fine), into a new [rows, inter]: one pass over the data for SiLU in float32
-/// (AVX-512, or a scalar loop up to 4096 elements: past that ATen's vectorised exp wins), ATen's
-/// two ops otherwise.
+/// (AVX-512, or a scalar loop up to 4096 elements: past that ATen's vectorised exp wins) and in
+/// bfloat16 (AVX-512, rounding where ATen's two ops round), ATen's two ops otherwise.
 inline at::Tensor activation_mul(const at::Tensor& gate, const at::Tensor& up,
                                  Activation activation) {
-  const bool rows_of_floats =
-      gate.dim() == 2 && up.sizes() == gate.sizes() && gate.scalar_type() == at::kFloat &&
-      up.scalar_type() == at::kFloat && gate.device().is_cpu() && up.device().is_cpu() &&
-      gate.stride(1) == 1 && up.stride(1) == 1 && gate.stride(0) == up.stride(0);
+  const bool row_major = gate.dim() == 2 && up.sizes() == gate.sizes() &&
+                         up.scalar_type() == gate.scalar_type() && gate.device().is_cpu() &&
+                         up.device().is_cpu() && gate.stride(1) == 1 && up.stride(1) == 1 &&
+                         gate.stride(0) == up.stride(0);
+  const bool rows_of_floats = row_major && gate.scalar_type() == at::kFloat;
+  if (activation == Activation::silu && row_major && gate.scalar_type() == at::kBFloat16 &&
+      avx512_enabled()) {
+    auto out = at::empty({gate.size(0), gate.size(1)}, gate.options());
+    detail::silu_mul_rows_bf16(detail::bf16_bits(gate), detail::bf16_bits(up),
+                               gate.size(0) > 1 ? gate.stride(0) : 0, detail::bf16_bits(out),
+                               gate.size(0), gate.size(1));
+    return out;
+  }
   if (activation == Activation::silu && rows_of_floats) {
     const int64_t rows = gate.size(0), inter = gate.size(1);
     const int64_t stride = rows > 1 ? gate.stride(0) : inter;
@@ -180,8 +205,11 @@ inline void reset_gemm_choices() {
 /// first time it came (detail/gemm_choice.hpp): the BLAS LibTorch links (one row of an [out, in]
 /// weight as a matrix-vector product), the hand-written AVX-512 loops (1-256 rows; rows a
 /// multiple of 16 long for [out, in]), oneDNN's matmul (48 rows or more, [out, in]), BLIS where
-/// the system has it (2 rows or more; FUSION_NO_BLIS leaves it out). Every path reads the weight
-/// in place. Results differ from linear's only by float32 summation order.
+/// the system has it (2 rows or more; FUSION_NO_BLIS leaves it out). Bfloat16 on the CPU: linear
+/// (oneDNN) or, for 1-4 rows of an [out, in] weight with rows a multiple of 32 long, the
+/// AVX512_BF16 dot-product loops, measured the same way. Every path reads the weight in place.
+/// Results differ from linear's only by float32 summation order (and for bfloat16 by where the
+/// sum is rounded: once, after the bias).
 inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
                           const at::Tensor& bias = {}, WeightLayout layout = WeightLayout::out_in) {
   const int64_t in = x.size(-1);
@@ -198,11 +226,34 @@ inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
     auto y = at::mv(weight, x2.view({in})).view({1, out});
     return bias.defined() ? y.add_(bias) : y;
   };
-  if (rows == 0 || !x.device().is_cpu() || x.scalar_type() != at::kFloat ||
-      weight.scalar_type() != at::kFloat) {
+  const auto all_of = [&](at::ScalarType dtype) {
+    return x.scalar_type() == dtype && weight.scalar_type() == dtype &&
+           (!bias.defined() || bias.scalar_type() == dtype);
+  };
+  // The loops read the weight and bias as these shapes without checking: any other goes to ATen,
+  // which raises as linear does.
+  const bool fits = weight.dim() == 2 && weight.size(in_out ? 0 : 1) == in &&
+                    (!bias.defined() || (bias.dim() == 1 && bias.size(0) == out));
+  if (!fits || rows == 0 || !x.device().is_cpu() ||
+      !(all_of(at::kFloat) || all_of(at::kBFloat16))) {
     return blas(x.reshape({rows, in})).view(sizes);
   }
   const auto x2 = x.reshape({rows, in}).contiguous();
+  if (x.scalar_type() == at::kBFloat16) {
+    const std::array<GemmPath, 2> paths{GemmPath::blas, GemmPath::hand_written};
+    const bool loops = avx512_enabled() && detail::cpu_has_avx512_bf16() && !in_out &&
+                       weight.is_contiguous() && in % 32 == 0 && rows <= 4;
+    const auto run = [&](GemmPath path) {
+      if (path == GemmPath::blas) return blas(x2);
+      auto y = at::empty({rows, out}, x2.options());
+      const auto b = bias.defined() ? bias.contiguous() : bias;
+      detail::gemv_bf16(detail::bf16_bits(x2), detail::bf16_bits(weight),
+                        b.defined() ? detail::bf16_bits(b) : nullptr, detail::bf16_bits(y), rows,
+                        in, out);
+      return y;
+    };
+    return run(detail::choose_gemm(2, rows, in, out, paths, loops ? 2 : 1, run)).view(sizes);
+  }
   std::array<GemmPath, 4> paths{GemmPath::blas};
   std::size_t count = 1;
   if (avx512_enabled() && weight.is_contiguous() && rows <= 256 &&
