@@ -5,7 +5,8 @@
 // small_gemm: y = x w^T for a few rows of x, float32. Each output is a dot product of a row of x
 // with a row of w, both contiguous along k, so w is read in place, once, in blocks of 4 rows that
 // stay in L1 while every 4-row block of x passes over them: 16 accumulators of 16 lanes, reduced
-// at the end. Only the summation order differs from linear's.
+// at the end; for one row of x (decode), each row of w on its own, front to back, which streams
+// from memory faster. Only the summation order differs from linear's.
 //
 // small_gemm_kn: y = x w for a weight stored [in, out] (GPT-2's Conv1D), read in place: panels
 // of 64 output columns, each row of the panel loaded once per block of 4 rows of x and multiplied
@@ -108,10 +109,33 @@ __attribute__((target("avx512f"))) inline void columns(const float* x, const flo
   }
 }
 
+/// dot(x, w) over k (a multiple of 16) floats, 4 accumulators: for one row of x, each row of w
+/// read front to back on its own, one memory stream, which streams from memory faster than 4 rows
+/// side by side as block<1, 4> reads them (docs/performance.md).
+__attribute__((target("avx512f"))) inline float dot(const float* x, const float* w, int64_t k) {
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                   _mm512_setzero_ps()};
+  int64_t p = 0;
+  for (; p + 64 <= k; p += 64) {
+    for (int u = 0; u < 4; ++u) {
+      acc[u] =
+          _mm512_fmadd_ps(_mm512_loadu_ps(x + p + 16 * u), _mm512_loadu_ps(w + p + 16 * u), acc[u]);
+    }
+  }
+  for (; p < k; p += 16)
+    acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + p), _mm512_loadu_ps(w + p), acc[0]);
+  return _mm512_reduce_add_ps(
+      _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
 /// Output columns [begin, end) of small_gemm, on this thread.
 __attribute__((target("avx512f"))) inline void column_range(const float* x, const float* w,
                                                             float* y, int64_t m, int64_t k,
                                                             int64_t n, int64_t begin, int64_t end) {
+  if (m == 1) {
+    for (int64_t j = begin; j < end; ++j) y[j] = dot(x, w + j * k, k);
+    return;
+  }
   for (int64_t j = begin; j < end; j += 4) {
     switch (std::min<int64_t>(4, end - j)) {
       case 4:

@@ -4,13 +4,15 @@
 // and oneDNN's per-call overhead cost more than the halved weight bytes save.
 //
 // rms_norm_rows_bf16, silu_mul_rows_bf16: the float32 loops of simd.hpp on bfloat16 data, rounding
-// where ATen's ops round (so results equal ATen's but for the float32 summation order of the mean
-// and the polynomial exp), AVX-512F only: the conversions are shifts, and the rounding to nearest
-// even is c10::BFloat16's, NaN included.
+// where the module's ATen ops store their results. The norm then equals ATen's but for the float32
+// summation order of the mean; SiLU × up is within two bfloat16 roundings of the exact product
+// (ATen's own bfloat16 SiLU also rounds inside, so the two differ in the last place). AVX-512F
+// only: the conversions are shifts, and the rounding to nearest even is c10::BFloat16's, NaN
+// included.
 //
 // gemv_bf16: y = x w^T for a few rows of bfloat16 x and an [out, in] bfloat16 weight read in
-// place, multiplying pairs with AVX512_BF16's dot product (float32 accumulation), blocked as
-// simd::block; rounded to bfloat16 once, after the bias.
+// place, multiplying pairs with AVX512_BF16's dot product (float32 accumulation), one weight row
+// at a time for all rows of x; rounded to bfloat16 once, after the bias.
 #pragma once
 
 #include <algorithm>
@@ -137,79 +139,68 @@ __attribute__((target("avx512f"))) inline void silu_mul_range_bf16(const uint16_
   }
 }
 
-/// y[i][j] for i < MB, j < NB: dot(x row i, w row j) in float32 plus bias[j], rounded to
-/// bfloat16; rows of x and w k (a multiple of 32) apart, rows of y n apart.
-template <int MB, int NB>
-__attribute__((target("avx512f,avx512bf16"))) inline void block_bf16(
-    const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t k, int64_t n) {
-  __m512 acc[MB][NB];
+/// 32 bfloat16 from p, as pairs for _mm512_dpbf16_ps.
+__attribute__((target("avx512f,avx512bf16"))) inline __m512bh load_pairs(const uint16_t* p) {
+  return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
+}
+
+/// y[i][0] for i < MB: dot(x row i, w's row) in float32 plus `bias`, rounded to bfloat16; rows of
+/// x k (a multiple of 32) apart, rows of y n apart. The weight row is read once, front to back,
+/// with U accumulators per x row along k: one memory stream, faster from memory than several
+/// weight rows side by side as simd::block reads them (docs/performance.md).
+template <int MB>
+__attribute__((target("avx512f,avx512bf16"))) inline void row_bf16(const uint16_t* x,
+                                                                   const uint16_t* w, float bias,
+                                                                   uint16_t* y, int64_t k,
+                                                                   int64_t n) {
+  constexpr int U = MB == 1 ? 4 : 2;
+  __m512 acc[MB][U];
   for (int i = 0; i < MB; ++i) {
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int u = 0; u < U; ++u) acc[i][u] = _mm512_setzero_ps();
   }
-  for (int64_t p = 0; p < k; p += 32) {
-    __m512i wv[NB];
-    for (int j = 0; j < NB; ++j) {
-      wv[j] = _mm512_loadu_si512(reinterpret_cast<const void*>(w + j * k + p));
-    }
-    for (int i = 0; i < MB; ++i) {
-      const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(x + i * k + p));
-      for (int j = 0; j < NB; ++j) {
-        acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv, (__m512bh)wv[j]);
+  int64_t p = 0;
+  for (; p + 32 * U <= k; p += 32 * U) {
+    for (int u = 0; u < U; ++u) {
+      const __m512bh wv = load_pairs(w + p + 32 * u);
+      for (int i = 0; i < MB; ++i) {
+        acc[i][u] = _mm512_dpbf16_ps(acc[i][u], load_pairs(x + i * k + p + 32 * u), wv);
       }
     }
   }
+  for (; p < k; p += 32) {
+    const __m512bh wv = load_pairs(w + p);
+    for (int i = 0; i < MB; ++i)
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], load_pairs(x + i * k + p), wv);
+  }
   for (int i = 0; i < MB; ++i) {
-    for (int j = 0; j < NB; ++j) {
-      float sum = _mm512_reduce_add_ps(acc[i][j]);
-      if (bias != nullptr)
-        sum += static_cast<float>(c10::BFloat16(bias[j], c10::BFloat16::from_bits()));
-      y[i * n + j] = c10::BFloat16(sum).x;
-    }
+    for (int u = 1; u < U; ++u) acc[i][0] = _mm512_add_ps(acc[i][0], acc[i][u]);
+    y[i * n] = c10::BFloat16(_mm512_reduce_add_ps(acc[i][0]) + bias).x;
   }
 }
 
-/// NB output columns from column j0 for all m rows: 4 rows of x at a time, then the rest.
-template <int NB>
-__attribute__((target("avx512f,avx512bf16"))) inline void columns_bf16(const uint16_t* x,
-                                                                       const uint16_t* w,
-                                                                       const uint16_t* bias,
-                                                                       uint16_t* y, int64_t m,
-                                                                       int64_t k, int64_t n) {
-  int64_t i = 0;
-  for (; i + 4 <= m; i += 4) block_bf16<4, NB>(x + i * k, w, bias, y + i * n, k, n);
-  switch (m - i) {
-    case 3:
-      block_bf16<3, NB>(x + i * k, w, bias, y + i * n, k, n);
-      break;
-    case 2:
-      block_bf16<2, NB>(x + i * k, w, bias, y + i * n, k, n);
-      break;
-    case 1:
-      block_bf16<1, NB>(x + i * k, w, bias, y + i * n, k, n);
-      break;
-    default:
-      break;
-  }
-}
-
-/// Output columns [begin, end) of gemv_bf16, on this thread.
+/// Output columns [begin, end) of gemv_bf16 for all m rows, on this thread: 4 rows of x at a
+/// time, then the rest.
 __attribute__((target("avx512f,avx512bf16"))) inline void column_range_bf16(
     const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t m, int64_t k,
     int64_t n, int64_t begin, int64_t end) {
-  for (int64_t j = begin; j < end; j += 4) {
-    const uint16_t* b = bias == nullptr ? nullptr : bias + j;
-    switch (std::min<int64_t>(4, end - j)) {
-      case 4:
-        columns_bf16<4>(x, w + j * k, b, y + j, m, k, n);
-        break;
+  for (int64_t j = begin; j < end; ++j) {
+    const float b = bias == nullptr
+                        ? 0.0f
+                        : static_cast<float>(c10::BFloat16(bias[j], c10::BFloat16::from_bits()));
+    const uint16_t* row = w + j * k;
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) row_bf16<4>(x + i * k, row, b, y + i * n + j, k, n);
+    switch (m - i) {
       case 3:
-        columns_bf16<3>(x, w + j * k, b, y + j, m, k, n);
+        row_bf16<3>(x + i * k, row, b, y + i * n + j, k, n);
         break;
       case 2:
-        columns_bf16<2>(x, w + j * k, b, y + j, m, k, n);
+        row_bf16<2>(x + i * k, row, b, y + i * n + j, k, n);
+        break;
+      case 1:
+        row_bf16<1>(x + i * k, row, b, y + i * n + j, k, n);
         break;
       default:
-        columns_bf16<1>(x, w + j * k, b, y + j, m, k, n);
         break;
     }
   }
@@ -243,13 +234,12 @@ inline void silu_mul_rows_bf16(const uint16_t* gate, const uint16_t* up, int64_t
 
 /// y [m, n] = x [m, k] times w [n, k] transposed, plus bias [n] (when not null), in bfloat16 with
 /// float32 accumulation; all contiguous, k a multiple of 32; only where avx512_enabled() and
-/// cpu_has_avx512_bf16(). The output columns are split across LibTorch's threads as small_gemm's.
+/// cpu_has_avx512_bf16(). The output columns are split across LibTorch's threads in runs of
+/// gemm_grain.
 inline void gemv_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y,
                       int64_t m, int64_t k, int64_t n) {
-  const int64_t blocks = (n + 3) / 4;
-  const int64_t grain = gemm_grain(m * k * 4, k * 4 * 2);
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    simd::column_range_bf16(x, w, bias, y, m, k, n, begin * 4, std::min(n, end * 4));
+  at::parallel_for(0, n, gemm_grain(m * k, k * 2), [&](int64_t begin, int64_t end) {
+    simd::column_range_bf16(x, w, bias, y, m, k, n, begin, end);
   });
 }
 #else
