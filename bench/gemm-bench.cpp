@@ -49,38 +49,60 @@ const Blis& blis() {
   return instance;
 }
 
-/// y [m, n] = x [m, k] w, with w [k, n] row-major (column-major: C = W X, no transposes), by
-/// libxsmm JIT kernels over panels of 64 output columns, the panels split across LibTorch's
-/// threads as small_gemm_kn splits them.
-class XsmmKn {
+/// y [m, n] = x [m, k] times a weight given as libxsmm's A operand (column-major: C = A X, no
+/// transposes), by libxsmm JIT kernels over panels of 64 output columns, the panels split across
+/// LibTorch's threads as small_gemm_kn splits them. `pairs`: how many consecutive k values A's
+/// layout keeps together, 1 for float32 (w [k, n] row-major), 2 for bfloat16's VNNI layout
+/// ([k / 2][n][2], made by vnni()).
+template <typename T, typename Kernel>
+class XsmmPanels {
  public:
-  XsmmKn(int64_t m, int64_t k, int64_t n) : m_(m), k_(k), n_(n) {
+  using Dispatch = Kernel (*)(libxsmm_blasint, libxsmm_blasint, libxsmm_blasint,
+                              const libxsmm_blasint*, const libxsmm_blasint*,
+                              const libxsmm_blasint*, const float*, const float*, const int*,
+                              const int*);
+  XsmmPanels(Dispatch dispatch, int flags, int64_t pairs, int64_t m, int64_t k, int64_t n)
+      : pairs_(pairs), m_(m), k_(k), n_(n) {
     const libxsmm_blasint lda = n, ldb = k, ldc = n;
     const float alpha = 1, beta = 0;
-    const int flags = LIBXSMM_GEMM_FLAG_NONE;
-    full_ = libxsmm_smmdispatch(kPanel, m, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
+    full_ = dispatch(kPanel, m, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
     if (n % kPanel != 0) {
-      tail_ =
-          libxsmm_smmdispatch(n % kPanel, m, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
+      tail_ = dispatch(n % kPanel, m, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
     }
   }
   bool ok() const { return full_ != nullptr && (n_ % kPanel == 0 || tail_ != nullptr); }
-  void operator()(const float* x, const float* w, float* y) const {
+  void operator()(const T* x, const T* w, T* y) const {
     const int64_t panels = (n_ + kPanel - 1) / kPanel;
-    const int64_t grain = std::max<int64_t>(1, 4'000'000 / std::max<int64_t>(1, m_ * k_ * kPanel));
+    const int64_t grain =
+        fusion::detail::gemm_grain(m_ * k_ * kPanel, k_ * kPanel * static_cast<int64_t>(sizeof(T)));
     at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const auto kernel = (p + 1) * kPanel <= n_ ? full_ : tail_;
-        kernel(w + p * kPanel, x, y + p * kPanel);
+        kernel(w + p * kPanel * pairs_, x, y + p * kPanel);
       }
     });
   }
 
  private:
   static constexpr int64_t kPanel = 64;
-  int64_t m_, k_, n_;
-  libxsmm_smmfunction full_ = nullptr, tail_ = nullptr;
+  int64_t pairs_, m_, k_, n_;
+  Kernel full_ = nullptr, tail_ = nullptr;
 };
+
+/// float32, w [k, n] row-major.
+XsmmPanels<float, libxsmm_smmfunction> xsmm_float(int64_t m, int64_t k, int64_t n) {
+  return {libxsmm_smmdispatch, LIBXSMM_GEMM_FLAG_NONE, 1, m, k, n};
+}
+
+/// bfloat16 in and out (float32 accumulation), w given in libxsmm's VNNI layout (vnni()).
+XsmmPanels<libxsmm_bfloat16, libxsmm_bmmfunction> xsmm_bfloat16(int64_t m, int64_t k, int64_t n) {
+  return {libxsmm_bmmdispatch, LIBXSMM_GEMM_FLAG_VNNI_A, 2, m, k, n};
+}
+
+/// w [n, k] as libxsmm's VNNI A operand: a copy (twice the weight bytes, as a folded kernel).
+torch::Tensor vnni(const torch::Tensor& w) {
+  return w.t().reshape({w.size(1) / 2, 2, w.size(0)}).permute({0, 2, 1}).contiguous();
+}
 
 /// One projection of `rows` rows, `in` -> `out`, with the weight stored [out, in]
 /// (layout 0, torch::nn::Linear) or [in, out] (layout 1, GPT-2's Conv1D), on every path that
@@ -127,7 +149,7 @@ void BM_GemmLibraries(benchmark::State& state) {
   } else {
     missing += " hand_written (no AVX-512 loops: the CPU lacks them or FUSION_NO_AVX512 is set);";
   }
-  const XsmmKn xsmm(rows, in, out);
+  const auto xsmm = xsmm_float(rows, in, out);
   if (xsmm.ok()) {
     // [out, in]: on the transposed copy, libxsmm's own layout.
     paths.emplace_back(
@@ -182,44 +204,6 @@ BENCHMARK(BM_GemmLibraries)
     ->Unit(benchmark::kMicrosecond)
     ->MinTime(0.5);
 
-/// y [m, n] = x [m, k] w^T in bfloat16 (bfloat16 out, float32 accumulation), w [n, k] given as a
-/// copy in libxsmm's VNNI layout for A ([k / 2][n][2]: pairs along k interleaved), by libxsmm's
-/// bfloat16 JIT kernels over panels of 64 output columns, split across LibTorch's threads.
-class XsmmBFloat16 {
- public:
-  XsmmBFloat16(int64_t m, int64_t k, int64_t n) : m_(m), k_(k), n_(n) {
-    const libxsmm_blasint lda = n, ldb = k, ldc = n;
-    const float alpha = 1, beta = 0;
-    const int flags = LIBXSMM_GEMM_FLAG_VNNI_A;
-    full_ = libxsmm_bmmdispatch(kPanel, m, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
-    if (n % kPanel != 0) {
-      tail_ =
-          libxsmm_bmmdispatch(n % kPanel, m, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
-    }
-  }
-  bool ok() const { return full_ != nullptr && (n_ % kPanel == 0 || tail_ != nullptr); }
-  /// w [n, k] as libxsmm's VNNI A operand: a copy (twice the weight bytes, as a folded kernel).
-  static torch::Tensor vnni(const torch::Tensor& w) {
-    return w.t().reshape({w.size(1) / 2, 2, w.size(0)}).permute({0, 2, 1}).contiguous();
-  }
-  void operator()(const libxsmm_bfloat16* x, const libxsmm_bfloat16* w_vnni,
-                  libxsmm_bfloat16* y) const {
-    const int64_t panels = (n_ + kPanel - 1) / kPanel;
-    const int64_t grain = fusion::detail::gemm_grain(m_ * k_ * kPanel, k_ * kPanel * 2);
-    at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const auto kernel = (p + 1) * kPanel <= n_ ? full_ : tail_;
-        kernel(w_vnni + p * kPanel * 2, x, y + p * kPanel);
-      }
-    });
-  }
-
- private:
-  static constexpr int64_t kPanel = 64;
-  int64_t m_, k_, n_;
-  libxsmm_bmmfunction full_ = nullptr, tail_ = nullptr;
-};
-
 /// One bfloat16 projection of `rows` rows, `in` -> `out`, weight [out, in] (a model converted
 /// with `to(torch::kBFloat16)`): linear (oneDNN's bfloat16 matmul, what the unfused model runs),
 /// the hand-written AVX512_BF16 loops (detail::gemv_bf16), libxsmm's bfloat16 kernels on a VNNI
@@ -229,10 +213,10 @@ void BM_GemmBFloat16(benchmark::State& state) {
   torch::NoGradGuard no_grad;
   const int64_t rows = state.range(0), in = state.range(1), out = state.range(2);
   const int64_t copies = std::max<int64_t>(2, (64 << 20) / (in * out * 2));
-  std::vector<torch::Tensor> weights, vnni;
+  std::vector<torch::Tensor> weights, vnni_weights;
   for (int64_t i = 0; i < copies; ++i) {
     weights.push_back((torch::randn({out, in}) * 0.05).to(torch::kBFloat16));
-    vnni.push_back(XsmmBFloat16::vnni(weights.back()));
+    vnni_weights.push_back(vnni(weights.back()));
   }
   const auto x = torch::randn({rows, in}).to(torch::kBFloat16);
   auto y = torch::empty({rows, out}, x.options());
@@ -252,11 +236,11 @@ void BM_GemmBFloat16(benchmark::State& state) {
   } else {
     missing += " hand_written (no AVX512_BF16 here, or FUSION_NO_AVX512 is set);";
   }
-  const XsmmBFloat16 xsmm(rows, in, out);
+  const auto xsmm = xsmm_bfloat16(rows, in, out);
   if (xsmm.ok()) {
     paths.emplace_back("libxsmm_vnni_copy", [&](std::size_t i) {
       xsmm(reinterpret_cast<const libxsmm_bfloat16*>(bits(x)),
-           reinterpret_cast<const libxsmm_bfloat16*>(bits(vnni[i])),
+           reinterpret_cast<const libxsmm_bfloat16*>(bits(vnni_weights[i])),
            reinterpret_cast<libxsmm_bfloat16*>(bits(y)));
       return y;
     });
