@@ -129,8 +129,8 @@ BENCHMARK(BM_Qwen3ForwardKernels)
 /// growing from 64 prompt tokens; the float32 kernels against the model in bfloat16 under the same
 /// kernels, interleaved per `steps` tokens (ms counters: per token). Unlike BM_Qwen3ForwardKernels,
 /// where every single token follows another model's, a model's weights stay in the caches from one
-/// token to the next as far as they fit, as in a generation loop: the bfloat16 model's half-size
-/// weights fit where float32's do not.
+/// token to the next as far as they fit, as in a generation loop; the bfloat16 model's, half the
+/// bytes, fit better.
 void BM_Qwen3Decode(benchmark::State& state) {
   torch::NoGradGuard no_grad;
   const int64_t steps = state.range(0);
