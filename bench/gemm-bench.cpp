@@ -104,6 +104,32 @@ torch::Tensor vnni(const torch::Tensor& w) {
   return w.t().reshape({w.size(1) / 2, 2, w.size(0)}).permute({0, 2, 1}).contiguous();
 }
 
+/// Each of `paths` (a projection computed from weight copy `i`) must give `expected` within
+/// `tolerance` from copy 0, `y` (which some write into) zeroed first; else the benchmark is
+/// skipped, naming the path. Then they are timed with time_rotating, each cycling through
+/// `copies` copies; `missing` (the paths not run here) becomes the label.
+using IndexedPath = std::function<torch::Tensor(std::size_t)>;
+void check_and_time(benchmark::State& state,
+                    const std::vector<std::pair<std::string, IndexedPath>>& paths,
+                    std::size_t copies, torch::Tensor y, const torch::Tensor& expected,
+                    double tolerance, const std::string& missing) {
+  for (const auto& [name, path] : paths) {
+    y.zero_();
+    if ((path(0).to(torch::kFloat) - expected).abs().max().item<double>() > tolerance) {
+      state.SkipWithError((name + " differs from the reference").c_str());
+      return;
+    }
+  }
+  if (!missing.empty()) state.SetLabel("not run:" + missing);
+  std::vector<std::pair<std::string, std::function<void()>>> runs;
+  for (const auto& [name, path] : paths) {
+    runs.emplace_back(name, [path = path, copies, cycle = std::size_t{0}]() mutable {
+      benchmark::DoNotOptimize(path(cycle++ % copies));
+    });
+  }
+  time_rotating(state, runs, "us", 1e6);
+}
+
 /// One projection of `rows` rows, `in` -> `out`, with the weight stored [out, in]
 /// (layout 0, torch::nn::Linear) or [in, out] (layout 1, GPT-2's Conv1D), on every path that
 /// applies, timed interleaved; ratios to the first (OpenBLAS through LibTorch). The weights are
@@ -174,22 +200,12 @@ void BM_GemmLibraries(benchmark::State& state) {
   } else {
     missing += " blis (libblis.so.4 not found);";
   }
-  for (const auto& [name, path] : paths) {  // each must compute the projection before it is timed
-    y.zero_();
-    if ((path(weights[0], transposed[0]) - expected).abs().max().item<double>() > 1e-4) {
-      state.SkipWithError((name + " differs from the reference").c_str());
-      return;
-    }
-  }
-  if (!missing.empty()) state.SetLabel("not run:" + missing);
-  std::vector<std::pair<std::string, std::function<void()>>> runs;
+  std::vector<std::pair<std::string, IndexedPath>> indexed;
   for (const auto& [name, path] : paths) {
-    runs.emplace_back(name, [&, path = path, cycle = std::size_t{0}]() mutable {
-      const auto i = cycle++ % weights.size();
-      benchmark::DoNotOptimize(path(weights[i], transposed[i]));
-    });
+    indexed.emplace_back(
+        name, [&, path = path](std::size_t i) { return path(weights[i], transposed[i]); });
   }
-  time_rotating(state, runs, "us", 1e6);
+  check_and_time(state, indexed, weights.size(), y, expected, 1e-4, missing);
 }
 BENCHMARK(BM_GemmLibraries)
     ->ArgNames({"in_out", "rows", "in", "out"})
@@ -222,8 +238,7 @@ void BM_GemmBFloat16(benchmark::State& state) {
   auto y = torch::empty({rows, out}, x.options());
   const auto expected = torch::linear(x.to(torch::kFloat), weights[0].to(torch::kFloat));
   const auto bits = [](const torch::Tensor& t) { return fusion::detail::bf16_bits(t); };
-  using Path = std::function<torch::Tensor(std::size_t)>;
-  std::vector<std::pair<std::string, Path>> paths;
+  std::vector<std::pair<std::string, IndexedPath>> paths;
   std::string missing;
   paths.emplace_back("onednn", [&](std::size_t i) { return torch::linear(x, weights[i]); });
   paths.emplace_back("project",
@@ -247,24 +262,10 @@ void BM_GemmBFloat16(benchmark::State& state) {
   } else {
     missing += " libxsmm (no bfloat16 JIT kernel for this shape or CPU);";
   }
-  // Each must compute the projection before it is timed: within two bfloat16 roundings and float32
-  // summation order of the float32 product of the same values.
-  const double tolerance = 1e-2 * expected.abs().max().item<double>();
-  for (const auto& [name, path] : paths) {
-    y.zero_();
-    if ((path(0).to(torch::kFloat) - expected).abs().max().item<double>() > tolerance) {
-      state.SkipWithError((name + " differs from the reference").c_str());
-      return;
-    }
-  }
-  if (!missing.empty()) state.SetLabel("not run:" + missing);
-  std::vector<std::pair<std::string, std::function<void()>>> runs;
-  for (const auto& [name, path] : paths) {
-    runs.emplace_back(name, [&, path = path, cycle = std::size_t{0}]() mutable {
-      benchmark::DoNotOptimize(path(cycle++ % weights.size()));
-    });
-  }
-  time_rotating(state, runs, "us", 1e6);
+  // Tolerance: two bfloat16 roundings and float32 summation order of the float32 product of the
+  // same values.
+  check_and_time(state, paths, weights.size(), y, expected,
+                 1e-2 * expected.abs().max().item<double>(), missing);
 }
 BENCHMARK(BM_GemmBFloat16)
     ->ArgNames({"rows", "in", "out"})
