@@ -20,6 +20,7 @@
 #include <torch/torch.h>
 
 #include <fusion/detail/blis.hpp>
+#include <fusion/detail/libxsmm.hpp>
 
 /// The CPU's model name, family, and whether it has AVX-512F and AVX512_BF16 (from /proc/cpuinfo).
 inline std::string cpu_description() {
@@ -56,6 +57,9 @@ inline void add_blas_context() {
                               fusion::detail::Blis::instance().available()
                                   ? std::string("BLIS ") + fusion::detail::Blis::instance().version
                                   : std::string("not found (or FUSION_NO_BLIS)"));
+  benchmark::AddCustomContext("libxsmm", fusion::detail::libxsmm_available()
+                                             ? "compiled in"
+                                             : "not compiled in (or FUSION_NO_LIBXSMM)");
   benchmark::AddCustomContext("torch_threads", std::to_string(at::get_num_threads()));
   const char* wait = std::getenv("OMP_WAIT_POLICY");
   benchmark::AddCustomContext("OMP_WAIT_POLICY", wait != nullptr ? wait : "(unset)");

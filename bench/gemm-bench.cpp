@@ -7,11 +7,10 @@
 // hand-written AVX512_BF16 loops (detail::gemv_bf16).
 //
 // BLIS is opened with dlopen(RTLD_LOCAL) and called by its own API (bli_sgemm): linked normally,
-// its sgemm_ would replace OpenBLAS's inside LibTorch and change the baseline. libxsmm 1.17 has no
-// JIT kernel for a transposed A, which is what a weight stored [out, in] (torch::nn::Linear) needs
-// in its column-major terms; for that layout it runs on a transposed copy of the weight (what a
-// folded kernel would keep: twice the weight bytes), and on the weight itself for [in, out]
-// (GPT-2's Conv1D).
+// its sgemm_ would replace OpenBLAS's inside LibTorch and change the baseline. libxsmm runs as
+// project() runs it (detail/libxsmm.hpp: the weight in place, for a weight stored [out, in] on x
+// and y transposed), and for [out, in] also on a transposed copy of the weight, libxsmm's own
+// layout (what a folded kernel would keep: twice the weight bytes).
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -175,16 +174,22 @@ void BM_GemmLibraries(benchmark::State& state) {
   } else {
     missing += " hand_written (no AVX-512 loops: the CPU lacks them or FUSION_NO_AVX512 is set);";
   }
-  const auto xsmm = xsmm_float(rows, in, out);
+  const fusion::detail::XsmmGemm xsmm(rows, in, out, kn);
   if (xsmm.ok()) {
-    // [out, in]: on the transposed copy, libxsmm's own layout.
-    paths.emplace_back(
-        kn ? "libxsmm" : "libxsmm_copy", [&, kn](const torch::Tensor& w, const torch::Tensor& wt) {
-          xsmm(x.data_ptr<float>(), (kn ? w : wt).data_ptr<float>(), y.data_ptr<float>());
-          return y;
-        });
+    paths.emplace_back("libxsmm", [&](const torch::Tensor& w, const torch::Tensor&) {
+      xsmm(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>());
+      return y;
+    });
   } else {
-    missing += " libxsmm (no JIT kernel for this shape);";
+    missing += " libxsmm (no kernel for this shape);";
+  }
+  const auto xsmm_copy = xsmm_float(rows, in, out);
+  if (!kn && xsmm_copy.ok()) {
+    // libxsmm's own layout for the weight: a transposed copy, as a folded kernel would keep.
+    paths.emplace_back("libxsmm_copy", [&](const torch::Tensor&, const torch::Tensor& wt) {
+      xsmm_copy(x.data_ptr<float>(), wt.data_ptr<float>(), y.data_ptr<float>());
+      return y;
+    });
   }
   if (blis().gemm != nullptr) {
     blis().set_threads(at::get_num_threads());

@@ -8,6 +8,7 @@ packages=(
   libtorch-dev          # LibTorch 1.13 (CPU)
   libopenblas0-openmp   # Debian's LibTorch links libblas.so.3: reference BLAS is ~50x slower
   libblis4-openmp       # one of the GEMM paths project() measures (include/fusion/detail/blis.hpp)
+  libxsmm-dev           # another (include/fusion/detail/libxsmm.hpp): a static library
   libfmt-dev catch2 libbenchmark-dev nlohmann-json3-dev
   clang-format          # scripts/check-format, in the `here` stage
 )

@@ -6,6 +6,7 @@
 // rest of the process.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstddef>
@@ -26,7 +27,8 @@ enum class GemmPath {
   blas,          // at::linear / at::addmm: the BLAS LibTorch links (OpenBLAS on Debian)
   hand_written,  // small_gemm / small_gemm_kn: AVX-512 loops reading the weight in place
   onednn,        // at::mkldnn_linear: oneDNN's matmul on the weight as it is ([out, in] only)
-  blis,  // BLIS's sgemm, where the system has libblis (detail/blis.hpp), the weight in place
+  blis,     // BLIS's sgemm, where the system has libblis (detail/blis.hpp), the weight in place
+  libxsmm,  // libxsmm's generated kernels, where the build found it (detail/libxsmm.hpp)
 };
 }  // namespace fusion::kernels
 
@@ -58,8 +60,9 @@ inline int64_t row_bucket(int64_t rows) {
 
 /// The path for this shape among `paths` (each computes the same product; the first, the BLAS,
 /// always can): the forced one when it is among them; else the one measured fastest the first
-/// time the shape came, `run(path)` timed twice per path after one warm-up run, the faster of its
-/// two runs counting. After the first call of a shape: one lookup, no allocation.
+/// time the shape came: each path run once to warm up, then timed in three rounds that take the
+/// paths in turn (so that a drift of the machine's speed does not favour one), its fastest run
+/// counting. After the first call of a shape: one lookup, no allocation.
 template <std::size_t N, typename Run>
 kernels::GemmPath choose_gemm(int layout, int64_t rows, int64_t in, int64_t out,
                               const std::array<kernels::GemmPath, N>& paths, std::size_t count,
@@ -82,22 +85,18 @@ kernels::GemmPath choose_gemm(int layout, int64_t rows, int64_t in, int64_t out,
   }
   if (count == 1) return paths[0];
   using Clock = std::chrono::steady_clock;
-  auto best = paths[0];
-  double best_seconds = 0;
-  for (std::size_t i = 0; i < count; ++i) {
-    run(paths[i]);
-    double seconds = 0;
-    for (int repeat = 0; repeat < 2; ++repeat) {
+  std::array<double, N> fastest{};
+  for (std::size_t i = 0; i < count; ++i) run(paths[i]);
+  for (int round = 0; round < 3; ++round) {
+    for (std::size_t i = 0; i < count; ++i) {
       const auto start = Clock::now();
       run(paths[i]);
       const double took = std::chrono::duration<double>(Clock::now() - start).count();
-      seconds = repeat == 0 ? took : std::min(seconds, took);
-    }
-    if (i == 0 || seconds < best_seconds) {
-      best = paths[i];
-      best_seconds = seconds;
+      fastest[i] = round == 0 ? took : std::min(fastest[i], took);
     }
   }
+  const auto best =
+      paths[std::min_element(fastest.begin(), fastest.begin() + count) - fastest.begin()];
   std::lock_guard<std::mutex> lock(choices.mutex);
   return choices.chosen.emplace(key, best).first->second;
 }

@@ -24,6 +24,7 @@
 
 #include "fusion/detail/blis.hpp"
 #include "fusion/detail/gemm_choice.hpp"
+#include "fusion/detail/libxsmm.hpp"
 #include "fusion/detail/simd.hpp"
 #include "fusion/detail/simd_bf16.hpp"
 
@@ -205,7 +206,8 @@ inline void reset_gemm_choices() {
 /// first time it came (detail/gemm_choice.hpp): the BLAS LibTorch links (one row of an [out, in]
 /// weight as a matrix-vector product), the hand-written AVX-512 loops (1-256 rows; rows a
 /// multiple of 16 long for [out, in]), oneDNN's matmul (48 rows or more, [out, in]), BLIS where
-/// the system has it (2 rows or more; FUSION_NO_BLIS leaves it out). Bfloat16 on the CPU: linear
+/// the system has it (2 rows or more; FUSION_NO_BLIS leaves it out), libxsmm where the build links
+/// it (FUSION_NO_LIBXSMM leaves it out). Bfloat16 on the CPU: linear
 /// (oneDNN) or, for 1-4 rows of an [out, in] weight with rows a multiple of 32 long, the
 /// AVX512_BF16 dot-product loops, measured the same way. Every path reads the weight in place.
 /// Results differ from linear's only by float32 summation order (and for bfloat16 by where the
@@ -254,7 +256,7 @@ inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
     };
     return run(detail::choose_gemm(2, rows, in, out, paths, loops ? 2 : 1, run)).view(sizes);
   }
-  std::array<GemmPath, 4> paths{GemmPath::blas};
+  std::array<GemmPath, 5> paths{GemmPath::blas};
   std::size_t count = 1;
   if (avx512_enabled() && weight.is_contiguous() && rows <= 256 &&
       (in_out || (in % 16 == 0 && (in >= 128 || rows <= 16)))) {
@@ -264,6 +266,13 @@ inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
   if (rows >= 2 && weight.is_contiguous() && detail::Blis::instance().available()) {
     paths[count++] = GemmPath::blis;
   }
+#if defined(FUSION_HAS_LIBXSMM)
+  std::optional<detail::XsmmGemm> xsmm;  // its kernels looked up only where it may run
+  if (weight.is_contiguous() && detail::libxsmm_available()) {
+    xsmm.emplace(rows, in, out, in_out);
+    if (xsmm->ok()) paths[count++] = GemmPath::libxsmm;
+  }
+#endif
   const auto run = [&](GemmPath path) {
     if (path == GemmPath::onednn) {
       return at::mkldnn_linear(x2.to_mkldnn(), weight, bias).to_dense();
@@ -274,6 +283,10 @@ inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
     const float* wp = weight.data_ptr<float>();
     if (path == GemmPath::blis) {
       detail::blis_gemm(xp, wp, y.data_ptr<float>(), rows, in, out, in_out, at::get_num_threads());
+#if defined(FUSION_HAS_LIBXSMM)
+    } else if (path == GemmPath::libxsmm) {
+      (*xsmm)(xp, wp, y.data_ptr<float>());
+#endif
     } else {
       (in_out ? detail::small_gemm_kn : detail::small_gemm)(xp, wp, y.data_ptr<float>(), rows, in,
                                                             out);
