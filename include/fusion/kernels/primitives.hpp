@@ -207,9 +207,9 @@ inline void reset_gemm_choices() {
 /// weight as a matrix-vector product), the hand-written AVX-512 loops (1-256 rows; rows a
 /// multiple of 16 long for [out, in]), oneDNN's matmul (48 rows or more, [out, in]), BLIS where
 /// the system has it (2 rows or more; FUSION_NO_BLIS leaves it out), libxsmm where the build links
-/// it (FUSION_NO_LIBXSMM leaves it out). Bfloat16 on the CPU: linear
-/// (oneDNN) or, for 1-4 rows of an [out, in] weight with rows a multiple of 32 long, the
-/// AVX512_BF16 dot-product loops, measured the same way. Every path reads the weight in place.
+/// it (FUSION_NO_LIBXSMM leaves it out). Bfloat16 on the CPU: linear (oneDNN) or, for 1-4 rows of
+/// an [out, in] weight with rows a multiple of 32 long, the AVX512_BF16 dot-product loops,
+/// measured the same way. Every path reads the weight in place.
 /// Results differ from linear's only by float32 summation order (and for bfloat16 by where the
 /// sum is rounded: once, after the bias).
 inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
