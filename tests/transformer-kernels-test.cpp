@@ -424,6 +424,22 @@ TEST_CASE("project equals linear (addmm for [in, out] weights) on every path it 
   for (const auto& x : {torch::randn({128, 8}).t(), wide.narrow(1, 64, 128)}) {
     CHECK((fk::project(x, weight) - torch::linear(x, weight)).abs().max().item<double>() < 1e-3);
   }
+  // A bias that is a view with a stride (added by ATen, not the loop).
+  const auto x2 = torch::randn({3, 128});
+  const auto strided_bias = torch::randn({128}).slice(0, 0, 128, 2);
+  CHECK((fk::project(x2, weight, strided_bias) - torch::linear(x2, weight, strided_bias))
+            .abs()
+            .max()
+            .item<double>() < 1e-3);
+  // A weight or bias on another device than x (meta: no data) goes to linear, which gives what
+  // it gives for them; the loops would read the pointer as host memory.
+  for (const auto& [w, b] : {std::pair<torch::Tensor, torch::Tensor>{weight.to(torch::kMeta), {}},
+                             {weight, torch::zeros({64}, torch::kMeta)}}) {
+    const auto got = fk::project(x2, w, b);
+    const auto expected = torch::linear(x2, w, b);
+    CHECK(got.device() == expected.device());
+    CHECK(got.sizes() == expected.sizes());
+  }
   // After a shape's path is chosen, a weight or bias of another shape raises linear's error (the
   // loops would read past it).
   for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
@@ -574,6 +590,53 @@ TEST_CASE("rms_norm equals the module's formula in float32 and bf16") {
                             dtype == torch::kFloat ? 1e-5 : bf16_tolerance));
     }
   });
+}
+
+TEST_CASE("layer_norm equals at::layer_norm, with and without weight and bias") {
+  // Float32 on the CPU runs the library's row loop; the result differs from ATen's only by the
+  // float32 summation order of the mean and variance: 1e-5 relative. Other dtypes, and a weight
+  // or bias of another shape, go to at::layer_norm (same result, or its error).
+  torch::manual_seed(23);
+  const int threads_before = at::get_num_threads();
+  for (int threads : {1, 2}) {
+    at::set_num_threads(threads);
+    for (int64_t dim : {1, 7, 8, 64, 1000}) {
+      const auto x = torch::randn({3, 5, dim}) * 3 + 1;
+      const auto weight = torch::rand({dim}) + 0.5, bias = torch::randn({dim});
+      for (const bool with_weight : {true, false}) {
+        for (const bool with_bias : {true, false}) {
+          const auto w = with_weight ? weight : torch::Tensor();
+          const auto b = with_bias ? bias : torch::Tensor();
+          INFO("threads " << threads << ", dim " << dim << ", weight " << with_weight << ", bias "
+                          << with_bias);
+          auto expected = torch::layer_norm(x, {dim}, w, b, 1e-5).reshape({-1, dim});
+          if (dim == 1) {
+            // Each row is its own mean: exactly 0, then the bias. (ATen's x rstd - mean rstd
+            // leaves rounding of |x| / sqrt(eps) 2^-24 there.)
+            expected = with_bias ? bias.expand({15, 1}) : torch::zeros({15, 1});
+          }
+          const auto got = fk::layer_norm(x, w, b, 1e-5);
+          REQUIRE(got.sizes() == expected.sizes());
+          CHECK(torch::allclose(got, expected, 1e-5, 1e-5));
+        }
+      }
+      // A non-contiguous input.
+      if (dim == 1) continue;
+      const auto xt = torch::randn({dim, 6}).t();
+      CHECK(torch::allclose(fk::layer_norm(xt, weight, bias, 1e-5),
+                            torch::layer_norm(xt, {dim}, weight, bias, 1e-5), 1e-5, 1e-5));
+    }
+  }
+  at::set_num_threads(threads_before);
+  // Rows of a constant: zero variance, the output is the bias (eps keeps it finite).
+  const auto flat = torch::full({2, 16}, 3.0);
+  const auto shift = torch::randn({16});
+  CHECK(
+      torch::allclose(fk::layer_norm(flat, torch::ones({16}), shift, 1e-5), shift.expand({2, 16})));
+  const auto x = torch::randn({2, 8});
+  CHECK_THROWS_AS(fk::layer_norm(x, torch::ones({9}), {}, 1e-5), c10::Error);
+  CHECK(torch::allclose(fk::layer_norm(x.to(torch::kDouble), {}, {}, 1e-5),
+                        torch::layer_norm(x.to(torch::kDouble), {8})));
 }
 
 TEST_CASE("stack_in_place moves weights into one storage once, and re-points them") {

@@ -126,11 +126,10 @@ inline std::vector<at::Tensor> project_all(const at::Tensor& x, const PackedProj
 template <typename Norm>
 at::Tensor normalise(const at::Tensor& x, const kernels::NormLayout<Norm>& layout, Norm& norm,
                      bool fold) {
-  const int64_t dim = x.size(-1);
   const at::Tensor weight = fold ? at::Tensor() : layout.weight(norm);
   if (layout.kind == NormKind::rms_norm) return kernels::rms_norm(x, weight, layout.eps(norm));
   const at::Tensor bias = fold || !layout.bias ? at::Tensor() : layout.bias(norm);
-  return at::layer_norm(x, {dim}, weight, bias, layout.eps(norm)).reshape({-1, dim});
+  return kernels::layer_norm(x, weight, bias, layout.eps(norm));
 }
 
 /// What does not fit in `norm` and the projections reading its output (`parts`, of module

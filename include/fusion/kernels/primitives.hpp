@@ -25,6 +25,7 @@
 #include "fusion/detail/blis.hpp"
 #include "fusion/detail/gemm_choice.hpp"
 #include "fusion/detail/libxsmm.hpp"
+#include "fusion/detail/row_loops.hpp"
 #include "fusion/detail/simd.hpp"
 #include "fusion/detail/simd_bf16.hpp"
 
@@ -109,32 +110,35 @@ inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double
   }
   const auto input = x.contiguous();
   auto out = at::empty({dim == 0 ? 0 : input.numel() / dim, dim}, input.options());
-  const float* in = input.data_ptr<float>();
   const auto w = weight.defined() ? weight.contiguous() : weight;
-  const float* scale_by = w.defined() ? w.data_ptr<float>() : nullptr;
-  float* o = out.data_ptr<float>();
-  const auto feps = static_cast<float>(eps);
-  at::parallel_for(0, out.size(0), std::max<int64_t>(1, 16384 / std::max<int64_t>(1, dim)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t r = begin; r < end; ++r) {
-                       const float* row = in + r * dim;
-                       float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                       int64_t i = 0;
-                       for (; i + 8 <= dim; i += 8) {
-                         for (int k = 0; k < 8; ++k) partial[k] += row[i + k] * row[i + k];
-                       }
-                       float sum = 0;
-                       for (; i < dim; ++i) sum += row[i] * row[i];
-                       for (float p : partial) sum += p;
-                       const float scale = 1.0f / std::sqrt(sum / static_cast<float>(dim) + feps);
-                       float* dst = o + r * dim;
-                       if (scale_by != nullptr) {
-                         for (int64_t j = 0; j < dim; ++j) dst[j] = scale_by[j] * (row[j] * scale);
-                       } else {
-                         for (int64_t j = 0; j < dim; ++j) dst[j] = row[j] * scale;
-                       }
-                     }
-                   });
+  detail::rms_norm_rows(input.data_ptr<float>(), w.defined() ? w.data_ptr<float>() : nullptr,
+                        out.data_ptr<float>(), out.size(0), dim, static_cast<float>(eps));
+  return out;
+}
+
+/// LayerNorm over the last dimension: at::layer_norm(x, {dim}, weight, bias, eps), as
+/// [rows, dim]. Float32 on the CPU: one loop per row (mean, variance, output) instead of ATen's
+/// op, which also returns the mean and deviation of each row; the result differs from ATen's only
+/// by float32 summation order. Everything else: at::layer_norm, which raises as the module does
+/// for a weight or bias of another shape.
+inline at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                             double eps) {
+  const int64_t dim = x.size(-1);
+  const auto fits = [&](const at::Tensor& t) {
+    return !t.defined() || (t.dim() == 1 && t.size(0) == dim && t.scalar_type() == at::kFloat &&
+                            t.device().is_cpu());
+  };
+  if (dim == 0 || x.scalar_type() != at::kFloat || !x.device().is_cpu() || !fits(weight) ||
+      !fits(bias)) {
+    return at::layer_norm(x, {dim}, weight, bias, eps).reshape({-1, dim});
+  }
+  const auto input = x.contiguous();
+  auto out = at::empty({input.numel() / dim, dim}, input.options());
+  const auto w = weight.defined() ? weight.contiguous() : weight;
+  const auto b = bias.defined() ? bias.contiguous() : bias;
+  detail::layer_norm_rows(input.data_ptr<float>(), w.defined() ? w.data_ptr<float>() : nullptr,
+                          b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(),
+                          out.size(0), dim, static_cast<float>(eps));
   return out;
 }
 
@@ -234,8 +238,9 @@ inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
   };
   // The loops read the weight and bias as these shapes without checking: any other goes to ATen,
   // which raises as linear does.
-  const bool fits = weight.dim() == 2 && weight.size(in_out ? 0 : 1) == in &&
-                    (!bias.defined() || (bias.dim() == 1 && bias.size(0) == out));
+  const bool fits =
+      weight.dim() == 2 && weight.size(in_out ? 0 : 1) == in && weight.device() == x.device() &&
+      (!bias.defined() || (bias.dim() == 1 && bias.size(0) == out && bias.device() == x.device()));
   if (!fits || rows == 0 || !x.device().is_cpu() ||
       !(all_of(at::kFloat) || all_of(at::kBFloat16))) {
     return blas(x.reshape({rows, in})).view(sizes);
@@ -291,7 +296,11 @@ inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
       (in_out ? detail::small_gemm_kn : detail::small_gemm)(xp, wp, y.data_ptr<float>(), rows, in,
                                                             out);
     }
-    if (bias.defined()) y.add_(bias);
+    if (bias.defined() && avx512_enabled() && bias.is_contiguous()) {
+      detail::add_bias_rows(y.data_ptr<float>(), bias.data_ptr<float>(), rows, out);
+    } else if (bias.defined()) {
+      y.add_(bias);
+    }
     return y;
   };
   return run(detail::choose_gemm(in_out ? 1 : 0, rows, in, out, paths, count, run)).view(sizes);
