@@ -62,7 +62,10 @@ inline int64_t row_bucket(int64_t rows) {
 /// always can): the forced one when it is among them; else the one measured fastest the first
 /// time the shape came: each path run once to warm up, then timed in three rounds that take the
 /// paths in turn (so that a drift of the machine's speed does not favour one), its fastest run
-/// counting. After the first call of a shape: one lookup, no allocation.
+/// counting. Another path than the BLAS is kept only when it was at least 5% faster: the unfused
+/// model runs the BLAS, and paths within a few percent of each other on these warm operands can
+/// come out in either order inside a model, where the weight and the output come from memory.
+/// After the first call of a shape: one lookup, no allocation.
 template <std::size_t N, typename Run>
 kernels::GemmPath choose_gemm(int layout, int64_t rows, int64_t in, int64_t out,
                               const std::array<kernels::GemmPath, N>& paths, std::size_t count,
@@ -95,8 +98,9 @@ kernels::GemmPath choose_gemm(int layout, int64_t rows, int64_t in, int64_t out,
       fastest[i] = round == 0 ? took : std::min(fastest[i], took);
     }
   }
+  const auto fastest_at = std::min_element(fastest.begin(), fastest.begin() + count);
   const auto best =
-      paths[std::min_element(fastest.begin(), fastest.begin() + count) - fastest.begin()];
+      *fastest_at < 0.95 * fastest[0] ? paths[fastest_at - fastest.begin()] : paths[0];
   std::lock_guard<std::mutex> lock(choices.mutex);
   return choices.chosen.emplace(key, best).first->second;
 }
