@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -637,6 +638,55 @@ TEST_CASE("layer_norm equals at::layer_norm, with and without weight and bias") 
   CHECK_THROWS_AS(fk::layer_norm(x, torch::ones({9}), {}, 1e-5), c10::Error);
   CHECK(torch::allclose(fk::layer_norm(x.to(torch::kDouble), {}, {}, 1e-5),
                         torch::layer_norm(x.to(torch::kDouble), {8})));
+}
+
+TEST_CASE("the primitives give autograd's gradients where it records them") {
+  // Their loops have no gradient: a call that autograd records runs ATen's ops. Each primitive's
+  // gradients against its ATen expression's, float32 on the CPU (the loops' inputs), 1e-5.
+  torch::manual_seed(29);
+  const auto grads = [](const std::function<torch::Tensor(const std::vector<torch::Tensor>&)>& f,
+                        const std::vector<torch::Tensor>& inputs) {
+    std::vector<torch::Tensor> leaves;
+    for (const auto& t : inputs) leaves.push_back(t.detach().clone().requires_grad_(true));
+    const auto y = f(leaves);
+    (y * torch::arange(y.numel()).view(y.sizes()).sin()).sum().backward();
+    std::vector<torch::Tensor> out{y.detach()};
+    for (const auto& leaf : leaves) out.push_back(leaf.grad());
+    return out;
+  };
+  const auto require_same = [](const std::vector<torch::Tensor>& got,
+                               const std::vector<torch::Tensor>& expected) {
+    REQUIRE(got.size() == expected.size());
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      INFO("output " << i << " (0: the value, then each input's gradient)");
+      REQUIRE(got[i].defined());
+      CHECK(torch::allclose(got[i].reshape(expected[i].sizes()), expected[i], 1e-5, 1e-5));
+    }
+  };
+  const auto x = torch::randn({6, 64}), w = torch::rand({64}) + 0.5, b = torch::randn({64});
+  require_same(
+      grads([](const auto& t) { return fk::layer_norm(t[0], t[1], t[2], 1e-5); }, {x, w, b}),
+      grads([](const auto& t) { return torch::layer_norm(t[0], {64}, t[1], t[2], 1e-5); },
+            {x, w, b}));
+  require_same(grads([](const auto& t) { return fk::rms_norm(t[0], t[1], 1e-6); }, {x, w}),
+               grads(
+                   [](const auto& t) {
+                     return t[1] * (t[0] * torch::rsqrt(t[0].pow(2).mean(-1, true) + 1e-6));
+                   },
+                   {x, w}));
+  require_same(
+      grads([](const auto& t) { return fk::activation_mul(t[0], t[1], fk::Activation::silu); },
+            {x, x.flip(0)}),
+      grads([](const auto& t) { return torch::silu(t[0]) * t[1]; }, {x, x.flip(0)}));
+  const auto weight = torch::randn({32, 64}), bias = torch::randn({32});
+  for (const auto path : {fk::GemmPath::hand_written, fk::GemmPath::libxsmm, fk::GemmPath::blis}) {
+    const auto before = fk::force_gemm_path(path);
+    INFO("path " << static_cast<int>(path));
+    require_same(
+        grads([](const auto& t) { return fk::project(t[0], t[1], t[2]); }, {x, weight, bias}),
+        grads([](const auto& t) { return torch::linear(t[0], t[1], t[2]); }, {x, weight, bias}));
+    fk::force_gemm_path(before);
+  }
 }
 
 TEST_CASE("stack_in_place moves weights into one storage once, and re-points them") {

@@ -5,7 +5,7 @@
 //
 // Each takes any tensor and computes what the ATen expression in its comment computes; the fast
 // paths cover float32 and bfloat16 on the CPU, everything else goes to those ATen ops (CUDA
-// included).
+// included, and any call autograd records: the loops have no gradient).
 #pragma once
 
 #include <algorithm>
@@ -41,6 +41,19 @@ inline bool set_avx512(bool enabled) {
 
 /// Whether the AVX-512 loops run on this CPU now.
 inline bool avx512_enabled() { return detail::avx512_enabled(); }
+
+}  // namespace fusion::kernels
+
+namespace fusion::detail {
+/// Whether autograd records an op on these tensors: then the primitives run ATen's ops, whose
+/// gradients it knows, not their loops.
+template <typename... T>
+bool records_grad(const T&... tensors) {
+  return c10::GradMode::is_enabled() && ((tensors.defined() && tensors.requires_grad()) || ...);
+}
+}  // namespace fusion::detail
+
+namespace fusion::kernels {
 
 /// The activations of transformer MLPs.
 enum class Activation {
@@ -88,7 +101,8 @@ inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double
   const int64_t dim = x.size(-1);
   // A weight of another shape goes to ATen's formula, which broadcasts it or raises as the
   // module's `weight * x` does.
-  const bool fits = !weight.defined() || (weight.dim() == 1 && weight.size(0) == dim);
+  const bool fits = (!weight.defined() || (weight.dim() == 1 && weight.size(0) == dim)) &&
+                    !detail::records_grad(x, weight);
   if (fits && x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && avx512_enabled() &&
       (!weight.defined() || (weight.scalar_type() == at::kBFloat16 && weight.device().is_cpu()))) {
     const auto input = x.contiguous();
@@ -129,7 +143,7 @@ inline at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, cons
                             t.device().is_cpu());
   };
   if (dim == 0 || x.scalar_type() != at::kFloat || !x.device().is_cpu() || !fits(weight) ||
-      !fits(bias)) {
+      !fits(bias) || detail::records_grad(x, weight, bias)) {
     return at::layer_norm(x, {dim}, weight, bias, eps).reshape({-1, dim});
   }
   const auto input = x.contiguous();
@@ -151,7 +165,7 @@ inline at::Tensor activation_mul(const at::Tensor& gate, const at::Tensor& up,
   const bool row_major = gate.dim() == 2 && up.sizes() == gate.sizes() &&
                          up.scalar_type() == gate.scalar_type() && gate.device().is_cpu() &&
                          up.device().is_cpu() && gate.stride(1) == 1 && up.stride(1) == 1 &&
-                         gate.stride(0) == up.stride(0);
+                         gate.stride(0) == up.stride(0) && !detail::records_grad(gate, up);
   const bool rows_of_floats = row_major && gate.scalar_type() == at::kFloat;
   if (activation == Activation::silu && row_major && gate.scalar_type() == at::kBFloat16 &&
       avx512_enabled()) {
@@ -241,7 +255,7 @@ inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight,
   const bool fits =
       weight.dim() == 2 && weight.size(in_out ? 0 : 1) == in && weight.device() == x.device() &&
       (!bias.defined() || (bias.dim() == 1 && bias.size(0) == out && bias.device() == x.device()));
-  if (!fits || rows == 0 || !x.device().is_cpu() ||
+  if (!fits || rows == 0 || !x.device().is_cpu() || detail::records_grad(x, weight, bias) ||
       !(all_of(at::kFloat) || all_of(at::kBFloat16))) {
     return blas(x.reshape({rows, in})).view(sizes);
   }
