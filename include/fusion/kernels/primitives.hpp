@@ -100,7 +100,7 @@ inline at::Tensor activate(const at::Tensor& x, Activation activation) {
 inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const int64_t dim = x.size(-1);
   // A weight of another shape goes to ATen's formula, which broadcasts it or raises as the
-  // module's `weight * x` does.
+  // module's `weight * x` does; so does a call autograd records.
   const bool fits = (!weight.defined() || (weight.dim() == 1 && weight.size(0) == dim)) &&
                     !detail::records_grad(x, weight);
   if (fits && x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && avx512_enabled() &&
