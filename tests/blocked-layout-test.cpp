@@ -235,10 +235,12 @@ struct ProbeImpl : nn::Cloneable<ProbeImpl> {
 };
 TORCH_MODULE(Probe);
 std::vector<bool> probe_inputs;  // is_mkldnn() of each input the probe's kernel got
+std::vector<bool> probe_grants;  // whether each call of the probe's kernel might keep it blocked
 struct ProbeKernel {
   torch::Tensor operator()(ProbeImpl&, const torch::Tensor& x) const {
     const bool keep = fusion::detail::BlockedHandOff::take_grant();
     probe_inputs.push_back(x.is_mkldnn());
+    probe_grants.push_back(keep);
     if (keep && !x.is_mkldnn()) {
       fusion::detail::BlockedHandOff::gave_blocked();
       return x.to_mkldnn();
@@ -319,6 +321,85 @@ TEST_CASE("fusion::Sequential hands blocked results on only to kernels that take
     model->ptr<BasicImpl>(2)->bn2->eval();
     require_close(model->forward(x), expected);
     CHECK(fusion::fused_chains(*model).at(2).stats.replays_training == 1);
+  }
+}
+
+/// torchvision's ResNet trunk in miniature: a stem of four Slots, then layers, each a
+/// fusion::Sequential, called by fusion::sequence with a Slot and a plain callable between them.
+struct TrunkImpl : nn::Cloneable<TrunkImpl> {
+  TrunkImpl() { reset(); }
+  void reset() override {
+    conv1 = fusion::register_slot(
+        *this, "conv1", nn::Conv2d(nn::Conv2dOptions(3, 8, 7).stride(2).padding(3).bias(false)));
+    bn1 = fusion::register_slot(*this, "bn1", nn::BatchNorm2d(8));
+    relu = fusion::register_slot(*this, "relu", nn::ReLU(nn::ReLUOptions(true)));
+    maxpool = fusion::register_slot(*this, "maxpool",
+                                    nn::MaxPool2d(nn::MaxPool2dOptions(3).stride(2).padding(1)));
+    layer1 = register_module("layer1", fusion::Sequential(Basic(8, 8, 1), Basic(8, 8, 1)));
+    probe = fusion::register_slot(*this, "probe", Probe());
+    layer2 = register_module("layer2", fusion::Sequential(Basic(8, 16, 2), Basic(16, 16, 1)));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return fusion::sequence(x, conv1, bn1, relu, maxpool, layer1, probe, layer2,
+                            [this](const torch::Tensor& h) {
+                              tail_inputs.push_back(h.is_mkldnn());
+                              return h * 2;
+                            });
+  }
+  fusion::Slot<nn::Conv2d> conv1;
+  fusion::Slot<nn::BatchNorm2d> bn1;
+  fusion::Slot<nn::ReLU> relu;
+  fusion::Slot<nn::MaxPool2d> maxpool;
+  fusion::Sequential layer1{nullptr}, layer2{nullptr};
+  fusion::Slot<Probe> probe;
+  std::vector<bool> tail_inputs;  // is_mkldnn() of each input of the last step
+};
+TORCH_MODULE(Trunk);
+
+TEST_CASE("fusion::sequence hands blocked results on across Slots and Sequentials") {
+  register_blocks();
+  fusion::kernels::register_builtin_kernels();
+  register_probe();
+  torch::manual_seed(4);
+  torch::NoGradGuard no_grad;
+  Trunk model;
+  randomize(model);
+  const auto x = torch::randn({2, 3, 40, 40});
+  const auto expected = model(x);
+  const std::vector<fusion::ModuleSpec> four(4, one_tensor[0]);
+  fusion::fuse_modules(model, {"conv1", "bn1", "relu", "maxpool"}, four,
+                       kernel("fusion.conv2d_bn_relu_maxpool2d"));
+  fusion::fuse_modules(model, {"layer*.*"}, one_tensor, kernel("test.basic"));
+  fusion::fuse_modules(model, {"probe"}, one_tensor, kernel("test.probe"));
+  probe_inputs.clear();
+  probe_grants.clear();
+  model->tail_inputs.clear();
+  for (int call = 0; call < 3; ++call) require_close(model(x), expected);
+  // The first call is checked (dense); then layer1's last block hands its result to the probe,
+  // which may keep it blocked for layer2; the plain callable after layer2 gets it dense.
+  CHECK(probe_inputs == std::vector<bool>{false, true, true});
+  CHECK(probe_grants == std::vector<bool>{false, true, true});
+  CHECK(model->tail_inputs == std::vector<bool>{false, false, false});
+  for (const auto& chain : fusion::fused_chains(*model)) CHECK(chain.stats.runs == 3);
+
+  SECTION("a result is kept blocked only for a step that takes it") {
+    fusion::unfuse_modules(model, {"layer2.0"});
+    probe_inputs.clear();
+    probe_grants.clear();
+    for (int call = 0; call < 2; ++call) require_close(model(x), expected);
+    CHECK(probe_inputs == std::vector<bool>{true, true});
+    CHECK(probe_grants == std::vector<bool>{false, false});  // layer2.0 now takes it dense
+  }
+  SECTION("a step that is not such a kernel gets its input dense") {
+    fusion::unfuse_modules(model, {"probe"});
+    probe_inputs.clear();
+    require_close(model(x), expected);
+    CHECK(probe_inputs.empty());
+  }
+  SECTION("unfused, it is the nested calls") {
+    fusion::unfuse_modules(model);
+    require_close(model(x), expected);
+    CHECK(model(x).equal(expected));
   }
 }
 

@@ -88,8 +88,10 @@ struct ResNet18Impl : nn::Cloneable<ResNet18Impl> {
 
   /// images [batch, 3, H, W] -> logits [batch, classes]
   torch::Tensor forward(const torch::Tensor& x) {
-    auto h = maxpool(relu(bn1(conv1(x))));
-    for (auto& layer : layers) h = layer->forward(h);
+    // torchvision's maxpool(relu(bn1(conv1(x)))), then layer1 .. layer4, as one list: the blocks'
+    // kernels hand their results on in oneDNN's layout across the layers too.
+    auto h =
+        fusion::sequence(x, conv1, bn1, relu, maxpool, layers[0], layers[1], layers[2], layers[3]);
     const auto pooled = torch::flatten(avgpool(h), 1);
     // An input in oneDNN's layout (`x.to_mkldnn()`) stays in it up to here (every op above takes
     // it); LibTorch's linear does not, so the classifier takes it dense.

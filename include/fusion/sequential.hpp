@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <memory>
 #include <string>
@@ -18,15 +19,17 @@
 #include <torch/nn/modules/container/any.h>
 #include <torch/nn/pimpl.h>
 
-#include "fusion/detail/blocked_layout.hpp"
 #include "fusion/detail/boxing.hpp"
 #include "fusion/detail/chain.hpp"
+#include "fusion/detail/hand_off.hpp"
 #include "fusion/error.hpp"
 #include "fusion/slot.hpp"
 
 namespace fusion {
 
 namespace detail {
+
+struct SequenceStep;
 
 /// One entry: its Slot (the call site fusion redirects) and an AnyModule (what iteration yields,
 /// as torch::nn::Sequential's does).
@@ -199,18 +202,11 @@ class SequentialImpl : public torch::nn::Cloneable<SequentialImpl> {
 
   template <typename ReturnType = torch::Tensor, typename... Inputs>
   ReturnType forward(Inputs&&... inputs) {
-    if (entries_.empty()) detail::fail("fusion::Sequential: forward() on an empty Sequential");
     std::vector<torch::nn::AnyValue> args;
     args.reserve(sizeof...(Inputs));
     (args.emplace_back(std::forward<Inputs>(inputs)), ...);
-    bool blocked = false;  // the value was handed on in oneDNN's blocked layout
-    torch::nn::AnyValue value = call(0, std::move(args), blocked);
-    for (std::size_t i = 1; i < entries_.size(); ++i) {
-      std::vector<torch::nn::AnyValue> next;
-      next.push_back(std::move(value));
-      value = call(i, std::move(next), blocked);
-    }
-    if (blocked) to_dense(value);  // a kernel handed a blocked input keeps it blocked
+    bool blocked = false;
+    torch::nn::AnyValue value = run(std::move(args), blocked, /*followed=*/false);
     if constexpr (std::is_same_v<ReturnType, torch::nn::AnyValue>) {
       return value;
     } else {
@@ -253,54 +249,37 @@ class SequentialImpl : public torch::nn::Cloneable<SequentialImpl> {
     entries_.push_back(std::move(entry));
   }
 
-  /// Calls entry `index`; hands tensors on in oneDNN's blocked layout between consecutive entries
-  /// whose kernels take it (detail/blocked_layout.hpp). `blocked`: in, whether args[0] is such a
-  /// tensor; out, whether the result is.
-  torch::nn::AnyValue call(std::size_t index, std::vector<torch::nn::AnyValue>&& args,
-                           bool& blocked) {
-    detail::SequentialEntry& entry = *entries_[index];
-    detail::SlotBase& slot = entry.slot();
-    if (!blocked && !slot.dispatching()) return entry.call(std::move(args), index);
-    using detail::BlockedHandOff;
-    struct Leave {  // the Slot stays entered, so no fusion change comes between check and call
-      detail::SlotBase& slot;
-      ~Leave() {
-        BlockedHandOff::request(false);
-        BlockedHandOff::hand_in(false);
-        slot.leave();
-      }
+  friend struct detail::SequenceStep;
+
+  /// Calls the entries in turn, handing tensors on in oneDNN's blocked layout between consecutive
+  /// entries whose kernels take it (detail/hand_off.hpp). `blocked`: in, whether args[0] was
+  /// handed on so; out, whether the result is. `followed`: whether what comes after the last entry
+  /// takes a blocked argument; otherwise the result is dense.
+  torch::nn::AnyValue run(std::vector<torch::nn::AnyValue>&& args, bool& blocked, bool followed) {
+    if (entries_.empty()) detail::fail("fusion::Sequential: forward() on an empty Sequential");
+    const auto call = [&](std::size_t index, std::vector<torch::nn::AnyValue>& in) {
+      detail::SequentialEntry& entry = *entries_[index];
+      const bool next = index + 1 < entries_.size()
+                            ? detail::takes_blocked(entries_[index + 1]->slot())
+                            : followed;
+      return detail::call_handing_on(entry.slot(), in.data(), blocked, next,
+                                     [&] { return entry.call(std::move(in), index); });
     };
-    // The Slot is a chain's last member whose kernel may give a blocked result; and takes a
-    // blocked argument, as the chain's only member.
-    const bool gives = slot.enter() != nullptr && gives_blocked(slot);
-    const Leave leave{slot};
-    const bool takes = gives && slot.chain()->size() == 1;
-    if (blocked && !takes) to_dense(args[0]);
-    const bool handed_in = blocked && takes;
-    BlockedHandOff::hand_in(handed_in);
-    BlockedHandOff::request(gives && index + 1 < entries_.size());
-    BlockedHandOff::take_gave();
-    torch::nn::AnyValue result = entry.call(std::move(args), index);
-    const bool gave = BlockedHandOff::take_gave();
-    // Blocked because of a hand-off: the kernel reordered it (gave), or computed it from a blocked
-    // input it was handed. A blocked result of anything else is the caller's own layout.
-    const auto* tensor = result.try_get<torch::Tensor>();
-    blocked = gives && (gave || handed_in) && tensor != nullptr && tensor->is_mkldnn();
-    return result;
-  }
-  /// Whether the entered `slot` is the last member of a chain whose kernel takes and gives blocked
-  /// tensors now.
-  static bool gives_blocked(const detail::SlotBase& slot) {
-    const auto& chain = slot.chain();
-    return chain != nullptr && slot.member_index() + 1 == chain->size() &&
-           chain->kernel() != nullptr && chain->kernel()->blocked_layout_now();
-  }
-  /// Blocked tensors come only from float32 models, blocked in float32 or, from a bfloat16
-  /// kernel, in bfloat16: what follows gets float32, as unfused.
-  static void to_dense(torch::nn::AnyValue& value) {
-    if (auto* tensor = value.try_get<torch::Tensor>()) {
-      if (tensor->is_mkldnn()) *tensor = tensor->to_dense(torch::kFloat);
+    torch::nn::AnyValue value = call(0, args);
+    for (std::size_t i = 1; i < entries_.size(); ++i) {
+      std::vector<torch::nn::AnyValue> next;
+      next.push_back(std::move(value));
+      value = call(i, next);
     }
+    if (blocked && !followed) {
+      detail::to_dense(value);
+      blocked = false;
+    }
+    return value;
+  }
+  /// Whether the first entry takes a blocked argument now (detail::takes_blocked).
+  bool takes_blocked() {
+    return !entries_.empty() && detail::takes_blocked(entries_.front()->slot());
   }
 
   std::vector<std::shared_ptr<detail::SequentialEntry>> entries_;
@@ -308,5 +287,78 @@ class SequentialImpl : public torch::nn::Cloneable<SequentialImpl> {
   std::vector<std::string> names_;
 };
 TORCH_MODULE(Sequential);
+
+namespace detail {
+
+/// One step of fusion::sequence on `value`, handing it on blocked as fusion::Sequential hands it
+/// from entry to entry.
+struct SequenceStep {
+  torch::Tensor& value;
+  bool& blocked;
+
+  /// Whether `step` takes a blocked argument now (detail::takes_blocked).
+  template <typename Step>
+  static bool takes_blocked(Step& step) {
+    using Type = std::decay_t<Step>;
+    if constexpr (std::is_base_of_v<SlotBase, Type>) {
+      return detail::takes_blocked(step);
+    } else if constexpr (std::is_same_v<Type, Sequential>) {
+      return step->takes_blocked();
+    } else {
+      return false;
+    }
+  }
+
+  /// Calls `step`; `followed`: whether the next step takes a blocked argument.
+  template <typename Step>
+  void operator()(Step&& step, bool followed) {
+    using Type = std::decay_t<Step>;
+    if constexpr (std::is_base_of_v<SlotBase, Type>) {
+      static_assert(std::is_same_v<std::decay_t<typename Type::Result>, torch::Tensor>,
+                    "fusion::sequence: a Slot step must return one tensor");
+      value = call_handing_on(step, &value, blocked, followed,
+                              [&] { return torch::Tensor(step(value)); });
+    } else if constexpr (std::is_same_v<Type, Sequential>) {
+      std::vector<torch::nn::AnyValue> args;
+      args.emplace_back(std::move(value));
+      torch::nn::AnyValue result = step->run(std::move(args), blocked, followed);
+      auto* tensor = result.try_get<torch::Tensor>();
+      if (tensor == nullptr) {
+        fail("fusion::sequence: a fusion::Sequential step returned a {}, not a tensor",
+             c10::demangle(result.type_info().name()));
+      }
+      value = std::move(*tensor);
+    } else {  // anything else callable gets what the unfused model gives it
+      if (blocked) to_dense(value);
+      blocked = false;
+      value = step(value);
+    }
+  }
+};
+
+}  // namespace detail
+
+/// Calls `steps` in order, each on the result of the one before, and returns the last result:
+/// `sequence(x, a, b, c)` is `c(b(a(x)))`, written as a list so that the library knows what follows
+/// what. A step is a Slot, a fusion::Sequential or anything callable with a tensor (a module
+/// holder, a lambda); each takes and returns one tensor. Where a chain's kernel hands its result on
+/// in oneDNN's blocked layout (a CNN's folded blocks), consecutive steps keep it blocked as the
+/// entries of one fusion::Sequential do, across the steps' own boundaries: one reorder on the way
+/// in, one on the way out. Any other step, and the caller, get dense tensors, as unfused. Use it
+/// where a model's forward() calls its stages in a row, as torchvision's ResNet calls conv1 ..
+/// maxpool and layer1 .. layer4, without putting them in one container (which would change their
+/// module paths).
+template <typename... Steps>
+torch::Tensor sequence(torch::Tensor x, Steps&&... steps) {
+  static_assert(sizeof...(Steps) > 0, "fusion::sequence: no steps");
+  bool blocked = false;
+  detail::SequenceStep step{x, blocked};
+  const std::array<bool, sizeof...(Steps) + 1> takes{detail::SequenceStep::takes_blocked(steps)...,
+                                                     false};
+  std::size_t next = 0;
+  (step(std::forward<Steps>(steps), takes[++next]), ...);
+  if (blocked) detail::to_dense(x);
+  return x;
+}
 
 }  // namespace fusion

@@ -100,7 +100,7 @@ class FusedModule final : public Dispatch {
   }
 
  private:
-  /// As fusion::Sequential's: float32, what the unfused model gives (a bfloat16 kernel's blocked
+  /// As detail/hand_off.hpp's: float32, what the unfused model gives (a bfloat16 kernel's blocked
   /// result included).
   static void to_dense(std::vector<c10::IValue>& values) {
     for (auto& value : values) {

@@ -6,12 +6,12 @@
 //
 // The convolution with the BatchNorm folded (as fusion.conv2d_bn_relu), then the ReLU and the max
 // pooling, on the CPU for float32 in oneDNN's blocked layout: the input is reordered once and the
-// pooled result once (or kept blocked where fusion::Sequential hands it to a kernel that takes it,
-// detail/blocked_layout.hpp). A max pooling on a dense NCHW tensor is far slower than on blocked
-// activations in LibTorch (docs/performance.md), so this chain is where the layout pays most.
-// Elsewhere (CUDA, other dtypes, dilated or index-returning pooling) the folded convolution runs as
-// in fusion.conv2d_bn_relu and the module pools. fusion.conv2d_bn_relu_maxpool2d.bf16 is the same
-// in bfloat16 (conv_folding.hpp says how).
+// pooled result once (or kept blocked where fusion::Sequential or fusion::sequence hands it to a
+// kernel that takes it, detail/blocked_layout.hpp). A max pooling on a dense NCHW tensor is far
+// slower than on blocked activations in LibTorch (docs/performance.md), so this chain is where the
+// layout pays most. Elsewhere (CUDA, other dtypes, dilated or index-returning pooling) the folded
+// convolution runs as in fusion.conv2d_bn_relu and the module pools.
+// fusion.conv2d_bn_relu_maxpool2d.bf16 is the same in bfloat16 (conv_folding.hpp says how).
 #pragma once
 
 #include <string>

@@ -16,9 +16,9 @@
 // On the CPU, for float32, the whole block runs in oneDNN's blocked layout: the input is reordered
 // once, the activations stay blocked from one convolution to the next, the add and the
 // activations run in place on them (detail/epilogue.hpp), and the result is reordered once (kept
-// blocked where the caller takes that: fusion::Sequential between two such kernels,
-// detail/blocked_layout.hpp). Elsewhere (CUDA, other dtypes) the same folded arithmetic runs
-// densely. Eval mode without gradients; otherwise the block's own forward runs.
+// blocked where the caller takes that: fusion::Sequential or fusion::sequence between two such
+// kernels, detail/blocked_layout.hpp). Elsewhere (CUDA, other dtypes) the same folded arithmetic
+// runs densely. Eval mode without gradients; otherwise the block's own forward runs.
 // register_residual_block also registers `name + ".bf16"`, the block in bfloat16 (conv_folding.hpp
 // says how; kernels/bfloat16.hpp): blocked activations in bfloat16 from the input's reorder to the
 // result's.
