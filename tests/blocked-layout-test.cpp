@@ -5,6 +5,7 @@
 #include "catch_compat.hpp"
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -401,6 +402,32 @@ TEST_CASE("fusion::sequence hands blocked results on across Slots and Sequential
     require_close(model(x), expected);
     CHECK(model(x).equal(expected));
   }
+}
+
+TEST_CASE("a blocked input gives the same result on either convolution path") {
+  register_blocks();
+  torch::manual_seed(5);
+  torch::NoGradGuard no_grad;
+  auto model = fusion::Sequential(Basic(8, 16, 2), Basic(16, 16, 1), Basic(16, 32, 2));
+  randomize(model);
+  const auto x = torch::randn({2, 8, 24, 24});
+  const auto expected = model->forward(x);
+  fusion::fuse_modules(model, {"*"}, one_tensor, kernel("test.basic"));
+  using fusion::kernels::BlockedConvPath;
+  for (const auto path : {std::optional<BlockedConvPath>{BlockedConvPath::blocked},
+                          std::optional<BlockedConvPath>{BlockedConvPath::round_trip},
+                          std::optional<BlockedConvPath>{}}) {
+    CAPTURE(path.has_value() ? static_cast<int>(*path) : -1);
+    const auto previous = fusion::kernels::force_blocked_conv_path(path);
+    struct Restore {
+      std::optional<BlockedConvPath> path;
+      ~Restore() { fusion::kernels::force_blocked_conv_path(path); }
+    } restore{previous};
+    // Each block's convolutions run on blocked activations from the second call on (the first is
+    // checked); the last call measures the paths where nothing is forced.
+    for (int call = 0; call < 3; ++call) require_close(model->forward(x), expected);
+  }
+  CHECK_FALSE(fusion::kernels::force_blocked_conv_path(std::nullopt).has_value());
 }
 
 TEST_CASE(

@@ -31,6 +31,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -42,12 +44,23 @@
 #include <torch/types.h>
 
 #include "fusion/detail/bfloat16.hpp"
+#include "fusion/detail/blocked_conv_choice.hpp"
 #include "fusion/detail/epilogue.hpp"
 #include "fusion/detail/folding.hpp"
 #include "fusion/kernel.hpp"
 #include "fusion/kernels/conv_transpose_folding.hpp"
 
 namespace fusion::kernels {
+
+/// Makes the folded float32 2d convolutions take `path` for blocked inputs (std::nullopt: measure
+/// per shape, the default; detail/blocked_conv_choice.hpp); returns the previous setting. For
+/// tests and benchmarks of one path.
+inline std::optional<BlockedConvPath> force_blocked_conv_path(std::optional<BlockedConvPath> path) {
+  auto& choices = detail::BlockedConvChoices::instance();
+  std::lock_guard<std::mutex> lock(choices.mutex);
+  std::swap(choices.forced, path);
+  return path;
+}
 
 /// Conv{D}d -> BatchNorm{D}d, folded, then `Activation` (void: none) in place. Also what the
 /// other convolution kernels here run: ConvBatchNormActivation, ConvActivation.
@@ -155,14 +168,27 @@ struct ConvBatchNorm {
     if constexpr (D == 2) {
       if (s.bfloat16) return run_bfloat16(s, conv, input, activation);
       if (input.is_mkldnn()) {
-        // A padding mode oneDNN lacks, or an input the convolution refuses (ATen's error then).
-        if (!s.weight_mkldnn.defined() || !fits_prepacked(s, conv, input)) {
+        const auto round_trip = [&] {
           return run(s, conv, input.to_dense(torch::kFloat), activation).to_mkldnn();
+        };
+        // A padding mode oneDNN lacks, or an input the convolution refuses (ATen's error then).
+        if (!s.weight_mkldnn.defined() || !fits_prepacked(s, conv, input)) return round_trip();
+        const auto blocked = [&] {
+          return Epilogue::apply(
+              at::mkldnn_convolution(detail::blocked(input, torch::kFloat), s.weight_mkldnn, s.bias,
+                                     s.padding, s.stride, s.dilation, conv.options.groups()),
+              activation);
+        };
+        if (!s.prepacked) return blocked();
+        // Which is faster depends on how LibTorch packs the weight
+        // (detail/blocked_conv_choice.hpp).
+        std::vector<int64_t> key = s.weight.sizes().vec();
+        for (const auto* values : {&s.stride, &s.padding, &s.dilation}) {
+          key.insert(key.end(), values->begin(), values->end());
         }
-        return Epilogue::apply(
-            at::mkldnn_convolution(detail::blocked(input, torch::kFloat), s.weight_mkldnn, s.bias,
-                                   s.padding, s.stride, s.dilation, conv.options.groups()),
-            activation);
+        key.push_back(conv.options.groups());
+        for (const int64_t size : input.sizes()) key.push_back(size);
+        return detail::run_blocked_conv(std::move(key), blocked, round_trip);
       }
       if (s.prepacked && input.is_contiguous() && input.device().is_cpu() &&
           input.scalar_type() == torch::kFloat32 && fits_prepacked(s, conv, input)) {
