@@ -10,14 +10,13 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
-#include <utility>
-#include <vector>
 
 #include <ATen/Parallel.h>
 #include <torch/types.h>
@@ -34,6 +33,24 @@ enum class BlockedConvPath {
 
 namespace fusion::detail {
 
+/// What decides which path is faster: the weight's sizes, stride, padding, dilation, groups, the
+/// input's sizes (a 2d convolution: 4 + 2 + 2 + 2 + 1 + 4) and the thread count.
+using BlockedConvKey = std::array<int64_t, 16>;
+
+inline BlockedConvKey blocked_conv_key(c10::IntArrayRef weight, c10::IntArrayRef stride,
+                                       c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                       int64_t groups, c10::IntArrayRef input) {
+  BlockedConvKey key{};
+  std::size_t n = 0;
+  for (const auto values : {weight, stride, padding, dilation, c10::IntArrayRef(groups), input}) {
+    for (const int64_t value : values) {
+      if (n + 1 < key.size()) key[n++] = value;  // the last is the thread count
+    }
+  }
+  key.back() = at::get_num_threads();
+  return key;
+}
+
 inline namespace FUSION_ABI_VERSION {
 /// The path chosen per convolution and input shape, and a path forced by
 /// force_blocked_conv_path. One table per process (FUSION_API).
@@ -43,21 +60,19 @@ struct FUSION_API BlockedConvChoices {
     return *choices;
   }
   std::mutex mutex;
-  std::map<std::vector<int64_t>, kernels::BlockedConvPath> chosen;
+  std::map<BlockedConvKey, kernels::BlockedConvPath> chosen;
   std::optional<kernels::BlockedConvPath> forced;
 };
 }  // namespace FUSION_ABI_VERSION
 
-/// Runs `blocked()` or `round_trip()`, the same convolution, as chosen for `key` (what decides
-/// the shapes: the weight's, the input's, stride, padding, dilation, groups). The first call of a
-/// key runs each once to warm up, then three rounds that take them in turn, the fastest run of
-/// each counting; later calls: one lookup.
+/// Runs `blocked()` or `round_trip()`, the same convolution, as chosen for `key`. The first call
+/// of a key runs each once to warm up, then three rounds that take them in turn, the fastest run
+/// of each counting; later calls: one lookup, no allocation.
 template <typename Blocked, typename RoundTrip>
-torch::Tensor run_blocked_conv(std::vector<int64_t> key, Blocked&& blocked,
+torch::Tensor run_blocked_conv(const BlockedConvKey& key, Blocked&& blocked,
                                RoundTrip&& round_trip) {
   using kernels::BlockedConvPath;
   auto& choices = BlockedConvChoices::instance();
-  key.push_back(at::get_num_threads());
   std::optional<BlockedConvPath> path;
   {
     std::lock_guard<std::mutex> lock(choices.mutex);
@@ -87,7 +102,7 @@ torch::Tensor run_blocked_conv(std::vector<int64_t> key, Blocked&& blocked,
     const auto best =
         fastest[1] < 0.95 * fastest[0] ? BlockedConvPath::round_trip : BlockedConvPath::blocked;
     std::lock_guard<std::mutex> lock(choices.mutex);
-    path = choices.chosen.emplace(std::move(key), best).first->second;
+    path = choices.chosen.emplace(key, best).first->second;
   }
   return *path == BlockedConvPath::round_trip ? round_trip() : blocked();
 }

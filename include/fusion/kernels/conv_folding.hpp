@@ -182,13 +182,9 @@ struct ConvBatchNorm {
         if (!s.prepacked) return blocked();
         // Which is faster depends on how LibTorch packs the weight
         // (detail/blocked_conv_choice.hpp).
-        std::vector<int64_t> key = s.weight.sizes().vec();
-        for (const auto* values : {&s.stride, &s.padding, &s.dilation}) {
-          key.insert(key.end(), values->begin(), values->end());
-        }
-        key.push_back(conv.options.groups());
-        for (const int64_t size : input.sizes()) key.push_back(size);
-        return detail::run_blocked_conv(std::move(key), blocked, round_trip);
+        const auto key = detail::blocked_conv_key(s.weight.sizes(), s.stride, s.padding, s.dilation,
+                                                  conv.options.groups(), input.sizes());
+        return detail::run_blocked_conv(key, blocked, round_trip);
       }
       if (s.prepacked && input.is_contiguous() && input.device().is_cpu() &&
           input.scalar_type() == torch::kFloat32 && fits_prepacked(s, conv, input)) {
