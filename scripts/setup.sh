@@ -9,6 +9,7 @@ packages=(
   libopenblas0-openmp   # Debian's LibTorch links libblas.so.3: reference BLAS is ~50x slower
   libblis4-openmp       # one of the GEMM paths project() measures (include/fusion/detail/blis.hpp)
   libxsmm-dev           # another (include/fusion/detail/libxsmm.hpp): a static library
+  libdnnl-dev libideep-dev  # oneDNN's own convolutions (include/fusion/detail/onednn_conv.hpp)
   libfmt-dev catch2 libbenchmark-dev nlohmann-json3-dev
   clang-format          # scripts/check-format, in the `here` stage
 )

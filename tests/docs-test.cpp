@@ -11,6 +11,7 @@
 #include <vector>
 
 #include <fusion/detail/blocked_eltwise.hpp>
+#include <fusion/detail/onednn_conv.hpp>
 #include <fusion/kernels/batch_norm_folding.hpp>
 
 #include "models.hpp"
@@ -181,4 +182,45 @@ TEST_CASE("the LibTorch internals docs/compatibility.md lists behave as the libr
     const auto x = torch::randn({1, 3, 8, 8});
     CHECK(torch::allclose(conv(x), torch::conv2d(x, weight, bias, 1, 1), 1e-4, 1e-4));
   }
+#if defined(FUSION_HAS_ONEDNN)
+  SECTION("LibTorch's oneDNN tensors as oneDNN memory (detail/onednn.hpp)") {
+    INFO(
+        "LibTorch changed at::native::itensor_from_mkldnn, new_with_itensor_mkldnn, "
+        "ideep::engine::cpu_engine or ideep::tensor, or was built against other ideep headers");
+    const auto weight = torch::randn({32, 32, 3, 3}) * 0.1;
+    const auto bias = torch::randn({32});
+    const auto x = torch::randn({2, 32, 10, 10});
+    const auto residual = torch::randn({2, 32, 10, 10});
+    const auto expected = torch::relu(torch::conv2d(x, weight, bias, 1, 1) + residual);
+    const d::OneDnnConv2d conv(weight, bias, {1, 1}, {1, 1}, {1, 1}, 1,
+                               d::OneDnnEltwise{dnnl::algorithm::eltwise_relu}, /*sum=*/true);
+    // A plain oneDNN tensor in (reordered by the primitive's own layout), and a blocked one: the
+    // result of a LibTorch convolution.
+    const auto identity = at::mkldnn_reorder_conv2d_weight(
+        torch::eye(32).view({32, 32, 1, 1}).to_mkldnn(), {0, 0}, {1, 1}, {1, 1}, 1);
+    const auto blocked =
+        at::mkldnn_convolution(x.to_mkldnn(), identity, {}, {0, 0}, {1, 1}, {1, 1}, 1);
+    using Algorithm = d::OneDnnConv2d::Algorithm;
+    CHECK(conv.offers(x.to_mkldnn(), Algorithm::direct));
+    for (const auto& input : {x.to_mkldnn(), blocked}) {
+      for (const auto algorithm : {Algorithm::direct, Algorithm::winograd}) {
+        CAPTURE(static_cast<int>(algorithm));
+        if (!conv.offers(input, algorithm)) continue;  // Winograd: AVX-512 only
+        const auto added = residual.to_mkldnn();
+        auto y = conv(input, algorithm, added);
+        REQUIRE(y.is_mkldnn());
+        CHECK(torch::equal(added.to_dense(), residual));  // not overwritten unless asked
+        CHECK(torch::allclose(y.to_dense(), expected, 1e-4, 1e-4));
+        y.relu_();  // LibTorch's own op on the memory the library made
+        CHECK(torch::allclose(y.to_dense(), expected, 1e-4, 1e-4));
+        // A residual in the result's blocked layout is written over where the caller allows it.
+        const auto owned =
+            at::mkldnn_convolution(residual.to_mkldnn(), identity, {}, {0, 0}, {1, 1}, {1, 1}, 1);
+        const auto z = conv(input, algorithm, owned, /*overwrite_residual=*/true);
+        CHECK(z.is_same(owned));
+        CHECK(torch::allclose(owned.to_dense(), expected, 1e-4, 1e-4));
+      }
+    }
+  }
+#endif
 }

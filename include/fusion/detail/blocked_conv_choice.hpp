@@ -4,8 +4,9 @@
 // implementations than the one that runs, and the convolution reorders the whole weight on every
 // call, a cost that grows with the weight, not with the activations (docs/performance.md).
 // TorchScript's prepacked op packs for the convolution it runs, but takes and gives dense tensors.
-// So the first blocked call of each shape times both ways, the blocked convolution and the round
-// trip (input made dense, the prepacked op, the result blocked again), and keeps the round trip
+// Where the build has oneDNN 2.x, the library's own oneDNN primitives (detail/onednn_conv.hpp)
+// are two more ways, direct and Winograd, each faster for some shapes and slower for others. So
+// the first blocked call of each shape times each way offered and keeps another than the first
 // only where it was at least 5% faster, as choose_gemm keeps its paths.
 #pragma once
 
@@ -28,21 +29,28 @@ namespace fusion::kernels {
 enum class BlockedConvPath {
   blocked,     // at::mkldnn_convolution on the blocked input, the weight packed once
   round_trip,  // the input made dense, TorchScript's prepacked convolution, the result blocked
+  onednn,      // oneDNN's direct convolution as a primitive the library makes, with the
+               // activation (and a residual block's add) as post-ops (oneDNN 2.x builds)
+  winograd,    // the same with oneDNN's Winograd algorithm (stride-1 3x3 convolutions on
+               // AVX-512): within float32 tolerance of the direct convolution, not bitwise equal
 };
 }  // namespace fusion::kernels
 
 namespace fusion::detail {
 
 /// What decides which path is faster: the weight's sizes, stride, padding, dilation, groups, the
-/// input's sizes (a 2d convolution: 4 + 2 + 2 + 2 + 1 + 4) and the thread count.
-using BlockedConvKey = std::array<int64_t, 16>;
+/// input's sizes (a 2d convolution: 4 + 2 + 2 + 2 + 1 + 4), the caller's variant (the paths it
+/// offers, its post-ops) and the thread count.
+using BlockedConvKey = std::array<int64_t, 17>;
 
 inline BlockedConvKey blocked_conv_key(c10::IntArrayRef weight, c10::IntArrayRef stride,
                                        c10::IntArrayRef padding, c10::IntArrayRef dilation,
-                                       int64_t groups, c10::IntArrayRef input) {
+                                       int64_t groups, c10::IntArrayRef input,
+                                       int64_t variant = 0) {
   BlockedConvKey key{};
   std::size_t n = 0;
-  for (const auto values : {weight, stride, padding, dilation, c10::IntArrayRef(groups), input}) {
+  for (const auto values : {weight, stride, padding, dilation, c10::IntArrayRef(groups), input,
+                            c10::IntArrayRef(variant)}) {
     for (const int64_t value : values) {
       if (n + 1 < key.size()) key[n++] = value;  // the last is the thread count
     }
@@ -65,46 +73,52 @@ struct FUSION_API BlockedConvChoices {
 };
 }  // namespace FUSION_ABI_VERSION
 
-/// Runs `blocked()` or `round_trip()`, the same convolution, as chosen for `key`. The first call
-/// of a key runs each once to warm up, then three rounds that take them in turn, the fastest run
-/// of each counting; later calls: one lookup, no allocation.
-template <typename Blocked, typename RoundTrip>
-torch::Tensor run_blocked_conv(const BlockedConvKey& key, Blocked&& blocked,
-                               RoundTrip&& round_trip) {
+/// Returns `run(path, false)` for the path chosen for `key` among `offered` (the first: the
+/// default). The first call of a key first calls `run(path, true)` for each offered path once to
+/// warm up, then in three rounds that take them in turn, the fastest run of each counting (those
+/// results are dropped); later calls: one lookup, no allocation. A forced path that is not offered
+/// runs the default.
+template <typename Run>
+torch::Tensor run_blocked_conv(const BlockedConvKey& key,
+                               c10::ArrayRef<kernels::BlockedConvPath> offered, Run&& run) {
   using kernels::BlockedConvPath;
+  const auto is_offered = [&](BlockedConvPath path) {
+    return std::find(offered.begin(), offered.end(), path) != offered.end();
+  };
   auto& choices = BlockedConvChoices::instance();
   std::optional<BlockedConvPath> path;
   {
     std::lock_guard<std::mutex> lock(choices.mutex);
     if (choices.forced) {
-      path = choices.forced;
+      path = is_offered(*choices.forced) ? *choices.forced : offered[0];
     } else if (const auto it = choices.chosen.find(key); it != choices.chosen.end()) {
-      path = it->second;
+      // Chosen for an input of these sizes in another layout, where this path may not be offered.
+      path = is_offered(it->second) ? it->second : offered[0];
     }
   }
+  if (!path && offered.size() == 1) path = offered[0];
   if (!path) {
     using Clock = std::chrono::steady_clock;
-    double fastest[2] = {std::numeric_limits<double>::infinity(),
-                         std::numeric_limits<double>::infinity()};
-    for (int round = 0; round < 4; ++round) {
-      for (int i = 0; i < 2; ++i) {
-        const int which = (round + i) % 2;  // each goes first in turn
+    std::array<double, 4> fastest;
+    fastest.fill(std::numeric_limits<double>::infinity());
+    const std::size_t n = std::min(offered.size(), fastest.size());
+    for (std::size_t round = 0; round < 4; ++round) {
+      for (std::size_t i = 0; i < n; ++i) {
+        const std::size_t which = (round + i) % n;  // each goes first in turn
         const auto start = Clock::now();
-        if (which == 0) {
-          blocked();
-        } else {
-          round_trip();
-        }
+        run(offered[which], /*measuring=*/true);
         const double took = std::chrono::duration<double>(Clock::now() - start).count();
         if (round > 0) fastest[which] = std::min(fastest[which], took);
       }
     }
-    const auto best =
-        fastest[1] < 0.95 * fastest[0] ? BlockedConvPath::round_trip : BlockedConvPath::blocked;
+    std::size_t best = 0;
+    for (std::size_t i = 1; i < n; ++i) {
+      if (fastest[i] < 0.95 * fastest[0] && fastest[i] < fastest[best]) best = i;
+    }
     std::lock_guard<std::mutex> lock(choices.mutex);
-    path = choices.chosen.emplace(key, best).first->second;
+    path = choices.chosen.emplace(key, offered[best]).first->second;
   }
-  return *path == BlockedConvPath::round_trip ? round_trip() : blocked();
+  return run(*path, /*measuring=*/false);
 }
 
 }  // namespace fusion::detail

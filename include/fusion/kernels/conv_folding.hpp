@@ -39,6 +39,7 @@
 #include <utility>
 #include <vector>
 
+#include <c10/util/SmallVector.h>
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/types.h>
@@ -47,6 +48,7 @@
 #include "fusion/detail/blocked_conv_choice.hpp"
 #include "fusion/detail/epilogue.hpp"
 #include "fusion/detail/folding.hpp"
+#include "fusion/detail/onednn_conv.hpp"
 #include "fusion/kernel.hpp"
 #include "fusion/kernels/conv_transpose_folding.hpp"
 
@@ -78,6 +80,12 @@ struct ConvBatchNorm {
     // TorchScript's optimize_for_inference runs a CNN): activations then stay blocked from one
     // convolution to the next instead of being reordered around each one.
     torch::Tensor weight_mkldnn;
+#if defined(FUSION_HAS_ONEDNN)
+    // 2d float32: oneDNN's own primitive for blocked inputs (detail/onednn_conv.hpp), with the
+    // activation as its post-op where onednn_activation.
+    std::shared_ptr<const detail::OneDnnConv2d> onednn;
+    bool onednn_activation = false;
+#endif
     std::vector<int64_t> stride, padding, dilation;
     // Not weight_mkldnn: an opaque oneDNN tensor has no storage to count (about weight's size).
     std::vector<torch::Tensor> tensors() const { return {weight, bias, weight_channels_last}; }
@@ -136,6 +144,15 @@ struct ConvBatchNorm {
             state.weight.contiguous(), state.bias, state.stride, state.padding, state.dilation,
             o.groups(), Epilogue::onednn_post_op);
       }
+#if defined(FUSION_HAS_ONEDNN)
+      if (onednn && !state.bfloat16 && at::hasMKLDNN()) {
+        const auto eltwise = detail::onednn_eltwise(static_cast<const Activation*>(nullptr));
+        state.onednn_activation = eltwise.has_value();
+        state.onednn = std::make_shared<const detail::OneDnnConv2d>(
+            state.weight, state.bias, state.stride, state.padding, state.dilation, o.groups(),
+            eltwise, /*sum=*/false);
+      }
+#endif
       if (onednn && at::hasMKLDNN()) {
         state.weight_mkldnn =
             at::mkldnn_reorder_conv2d_weight(state.weight.contiguous().to_mkldnn(), state.padding,
@@ -179,12 +196,32 @@ struct ConvBatchNorm {
                                      s.padding, s.stride, s.dilation, conv.options.groups()),
               activation);
         };
-        if (!s.prepacked) return blocked();
-        // Which is faster depends on how LibTorch packs the weight
+        // Which is faster depends on how LibTorch packs the weight, and on the shape
         // (detail/blocked_conv_choice.hpp).
         const auto key = detail::blocked_conv_key(s.weight.sizes(), s.stride, s.padding, s.dilation,
                                                   conv.options.groups(), input.sizes());
-        return detail::run_blocked_conv(key, blocked, round_trip);
+        using Path = BlockedConvPath;
+#if defined(FUSION_HAS_ONEDNN)
+        if (s.onednn && input.scalar_type() == torch::kFloat32) {
+          using Algorithm = detail::OneDnnConv2d::Algorithm;
+          c10::SmallVector<Path, 4> offered{Path::blocked};
+          if (s.onednn->offers(input, Algorithm::direct)) offered.push_back(Path::onednn);
+          if (s.prepacked) offered.push_back(Path::round_trip);
+          if (s.onednn->offers(input, Algorithm::winograd)) offered.push_back(Path::winograd);
+          return detail::run_blocked_conv(key, offered, [&](Path path, bool /*measuring*/) {
+            if (path == Path::blocked) return blocked();
+            if (path == Path::round_trip) return round_trip();
+            auto output = (*s.onednn)(
+                input, path == Path::winograd ? Algorithm::winograd : Algorithm::direct);
+            return s.onednn_activation ? output : Epilogue::apply(output, activation);
+          });
+        }
+#endif
+        if (!s.prepacked) return blocked();
+        return detail::run_blocked_conv(key, {Path::blocked, Path::round_trip},
+                                        [&](Path path, bool /*measuring*/) {
+                                          return path == Path::blocked ? blocked() : round_trip();
+                                        });
       }
       if (s.prepacked && input.is_contiguous() && input.device().is_cpu() &&
           input.scalar_type() == torch::kFloat32 && fits_prepacked(s, conv, input)) {

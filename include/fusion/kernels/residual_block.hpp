@@ -55,6 +55,12 @@ struct ResidualBlock {
   struct State {
     std::vector<Fold::State> stages;
     std::shared_ptr<Fold::State> downsample;  // null: the identity
+#if defined(FUSION_HAS_ONEDNN)
+    // The last convolution with the input (or the downsample branch) added by oneDNN's sum
+    // post-op, and the ReLU after it, where the block adds its input after a last stage without
+    // an activation (BasicBlock, Bottleneck); float32 on blocked inputs.
+    std::shared_ptr<const detail::OneDnnConv2d> last_with_sum;
+#endif
     std::vector<torch::Tensor> tensors() const {
       std::vector<torch::Tensor> all;
       for (const auto& s : stages) all.insert(all.end(), {s.weight, s.bias});
@@ -73,6 +79,29 @@ struct ResidualBlock {
       state.downsample =
           std::make_shared<Fold::State>(Fold::fold(*branch.conv, *branch.bn, false, bfloat16));
     }
+#if defined(FUSION_HAS_ONEDNN)
+    // The library's oneDNN primitives give results in layouts of their own choosing, which
+    // LibTorch's grouped (depthwise) convolution then reorders on every call
+    // (detail/onednn_conv.hpp): a block with one runs LibTorch's convolutions only.
+    const auto found = layout.stages(block);
+    bool grouped = branch.conv != nullptr && branch.conv->options.groups() > 1;
+    for (const auto& stage : found.stages) grouped = grouped || stage.conv->options.groups() > 1;
+    if (grouped) {
+      for (auto& stage : state.stages) stage.onednn = nullptr;
+      if (state.downsample) state.downsample->onednn = nullptr;
+    }
+    if (layout.adds_input(block) && !found.stages.empty() && !found.stages.back().activation &&
+        !state.stages.empty() && state.stages.back().onednn) {
+      const auto& last = state.stages.back();
+      state.last_with_sum = std::make_shared<const detail::OneDnnConv2d>(
+          last.weight, last.bias, last.stride, last.padding, last.dilation,
+          found.stages.back().conv->options.groups(),
+          layout.relu_after_add
+              ? std::optional<detail::OneDnnEltwise>({dnnl::algorithm::eltwise_relu})
+              : std::nullopt,
+          /*sum=*/true);
+    }
+#endif
     return state;
   }
 
@@ -149,6 +178,13 @@ struct ResidualBlock {
     torch::Tensor h = input;
     for (std::size_t i = 0; i < found.stages.size(); ++i) {
       const ConvStage& stage = found.stages[i];
+#if defined(FUSION_HAS_ONEDNN)
+      if (i + 1 == found.stages.size() && !stage.activation) {
+        // The input owns its blocked copy where the block reordered it.
+        auto output = add_in_last(s, block, *stage.conv, h, input, !x.is_mkldnn());
+        if (output.defined()) return finish(std::move(output), x, keep_blocked, onednn);
+      }
+#endif
       h = Fold::run(s.stages[i], *stage.conv, h, nullptr);
       if (stage.activation) h = stage.activation(std::move(h));
     }
@@ -160,9 +196,60 @@ struct ResidualBlock {
       }
     }
     if (layout.relu_after_add) torch::relu_(h);
+    return finish(std::move(h), x, keep_blocked, onednn);
+  }
+
+ private:
+  static torch::Tensor finish(torch::Tensor h, const torch::Tensor& x, bool keep_blocked,
+                              bool onednn) {
     if (keep_blocked) detail::BlockedHandOff::gave_blocked();
     return x.is_mkldnn() || keep_blocked || !onednn ? h : h.to_dense(torch::kFloat);
   }
+
+#if defined(FUSION_HAS_ONEDNN)
+  /// The last convolution of `h` with the block's residual added by its sum post-op (and the ReLU
+  /// after), where the state has it and the block adds its input now; else undefined, and the
+  /// caller computes the block as declared. `input` is overwritten only where `input_owned`.
+  torch::Tensor add_in_last(const State& s, Block& block, torch::nn::Conv2dImpl& conv,
+                            const torch::Tensor& h, const torch::Tensor& input,
+                            bool input_owned) const {
+    if (!s.last_with_sum || !layout.adds_input(block) || !h.is_mkldnn() ||
+        h.scalar_type() != torch::kFloat32 || !Fold::fits_prepacked(s.stages.back(), conv, h)) {
+      return {};
+    }
+    torch::Tensor residual = input;
+    bool owned = input_owned;
+    if (s.downsample) {
+      residual = Fold::run(*s.downsample, *layout.downsample.find(block).conv, input, nullptr);
+      owned = true;
+    }
+    // A residual of other sizes: the add as declared raises ATen's error.
+    if (!residual.is_mkldnn() || residual.scalar_type() != torch::kFloat32 ||
+        residual.sizes() != c10::IntArrayRef(s.last_with_sum->output_sizes(h))) {
+      return {};
+    }
+    using Path = BlockedConvPath;
+    using Algorithm = detail::OneDnnConv2d::Algorithm;
+    const auto& last = s.stages.back();
+    const auto key = detail::blocked_conv_key(last.weight.sizes(), last.stride, last.padding,
+                                              last.dilation, conv.options.groups(), h.sizes(),
+                                              /*variant=*/1);
+    // The block as declared is offered first: the post-op is kept only where it is faster.
+    c10::SmallVector<Path, 3> offered{Path::blocked};
+    if (s.last_with_sum->offers(h, Algorithm::direct)) offered.push_back(Path::onednn);
+    if (s.last_with_sum->offers(h, Algorithm::winograd)) offered.push_back(Path::winograd);
+    return detail::run_blocked_conv(key, offered, [&](Path path, bool measuring) {
+      if (path == Path::blocked) {
+        auto output = Fold::run(s.stages.back(), conv, h, nullptr);
+        output.add_(residual);
+        return layout.relu_after_add ? output.relu_() : output;
+      }
+      // Measured runs may not overwrite the residual: the kept run adds it.
+      return (*s.last_with_sum)(h, path == Path::winograd ? Algorithm::winograd : Algorithm::direct,
+                                residual, owned && !measuring);
+    });
+  }
+#endif
 };
 
 /// Registers kernel `name` for one-member chains on blocks of type Block (a residual block's

@@ -1,0 +1,250 @@
+// A folded float32 2d convolution on a blocked input, run by a oneDNN primitive the library makes
+// (FUSION_HAS_ONEDNN; detail/onednn.hpp) instead of LibTorch's op, for what LibTorch's ops do not
+// give:
+// - Winograd, oneDNN 2.x's algorithm for stride-1 3x3 convolutions on AVX-512. It computes the same
+//   convolution with fewer multiplications and another rounding: within float32 tolerance of the
+//   direct convolution, not bitwise equal to it (docs/kernels.md). It is one of the paths measured
+//   per shape (detail/blocked_conv_choice.hpp), kept only where it is faster.
+// - Post-ops: the activation, and in a residual block the residual added (oneDNN's sum post-op)
+//   with the ReLU after it, in the convolution's own pass over its output instead of two more.
+// - The weight reordered once per input shape, into the layout the chosen implementation reads.
+#pragma once
+
+#if defined(FUSION_HAS_ONEDNN)
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/nn/modules/activation.h>
+#include <torch/types.h>
+
+#include "fusion/detail/onednn.hpp"
+#include "fusion/hardswish.hpp"
+
+namespace fusion::detail {
+
+/// An activation oneDNN applies as an eltwise post-op.
+struct OneDnnEltwise {
+  dnnl::algorithm algorithm;
+  float alpha = 0.f, beta = 0.f;
+};
+
+/// The post-op for an activation type, where one computes what the module computes whatever its
+/// options: ReLU, ReLU6, SiLU, Hardswish. Others (none; LeakyReLU and GELU, whose options may
+/// change after the state is made) run after the convolution (detail/epilogue.hpp).
+template <typename Activation>
+std::optional<OneDnnEltwise> onednn_eltwise(const Activation* /*type*/) {
+  return std::nullopt;
+}
+inline std::optional<OneDnnEltwise> onednn_eltwise(const torch::nn::ReLUImpl*) {
+  return OneDnnEltwise{dnnl::algorithm::eltwise_relu};
+}
+inline std::optional<OneDnnEltwise> onednn_eltwise(const torch::nn::ReLU6Impl*) {
+  return OneDnnEltwise{dnnl::algorithm::eltwise_clip, 0.f, 6.f};
+}
+inline std::optional<OneDnnEltwise> onednn_eltwise(const torch::nn::SiLUImpl*) {
+  return OneDnnEltwise{dnnl::algorithm::eltwise_swish, 1.f};
+}
+inline std::optional<OneDnnEltwise> onednn_eltwise(const HardswishImpl*) {
+  return OneDnnEltwise{dnnl::algorithm::eltwise_hardswish};
+}
+
+class OneDnnConv2d {
+ public:
+  enum class Algorithm { direct, winograd };
+  static constexpr std::size_t kShapes = 8;  // input shapes kept, least recently used out first
+
+  /// `weight`: float32 [out, in / groups, kh, kw]; `bias`: float32 [out] or undefined. With
+  /// `sum`, each call adds a residual to the result before `eltwise`.
+  OneDnnConv2d(torch::Tensor weight, torch::Tensor bias, std::vector<int64_t> stride,
+               std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+               std::optional<OneDnnEltwise> eltwise, bool sum)
+      : weight_(weight.contiguous()),
+        bias_(std::move(bias)),
+        stride_(std::move(stride)),
+        padding_(std::move(padding)),
+        dilation_(std::move(dilation)),
+        groups_(groups),
+        eltwise_(eltwise),
+        sum_(sum) {}
+
+  /// Whether `algorithm` has an implementation for this blocked float32 input. The first call
+  /// of an input shape makes its primitives.
+  bool offers(const torch::Tensor& input, Algorithm algorithm) const {
+    return prepared(input)->algorithms[static_cast<int>(algorithm)] != nullptr;
+  }
+
+  /// The sizes of the result for an input of `input`'s sizes.
+  std::vector<int64_t> output_sizes(const torch::Tensor& input) const {
+    std::vector<int64_t> sizes{input.size(0), weight_.size(0), 0, 0};
+    for (int d = 0; d < 2; ++d) {
+      const int64_t span = dilation_[d] * (weight_.size(2 + d) - 1) + 1;
+      sizes[2 + d] = (input.size(2 + d) + 2 * padding_[d] - span) / stride_[d] + 1;
+    }
+    return sizes;
+  }
+
+  /// The convolution of a blocked float32 input (+ `residual`, a blocked float32 tensor of the
+  /// result's sizes, where made with `sum`), then the activation: a new blocked tensor; or, with
+  /// `overwrite_residual`, `residual` itself, computed over its own memory (the caller owns it).
+  /// `algorithm` must be offered for the input.
+  torch::Tensor operator()(const torch::Tensor& input, Algorithm algorithm,
+                           const torch::Tensor& residual = {},
+                           bool overwrite_residual = false) const {
+    const auto shape = prepared(input);
+    const auto& chosen = shape->algorithms[static_cast<int>(algorithm)];
+    TORCH_INTERNAL_ASSERT(chosen, "OneDnnConv2d: an algorithm not offered for this input");
+    const Prepared& p = *chosen;
+    dnnl::stream& stream = onednn::stream();
+    dnnl::memory src = onednn::memory_of(input);
+    if (src.get_desc() != p.src) {
+      dnnl::memory reordered(p.src, onednn::engine());  // owns its buffer
+      dnnl::reorder(src, reordered).execute(stream, src, reordered);
+      src = reordered;
+    }
+    ideep::tensor fresh;
+    dnnl::memory dst;
+    if (residual.defined()) {
+      dnnl::memory added = onednn::memory_of(residual);
+      if (overwrite_residual && added.get_desc() == p.dst) {
+        dst = added;  // the same memory
+      } else {
+        overwrite_residual = false;
+        fresh = onednn::new_memory(p.dst);
+        dst = fresh;
+        dnnl::reorder(added, dst).execute(stream, added, dst);
+      }
+    } else {
+      overwrite_residual = false;
+      fresh = onednn::new_memory(p.dst);
+      dst = fresh;
+    }
+    std::unordered_map<int, dnnl::memory> args{
+        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_DST, dst}};
+    if (bias_.defined()) {
+      args.emplace(DNNL_ARG_BIAS, dnnl::memory({{weight_.size(0)},
+                                                dnnl::memory::data_type::f32,
+                                                dnnl::memory::format_tag::x},
+                                               onednn::engine(), bias_.data_ptr()));
+    }
+    p.primitive.execute(stream, args);
+    stream.wait();
+    return overwrite_residual ? residual : onednn::as_blocked(std::move(fresh));
+  }
+
+ private:
+  using Key = std::array<int64_t, 5>;  // the input's sizes and the thread count
+  struct Prepared {
+    dnnl::convolution_forward primitive;
+    dnnl::memory::desc src, dst;
+    dnnl::memory weights;  // in the layout the primitive reads
+  };
+  struct Shape {
+    Key key;
+    dnnl::memory::desc input;                                   // the input's layout
+    std::array<std::shared_ptr<const Prepared>, 2> algorithms;  // by Algorithm; null: none
+  };
+
+  std::shared_ptr<const Shape> prepared(const torch::Tensor& input) const {
+    const Key key{input.size(0), input.size(1), input.size(2), input.size(3),
+                  at::get_num_threads()};
+    const dnnl::memory::desc layout = onednn::memory_of(input).get_desc();
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = shapes_.begin(); it != shapes_.end(); ++it) {
+      if ((*it)->key == key && (*it)->input == layout) {
+        std::rotate(it, it + 1, shapes_.end());  // most recently used last
+        return shapes_.back();
+      }
+    }
+    auto shape = std::make_shared<Shape>();
+    shape->key = key;
+    shape->input = layout;
+    shape->algorithms[0] = prepare(key, dnnl::algorithm::convolution_direct);
+    shape->algorithms[1] = prepare(key, dnnl::algorithm::convolution_winograd);
+    if (shapes_.size() == kShapes) shapes_.erase(shapes_.begin());
+    shapes_.push_back(std::move(shape));
+    return shapes_.back();
+  }
+
+  /// The primitive for inputs of `key`'s sizes, or null where `algorithm` has none for them
+  /// worth measuring (oneDNN's reference implementations never are). oneDNN chooses the layouts
+  /// of its input and result: an input in another is reordered first. So a result may come in a
+  /// layout that a convolution LibTorch runs next must reorder, a cost no measurement of this
+  /// call sees: the kernels use these primitives only where every convolution they run can
+  /// (ConvBatchNorm, ResidualBlock without grouped convolutions).
+  std::shared_ptr<const Prepared> prepare(const Key& key, dnnl::algorithm algorithm) const {
+    using dnnl::memory;
+    const auto f32 = memory::data_type::f32;
+    const auto any = memory::format_tag::any;
+    const memory::dims src_dims{key[0], key[1], key[2], key[3]};
+    memory::dims dst_dims{key[0], weight_.size(0), 0, 0};
+    memory::dims strides, dilates, padding;
+    for (int d = 0; d < 2; ++d) {
+      const int64_t span = dilation_[d] * (weight_.size(2 + d) - 1) + 1;
+      dst_dims[2 + d] = (key[2 + d] + 2 * padding_[d] - span) / stride_[d] + 1;  // output_sizes
+      strides.push_back(stride_[d]);
+      dilates.push_back(dilation_[d] - 1);  // oneDNN counts the gaps
+      padding.push_back(padding_[d]);
+    }
+    // The weight as it is: [out, in / groups, kh, kw], or grouped [groups, out / groups, ...].
+    const auto w = weight_.sizes();
+    const bool grouped = groups_ > 1;
+    const memory::dims weight_dims = grouped
+                                         ? memory::dims{groups_, w[0] / groups_, w[1], w[2], w[3]}
+                                         : memory::dims{w[0], w[1], w[2], w[3]};
+    const memory::desc bias_desc =
+        bias_.defined() ? memory::desc({w[0]}, f32, memory::format_tag::x) : memory::desc();
+    dnnl::post_ops post_ops;
+    if (sum_) post_ops.append_sum(1.f);
+    if (eltwise_)
+      post_ops.append_eltwise(1.f, eltwise_->algorithm, eltwise_->alpha, eltwise_->beta);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(post_ops);
+
+    dnnl::convolution_forward::primitive_desc pd;
+    try {
+      const dnnl::convolution_forward::desc desc(
+          dnnl::prop_kind::forward_inference, algorithm, memory::desc(src_dims, f32, any),
+          memory::desc(weight_dims, f32, any), bias_desc, memory::desc(dst_dims, f32, any), strides,
+          dilates, padding, padding);
+      pd = dnnl::convolution_forward::primitive_desc(desc, attr, onednn::engine());
+    } catch (const dnnl::error&) {
+      return nullptr;  // no implementation for this algorithm, shape and these post-ops
+    }
+    if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0) {
+      return nullptr;
+    }
+    auto p = std::make_shared<Prepared>();
+    p->primitive = dnnl::convolution_forward(pd);
+    p->src = pd.src_desc();
+    p->dst = pd.dst_desc();
+    p->weights = dnnl::memory(pd.weights_desc(), onednn::engine());  // owns its buffer
+    dnnl::memory plain(memory::desc(weight_dims, f32,
+                                    grouped ? memory::format_tag::goihw : memory::format_tag::oihw),
+                       onednn::engine(), weight_.data_ptr());
+    dnnl::reorder(plain, p->weights).execute(onednn::stream(), plain, p->weights);
+    onednn::stream().wait();
+    return p;
+  }
+
+  torch::Tensor weight_, bias_;
+  std::vector<int64_t> stride_, padding_, dilation_;
+  int64_t groups_;
+  std::optional<OneDnnEltwise> eltwise_;
+  bool sum_;
+  mutable std::mutex mutex_;
+  mutable std::vector<std::shared_ptr<const Shape>> shapes_;
+};
+
+}  // namespace fusion::detail
+
+#endif
