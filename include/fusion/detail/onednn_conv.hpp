@@ -103,6 +103,9 @@ class OneDnnConv2d {
     const auto shape = prepared(input);
     const auto& chosen = shape->algorithms[static_cast<int>(algorithm)];
     TORCH_INTERNAL_ASSERT(chosen, "OneDnnConv2d: an algorithm not offered for this input");
+    // The sum post-op reads the result's memory: without a residual it would add what is there.
+    TORCH_INTERNAL_ASSERT(residual.defined() == sum_,
+                          "OneDnnConv2d: a residual where made with sum");
     const Prepared& p = *chosen;
     dnnl::stream& stream = onednn::stream();
     dnnl::memory src = onednn::memory_of(input);

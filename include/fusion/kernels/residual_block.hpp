@@ -218,7 +218,7 @@ struct ResidualBlock {
       return {};
     }
     torch::Tensor residual = input;
-    bool owned = input_owned;
+    bool owned = input_owned && !h.is_same(input);  // a one-stage block reads it too
     if (s.downsample) {
       residual = Fold::run(*s.downsample, *layout.downsample.find(block).conv, input, nullptr);
       owned = true;
