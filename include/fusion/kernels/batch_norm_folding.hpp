@@ -18,6 +18,7 @@
 // replays.
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include <torch/nn/modules/batchnorm.h>
@@ -29,6 +30,59 @@
 #include "fusion/kernel.hpp"
 #include "fusion/kernels/conv_folding.hpp"
 #include "fusion/kernels/conv_pooling.hpp"
+
+namespace fusion::detail {
+
+/// Registers fusion.<conv>_bn_<activation> and fusion.<conv>_<activation> for each activation,
+/// and their ".bf16" variants for 2d.
+template <std::size_t D, typename ConvImpl, typename BatchNormImpl, typename... Activations>
+void register_conv_activations(const std::string& conv, std::tuple<Activations...>* /*types*/) {
+  const KernelOptions eval_only{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
+  KernelOptions any_mode = eval_only;  // nothing folded: training mode computes the same
+  any_mode.training = true;
+  (register_kernel("fusion." + conv + "_bn_" + Epilogue<Activations>::name,
+                   kernels::ConvBatchNormActivation<D, ConvImpl, BatchNormImpl, Activations>{},
+                   eval_only),
+   ...);
+  (register_kernel("fusion." + conv + "_" + Epilogue<Activations>::name,
+                   kernels::ConvActivation<D, ConvImpl, Activations>{}, any_mode),
+   ...);
+  if constexpr (D == 2) {
+    (register_kernel(
+         "fusion." + conv + "_bn_" + Epilogue<Activations>::name + kBFloat16Suffix,
+         kernels::ConvBatchNormActivation<D, ConvImpl, BatchNormImpl, Activations>{true},
+         bfloat16_options()),
+     ...);
+    (register_kernel("fusion." + conv + "_" + Epilogue<Activations>::name + kBFloat16Suffix,
+                     kernels::ConvActivation<D, ConvImpl, Activations>{true}, bfloat16_options()),
+     ...);
+  }
+}
+
+/// Registers every kernel of this file.
+inline void register_conv_kernels() {
+  using namespace torch::nn;
+  using namespace fusion::kernels;
+  // Folding is plain tensor arithmetic: one implementation serves the CPU and CUDA.
+  const KernelOptions eval_only{{c10::DeviceType::CPU, c10::DeviceType::CUDA}};
+  register_kernel("fusion.conv1d_bn", ConvBatchNorm<1, Conv1dImpl, BatchNorm1dImpl>{}, eval_only);
+  register_kernel("fusion.conv2d_bn", ConvBatchNorm<2, Conv2dImpl, BatchNorm2dImpl>{}, eval_only);
+  register_kernel(std::string("fusion.conv2d_bn") + kBFloat16Suffix,
+                  ConvBatchNorm<2, Conv2dImpl, BatchNorm2dImpl>{true}, bfloat16_options());
+  register_kernel("fusion.conv3d_bn", ConvBatchNorm<3, Conv3dImpl, BatchNorm3dImpl>{}, eval_only);
+  ConvActivations* activations = nullptr;
+  register_conv_activations<1, Conv1dImpl, BatchNorm1dImpl>("conv1d", activations);
+  register_conv_activations<2, Conv2dImpl, BatchNorm2dImpl>("conv2d", activations);
+  register_conv_activations<3, Conv3dImpl, BatchNorm3dImpl>("conv3d", activations);
+  register_kernel("fusion.conv_transpose1d_bn",
+                  ConvTransposeBatchNorm<1, ConvTranspose1dImpl, BatchNorm1dImpl>{}, eval_only);
+  register_kernel("fusion.conv_transpose2d_bn",
+                  ConvTransposeBatchNorm<2, ConvTranspose2dImpl, BatchNorm2dImpl>{}, eval_only);
+  register_kernel("fusion.conv_transpose3d_bn",
+                  ConvTransposeBatchNorm<3, ConvTranspose3dImpl, BatchNorm3dImpl>{}, eval_only);
+}
+
+}  // namespace fusion::detail
 
 namespace fusion::kernels {
 
