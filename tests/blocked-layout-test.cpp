@@ -546,6 +546,19 @@ TEST_CASE(
     const auto blocked = model->forward(x.to_mkldnn());
     REQUIRE(blocked.is_mkldnn());
     require_within_entries(blocked.to_dense(), kRelativeTolerance);
+    {
+      // The library's primitives, the activation as their post-op, in the blocks' layout
+      // (oneDNN 2.x builds; elsewhere not offered, and the stages run as declared).
+      using fusion::kernels::BlockedConvPath;
+      const auto previous = fusion::kernels::force_blocked_conv_path(BlockedConvPath::onednn);
+      struct Restore {
+        std::optional<BlockedConvPath> path;
+        ~Restore() { fusion::kernels::force_blocked_conv_path(path); }
+      } restore{previous};
+      for (int call = 0; call < 2; ++call) {
+        require_within_entries(model->forward(x), kRelativeTolerance);
+      }
+    }
 
     if (fusion::kernels::bfloat16_supported()) {
       auto plan = fusion::plan_of(*model);
@@ -559,6 +572,33 @@ TEST_CASE(
       CHECK_FALSE(torch::equal(y, expected));  // it did compute in bfloat16
     }
   }
+}
+
+TEST_CASE("a block stage whose activation module is replaced after fusing computes the new one") {
+  register_blocks();
+  torch::manual_seed(7);
+  torch::NoGradGuard no_grad;
+  auto model = fusion::Sequential(
+      ReLU6Stage(3, 16, 1), Inverted(16, 16, 1, 6, [] { return nn::AnyModule(nn::ReLU6()); }));
+  randomize(model);
+  const auto x = torch::randn({2, 3, 12, 12});
+  fusion::fuse_modules(model, {"0"}, one_tensor, kernel("test.stage"));
+  fusion::fuse_modules(model, {"1"}, one_tensor, kernel("test.inverted"));
+  using fusion::kernels::BlockedConvPath;
+  const auto previous = fusion::kernels::force_blocked_conv_path(BlockedConvPath::onednn);
+  struct Restore {
+    std::optional<BlockedConvPath> path;
+    ~Restore() { fusion::kernels::force_blocked_conv_path(path); }
+  } restore{previous};
+  for (int call = 0; call < 2; ++call) model->forward(x);  // ReLU6 as the post-op where built
+  // A parameter-free module swapped: no weight changes, so the state is not rebuilt.
+  auto& block = *model->ptr<InvertedImpl>(1);
+  auto& expanding = *block.conv->ptr<ConvNormActImpl>(0);
+  expanding.act = nn::AnyModule(nn::GELU());
+  expanding.replace_module("2", expanding.act.ptr());
+  // The entries' own code, which the fused Sequential does not reach.
+  const auto expected = block.forward(model->ptr<StageImpl<nn::ReLU6>>(0)->forward(x));
+  for (int call = 0; call < 2; ++call) require_close(model->forward(x), expected);
 }
 
 TEST_CASE("conv_block names the module or member that does not fit") {

@@ -233,6 +233,28 @@ TEST_CASE("the LibTorch internals docs/compatibility.md lists behave as the libr
       }
     }
     CHECK(overwritten > 0);
+
+    // Layout::input (a block with a depthwise convolution): a channel-blocked input's layout is
+    // the result's too; a plain one (x.to_mkldnn()'s, where oneDNN 2.x would convolve with its
+    // GEMM-based implementation) is reordered as with Layout::chosen. The activation by name.
+    const auto relu6 = d::onednn_eltwise_named("relu6");
+    REQUIRE(relu6.has_value());
+    CHECK(relu6->algorithm == dnnl::algorithm::eltwise_clip);
+    CHECK_FALSE(d::onednn_eltwise_named("").has_value());
+    CHECK_FALSE(d::onednn_eltwise_named("gelu").has_value());  // its options may change
+    const d::OneDnnConv2d kept(weight, bias, {1, 1}, {1, 1}, {1, 1}, 1, relu6, /*sum=*/false,
+                               d::OneDnnConv2d::Layout::input);
+    const auto clipped = torch::clamp(torch::conv2d(x, weight, bias, 1, 1), 0, 6);
+    CHECK_FALSE(kept.keeps(x.to_mkldnn()));
+    CHECK(kept.keeps(blocked));
+    for (const auto& input : {x.to_mkldnn(), blocked}) {
+      const auto y = kept(input, Algorithm::direct);
+      CHECK(torch::allclose(y.to_dense(), clipped, 1e-4, 1e-4));
+      if (kept.keeps(input)) {
+        CHECK(d::format_of(d::onednn::memory_of(y).get_desc()) ==
+              d::format_of(d::onednn::memory_of(input).get_desc()));
+      }
+    }
   }
 #endif
 }

@@ -19,6 +19,8 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -27,6 +29,7 @@
 #include <torch/nn/modules/activation.h>
 #include <torch/types.h>
 
+#include "fusion/detail/epilogue.hpp"
 #include "fusion/detail/onednn.hpp"
 #include "fusion/hardswish.hpp"
 
@@ -58,16 +61,45 @@ inline std::optional<OneDnnEltwise> onednn_eltwise(const HardswishImpl*) {
   return OneDnnEltwise{dnnl::algorithm::eltwise_hardswish};
 }
 
+/// The post-op for the activation named `name` as in the kernel names (Epilogue<A>::name);
+/// nullopt for "" (none) and for the others.
+inline std::optional<OneDnnEltwise> onednn_eltwise_named(std::string_view name) {
+  std::optional<OneDnnEltwise> found;
+  const auto try_one = [&](auto* type) {
+    using Activation = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
+    if (!found && name == Epilogue<Activation>::name) found = onednn_eltwise(type);
+  };
+  try_one(static_cast<const torch::nn::ReLUImpl*>(nullptr));
+  try_one(static_cast<const torch::nn::ReLU6Impl*>(nullptr));
+  try_one(static_cast<const torch::nn::SiLUImpl*>(nullptr));
+  try_one(static_cast<const HardswishImpl*>(nullptr));
+  return found;
+}
+
+/// The format of `desc` among the plain, channels-last and channel-blocked ones LibTorch's blocked
+/// tensors take; `any` for another.
+inline dnnl::memory::format_tag format_of(const dnnl::memory::desc& desc) {
+  using tag = dnnl::memory::format_tag;
+  for (const tag format : {tag::aBcd16b, tag::aBcd8b, tag::acdb, tag::abcd}) {
+    if (dnnl::memory::desc(desc.dims(), desc.data_type(), format) == desc) return format;
+  }
+  return tag::any;
+}
+
 class OneDnnConv2d {
  public:
   enum class Algorithm { direct, winograd };
+  /// Where the input and the result lie: in the layouts oneDNN prefers for the shape (an input
+  /// in another is reordered first), or in the input's own, the result in the same format,
+  /// where that is channel-blocked or channels-last (see keeps).
+  enum class Layout { chosen, input };
   static constexpr std::size_t kShapes = 8;  // input shapes kept, least recently used out first
 
   /// `weight`: float32 [out, in / groups, kh, kw]; `bias`: float32 [out] or undefined. With
   /// `sum`, each call adds a residual to the result before `eltwise`.
   OneDnnConv2d(torch::Tensor weight, torch::Tensor bias, std::vector<int64_t> stride,
                std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
-               std::optional<OneDnnEltwise> eltwise, bool sum)
+               std::optional<OneDnnEltwise> eltwise, bool sum, Layout layout = Layout::chosen)
       : weight_(weight.contiguous()),
         bias_(std::move(bias)),
         stride_(std::move(stride)),
@@ -75,7 +107,18 @@ class OneDnnConv2d {
         dilation_(std::move(dilation)),
         groups_(groups),
         eltwise_(eltwise),
-        sum_(sum) {}
+        sum_(sum),
+        layout_(layout) {}
+
+  /// Whether the activation runs as the primitive's post-op.
+  bool has_eltwise() const { return eltwise_.has_value(); }
+
+  /// Whether a call on `input` keeps its layout: made with Layout::input, and the input not in
+  /// the plain layout (`x.to_mkldnn()`'s), where oneDNN 2.x convolves with its much slower
+  /// GEMM-based implementation; such an input is reordered as with Layout::chosen.
+  bool keeps(const torch::Tensor& input) const {
+    return layout_ == Layout::input && keeps(onednn::memory_of(input).get_desc());
+  }
 
   /// Whether `algorithm` has an implementation for this blocked float32 input. The first call
   /// of an input shape makes its primitives.
@@ -171,20 +214,21 @@ class OneDnnConv2d {
     auto shape = std::make_shared<Shape>();
     shape->key = key;
     shape->input = layout;
-    shape->algorithms[0] = prepare(key, dnnl::algorithm::convolution_direct);
-    shape->algorithms[1] = prepare(key, dnnl::algorithm::convolution_winograd);
+    shape->algorithms[0] = prepare(key, layout, dnnl::algorithm::convolution_direct);
+    shape->algorithms[1] = prepare(key, layout, dnnl::algorithm::convolution_winograd);
     if (shapes_.size() == kShapes) shapes_.erase(shapes_.begin());
     shapes_.push_back(std::move(shape));
     return shapes_.back();
   }
 
   /// The primitive for inputs of `key`'s sizes, or null where `algorithm` has none for them
-  /// worth measuring (oneDNN's reference implementations never are). oneDNN chooses the layouts
-  /// of its input and result: an input in another is reordered first. So a result may come in a
-  /// layout that a convolution LibTorch runs next must reorder, a cost no measurement of this
-  /// call sees: the kernels use these primitives only where every convolution they run can
-  /// (ConvBatchNorm, ResidualBlock without grouped convolutions).
-  std::shared_ptr<const Prepared> prepare(const Key& key, dnnl::algorithm algorithm) const {
+  /// worth measuring (oneDNN's reference implementations never are). With Layout::chosen, oneDNN
+  /// chooses the layouts of its input and result: an input in another is reordered first. So a
+  /// result may come in a layout that a convolution LibTorch runs next must reorder, a cost no
+  /// measurement of this call sees: ConvBatchNorm and ResidualBlock without grouped convolutions
+  /// use them so, where every convolution they run can take what the one before gave.
+  std::shared_ptr<const Prepared> prepare(const Key& key, const dnnl::memory::desc& input,
+                                          dnnl::algorithm algorithm) const {
     using dnnl::memory;
     const auto f32 = memory::data_type::f32;
     const auto any = memory::format_tag::any;
@@ -214,11 +258,13 @@ class OneDnnConv2d {
     attr.set_post_ops(post_ops);
 
     dnnl::convolution_forward::primitive_desc pd;
+    const bool kept = keeps(input);
     try {
       const dnnl::convolution_forward::desc desc(
-          dnnl::prop_kind::forward_inference, algorithm, memory::desc(src_dims, f32, any),
-          memory::desc(weight_dims, f32, any), bias_desc, memory::desc(dst_dims, f32, any), strides,
-          dilates, padding, padding);
+          dnnl::prop_kind::forward_inference, algorithm,
+          kept ? input : memory::desc(src_dims, f32, any), memory::desc(weight_dims, f32, any),
+          bias_desc, memory::desc(dst_dims, f32, kept ? format_of(input) : any), strides, dilates,
+          padding, padding);
       pd = dnnl::convolution_forward::primitive_desc(desc, attr, onednn::engine());
     } catch (const dnnl::error&) {
       return nullptr;  // no implementation for this algorithm, shape and these post-ops
@@ -239,11 +285,19 @@ class OneDnnConv2d {
     return p;
   }
 
+  bool keeps(const dnnl::memory::desc& input) const {
+    using tag = dnnl::memory::format_tag;
+    const tag format = format_of(input);
+    return layout_ == Layout::input &&
+           (format == tag::aBcd16b || format == tag::aBcd8b || format == tag::acdb);
+  }
+
   torch::Tensor weight_, bias_;
   std::vector<int64_t> stride_, padding_, dilation_;
   int64_t groups_;
   std::optional<OneDnnEltwise> eltwise_;
   bool sum_;
+  Layout layout_;
   mutable std::mutex mutex_;
   mutable std::vector<std::shared_ptr<const Shape>> shapes_;
 };

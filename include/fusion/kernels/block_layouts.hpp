@@ -34,11 +34,14 @@
 namespace fusion::kernels {
 
 /// One stage as found in a block: its convolution, the BatchNorm after it, and the activation
-/// after that, applied in place to the stage's fresh result (empty: none).
+/// after that, applied in place to the stage's fresh result (empty: none), with the name of what
+/// it computes as in the kernel names ("relu", "relu6", ...: detail/epilogue.hpp), for kernels
+/// that fuse it; "" where none or unnamed (then it runs as `activation`).
 struct ConvStage {
   torch::nn::Conv2dImpl* conv = nullptr;
   torch::nn::BatchNorm2dImpl* bn = nullptr;
   std::function<torch::Tensor(torch::Tensor)> activation;
+  const char* activation_name = "";
 };
 
 /// A block's stages, or why they cannot be found (then `why` names the module that does not fit).
@@ -72,13 +75,14 @@ struct ResidualBlockLayout {
 };
 
 /// Where a block keeps one convolution, the BatchNorm after it and, optionally, the activation
-/// after that (conv_bn's third member).
+/// after that (conv_bn's third member) and its name.
 template <typename Block>
 struct ConvBatchNormLayout {
   using block_type = Block;
   std::function<torch::nn::Conv2dImpl&(Block&)> conv;
   std::function<torch::nn::BatchNorm2dImpl&(Block&)> bn;
   std::function<std::function<torch::Tensor(torch::Tensor)>(Block&)> activation;  // empty: none
+  const char* activation_name = "";
 };
 
 /// Stages found at run time, in a Sequential member (sequential_stages).
@@ -104,21 +108,20 @@ auto& module_member(Block& block, Member Block::*member) {
   return *(block.*member);  // a holder, a fusion::Slot or a shared_ptr: the module
 }
 
-/// `module`'s activation applied in place (detail/epilogue.hpp), if it is one of the activation
-/// types the convolution kernels take; else an empty function.
+/// Sets `stage`'s activation to `module`'s applied in place (detail/epilogue.hpp), if it is one of
+/// the activation types the convolution kernels take; else leaves it empty.
 template <typename... Activations>
-std::function<torch::Tensor(torch::Tensor)> activation_of(torch::nn::Module& module,
-                                                          std::tuple<Activations...>* /*types*/) {
-  std::function<torch::Tensor(torch::Tensor)> found;
+void find_activation(kernels::ConvStage& stage, torch::nn::Module& module,
+                     std::tuple<Activations...>* /*types*/) {
   const auto try_one = [&](auto* typed) {
     using ActivationModule = std::remove_pointer_t<decltype(typed)>;
-    if (found || typed == nullptr) return;
-    found = [typed](torch::Tensor t) {
+    if (stage.activation || typed == nullptr) return;
+    stage.activation = [typed](torch::Tensor t) {
       return Epilogue<ActivationModule>::apply(std::move(t), typed);
     };
+    stage.activation_name = Epilogue<ActivationModule>::name;
   };
   (try_one(dynamic_cast<Activations*>(&module)), ...);
-  return found;
 }
 
 /// The leaves of `module` in registration order (a module without children is its own leaf), as
@@ -150,7 +153,7 @@ inline kernels::FoundStages group_stages(
       return found;
     }
     kernels::ConvStage stage{conv, bn, {}};
-    if (i + 2 < modules.size()) stage.activation = activation_of(*modules[i + 2], activations);
+    if (i + 2 < modules.size()) find_activation(stage, *modules[i + 2], activations);
     i += stage.activation ? 2 : 1;
     found.stages.push_back(std::move(stage));
   }
@@ -162,7 +165,8 @@ inline kernels::FoundStages group_stages(
 template <typename Block>
 kernels::ConvStage stage_of(const kernels::ConvBatchNormLayout<Block>& part, Block& block) {
   return {&part.conv(block), &part.bn(block),
-          part.activation ? part.activation(block) : std::function<torch::Tensor(torch::Tensor)>()};
+          part.activation ? part.activation(block) : std::function<torch::Tensor(torch::Tensor)>(),
+          part.activation_name};
 }
 
 }  // namespace fusion::detail
@@ -199,6 +203,9 @@ ConvBatchNormLayout<Block> conv_bn(C Block::*conv, B Block::*bn, A Block::*... a
       return std::function<torch::Tensor(torch::Tensor)>(
           [typed](torch::Tensor t) { return detail::Epilogue<ActivationModule>::apply(t, typed); });
     };
+    using ActivationModule = std::remove_reference_t<decltype(detail::module_member(
+        std::declval<Block&>(), activation...))>;
+    layout.activation_name = detail::Epilogue<ActivationModule>::name;
   }
   return layout;
 }
@@ -279,6 +286,7 @@ ResidualBlockLayout<Block> residual_block(ConvBatchNormLayout<Block> first, More
       found.stages.push_back(detail::stage_of(parts[i], block));
       if (!found.stages.back().activation && i + 1 < parts.size()) {
         found.stages.back().activation = [](torch::Tensor t) { return t.relu_(); };
+        found.stages.back().activation_name = detail::Epilogue<torch::nn::ReLUImpl>::name;
       }
     }
     return found;

@@ -15,7 +15,8 @@
 // before it (float64, rounded once; copies of the convolution weights, in `report`'s state bytes).
 // On the CPU, for float32, the whole block runs in oneDNN's blocked layout: the input is reordered
 // once, the activations stay blocked from one convolution to the next, the add and the
-// activations run in place on them (detail/epilogue.hpp), and the result is reordered once (kept
+// activations run in place on them (detail/epilogue.hpp) or as oneDNN post-ops of the convolution
+// before (oneDNN 2.x builds; each measured per shape), and the result is reordered once (kept
 // blocked where the caller takes that: fusion::Sequential or fusion::sequence between two such
 // kernels, detail/blocked_layout.hpp). Elsewhere (CUDA, other dtypes) the same folded arithmetic
 // runs densely. Eval mode without gradients; otherwise the block's own forward runs.
@@ -27,6 +28,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -56,9 +58,12 @@ struct ResidualBlock {
     std::vector<Fold::State> stages;
     std::shared_ptr<Fold::State> downsample;  // null: the identity
 #if defined(FUSION_HAS_ONEDNN)
-    // The last convolution with the input (or the downsample branch) added by oneDNN's sum
-    // post-op, and the ReLU after it, where the block adds its input after a last stage without
-    // an activation (BasicBlock, Bottleneck); float32 on blocked inputs.
+    // Float32 on blocked inputs: each stage's convolution with its activation as oneDNN's
+    // post-op (null: none made), and the last convolution with the input (or the downsample
+    // branch) added by the sum post-op and the ReLU after it, where the block adds its input
+    // after a last stage without an activation (BasicBlock, Bottleneck, InvertedResidual).
+    std::vector<std::shared_ptr<const detail::OneDnnConv2d>> fused;
+    std::vector<std::string> fused_activation;  // the activation each was made for, by name
     std::shared_ptr<const detail::OneDnnConv2d> last_with_sum;
 #endif
     std::vector<torch::Tensor> tensors() const {
@@ -80,27 +85,7 @@ struct ResidualBlock {
           std::make_shared<Fold::State>(Fold::fold(*branch.conv, *branch.bn, false, bfloat16));
     }
 #if defined(FUSION_HAS_ONEDNN)
-    // The library's oneDNN primitives give results in layouts of their own choosing, which
-    // LibTorch's grouped (depthwise) convolution then reorders on every call
-    // (detail/onednn_conv.hpp): a block with one runs LibTorch's convolutions only.
-    const auto found = layout.stages(block);
-    bool grouped = branch.conv != nullptr && branch.conv->options.groups() > 1;
-    for (const auto& stage : found.stages) grouped = grouped || stage.conv->options.groups() > 1;
-    if (grouped) {
-      for (auto& stage : state.stages) stage.onednn = nullptr;
-      if (state.downsample) state.downsample->onednn = nullptr;
-    }
-    if (layout.adds_input(block) && !found.stages.empty() && !found.stages.back().activation &&
-        !state.stages.empty() && state.stages.back().onednn) {
-      const auto& last = state.stages.back();
-      state.last_with_sum = std::make_shared<const detail::OneDnnConv2d>(
-          last.weight, last.bias, last.stride, last.padding, last.dilation,
-          found.stages.back().conv->options.groups(),
-          layout.relu_after_add
-              ? std::optional<detail::OneDnnEltwise>({dnnl::algorithm::eltwise_relu})
-              : std::nullopt,
-          /*sum=*/true);
-    }
+    prepare_onednn(state, block);
 #endif
     return state;
   }
@@ -185,8 +170,7 @@ struct ResidualBlock {
         if (output.defined()) return finish(std::move(output), x, keep_blocked, onednn);
       }
 #endif
-      h = Fold::run(s.stages[i], *stage.conv, h, nullptr);
-      if (stage.activation) h = stage.activation(std::move(h));
+      h = run_stage(s, i, stage, h);
     }
     if (layout.adds_input(block)) {
       if (s.downsample) {
@@ -206,7 +190,83 @@ struct ResidualBlock {
     return x.is_mkldnn() || keep_blocked || !onednn ? h : h.to_dense(torch::kFloat);
   }
 
+  /// Stage `i` of `h`: its convolution, then its activation.
+  torch::Tensor run_stage(const State& s, std::size_t i, const ConvStage& stage,
+                          const torch::Tensor& h) const {
+    const auto as_declared = [&] {
+      auto output = Fold::run(s.stages[i], *stage.conv, h, nullptr);
+      return stage.activation ? stage.activation(std::move(output)) : output;
+    };
 #if defined(FUSION_HAS_ONEDNN)
+    const auto* fused = i < s.fused.size() ? s.fused[i].get() : nullptr;
+    // A stage whose activation module was replaced by another type since: as declared.
+    if (fused != nullptr && s.fused_activation[i] == stage.activation_name && h.is_mkldnn() &&
+        h.scalar_type() == torch::kFloat32 && Fold::fits_prepacked(s.stages[i], *stage.conv, h)) {
+      using Path = BlockedConvPath;
+      using Algorithm = detail::OneDnnConv2d::Algorithm;
+      const auto& folded = s.stages[i];
+      const auto key = detail::blocked_conv_key(
+          folded.weight.sizes(), folded.stride, folded.padding, folded.dilation,
+          stage.conv->options.groups(), h.sizes(),
+          /*variant=*/2 + int64_t{fused->has_eltwise()} + 2 * int64_t{fused->keeps(h)});
+      // The stage as declared is offered first: a primitive is kept only where it is faster.
+      c10::SmallVector<Path, 3> offered{Path::blocked};
+      if (fused->offers(h, Algorithm::direct)) offered.push_back(Path::onednn);
+      if (fused->offers(h, Algorithm::winograd)) offered.push_back(Path::winograd);
+      return detail::run_blocked_conv(key, offered, [&](Path path, bool /*measuring*/) {
+        if (path == Path::blocked) return as_declared();
+        auto output = (*fused)(h, path == Path::winograd ? Algorithm::winograd : Algorithm::direct);
+        return fused->has_eltwise() || !stage.activation ? output
+                                                         : stage.activation(std::move(output));
+      });
+    }
+#endif
+    return as_declared();
+  }
+
+#if defined(FUSION_HAS_ONEDNN)
+  /// The library's oneDNN primitives for the block (State::fused, last_with_sum). They give
+  /// results in layouts of their own choosing, which LibTorch's grouped (depthwise) convolution
+  /// then reorders on every call: in a block with one, they keep their input's layout instead,
+  /// and the folded convolutions run LibTorch's (Fold's primitives are dropped).
+  void prepare_onednn(State& state, Block& block) const {
+    using detail::OneDnnConv2d;
+    const auto found = layout.stages(block);
+    const auto branch = layout.downsample.find(block);
+    bool grouped = branch.conv != nullptr && branch.conv->options.groups() > 1;
+    for (const auto& stage : found.stages) grouped = grouped || stage.conv->options.groups() > 1;
+    const auto where = grouped ? OneDnnConv2d::Layout::input : OneDnnConv2d::Layout::chosen;
+    const auto make = [&](const Fold::State& folded, const ConvStage& stage,
+                          std::optional<detail::OneDnnEltwise> eltwise, bool sum) {
+      return std::make_shared<const OneDnnConv2d>(
+          folded.weight, folded.bias, folded.stride, folded.padding, folded.dilation,
+          stage.conv->options.groups(), eltwise, sum, where);
+    };
+    state.fused.resize(state.stages.size());
+    state.fused_activation.resize(state.stages.size());
+    for (std::size_t i = 0; i < state.stages.size() && i < found.stages.size(); ++i) {
+      state.fused_activation[i] = found.stages[i].activation_name;
+      const auto eltwise = detail::onednn_eltwise_named(found.stages[i].activation_name);
+      // Without a post-op, in the layout of its choice, it is one of Fold::run's own paths.
+      if (state.stages[i].onednn && (eltwise || grouped)) {
+        state.fused[i] = make(state.stages[i], found.stages[i], eltwise, /*sum=*/false);
+      }
+    }
+    if (layout.adds_input(block) && found.stages.size() == state.stages.size() &&
+        !found.stages.empty() && !found.stages.back().activation && state.stages.back().onednn) {
+      state.last_with_sum =
+          make(state.stages.back(), found.stages.back(),
+               layout.relu_after_add
+                   ? std::optional<detail::OneDnnEltwise>({dnnl::algorithm::eltwise_relu})
+                   : std::nullopt,
+               /*sum=*/true);
+    }
+    if (grouped) {
+      for (auto& stage : state.stages) stage.onednn = nullptr;
+      if (state.downsample) state.downsample->onednn = nullptr;
+    }
+  }
+
   /// The last convolution of `h` with the block's residual added by its sum post-op (and the ReLU
   /// after), where the state has it and the block adds its input now; else undefined, and the
   /// caller computes the block as declared. `input` is overwritten only where `input_owned`.
@@ -231,9 +291,10 @@ struct ResidualBlock {
     using Path = BlockedConvPath;
     using Algorithm = detail::OneDnnConv2d::Algorithm;
     const auto& last = s.stages.back();
-    const auto key = detail::blocked_conv_key(last.weight.sizes(), last.stride, last.padding,
-                                              last.dilation, conv.options.groups(), h.sizes(),
-                                              /*variant=*/1);
+    const auto key =
+        detail::blocked_conv_key(last.weight.sizes(), last.stride, last.padding, last.dilation,
+                                 conv.options.groups(), h.sizes(),
+                                 /*variant=*/1 + 5 * int64_t{s.last_with_sum->keeps(h)});
     // The block as declared is offered first: the post-op is kept only where it is faster.
     c10::SmallVector<Path, 3> offered{Path::blocked};
     if (s.last_with_sum->offers(h, Algorithm::direct)) offered.push_back(Path::onednn);
