@@ -258,6 +258,20 @@ void register_probe() {
   });
 }
 
+/// Forces the blocked convolution path for its lifetime (std::nullopt: measured), then restores
+/// the previous setting.
+class ForcedPath {
+ public:
+  explicit ForcedPath(std::optional<fusion::kernels::BlockedConvPath> path)
+      : previous_(fusion::kernels::force_blocked_conv_path(path)) {}
+  ForcedPath(const ForcedPath&) = delete;
+  ForcedPath& operator=(const ForcedPath&) = delete;
+  ~ForcedPath() { fusion::kernels::force_blocked_conv_path(previous_); }
+
+ private:
+  std::optional<fusion::kernels::BlockedConvPath> previous_;
+};
+
 }  // namespace
 
 TEST_CASE(
@@ -421,11 +435,7 @@ TEST_CASE("a blocked input gives the same result on either convolution path") {
                           std::optional<BlockedConvPath>{BlockedConvPath::winograd},
                           std::optional<BlockedConvPath>{}}) {
     CAPTURE(path.has_value() ? static_cast<int>(*path) : -1);
-    const auto previous = fusion::kernels::force_blocked_conv_path(path);
-    struct Restore {
-      std::optional<BlockedConvPath> path;
-      ~Restore() { fusion::kernels::force_blocked_conv_path(path); }
-    } restore{previous};
+    const ForcedPath forced(path);
     // Each block's convolutions run on blocked activations from the second call on (the first is
     // checked); the last call measures the paths where nothing is forced.
     for (int call = 0; call < 3; ++call) require_close(model->forward(x), expected);
@@ -549,12 +559,7 @@ TEST_CASE(
     {
       // The library's primitives, the activation as their post-op, in the blocks' layout
       // (oneDNN 2.x builds; elsewhere not offered, and the stages run as declared).
-      using fusion::kernels::BlockedConvPath;
-      const auto previous = fusion::kernels::force_blocked_conv_path(BlockedConvPath::onednn);
-      struct Restore {
-        std::optional<BlockedConvPath> path;
-        ~Restore() { fusion::kernels::force_blocked_conv_path(path); }
-      } restore{previous};
+      const ForcedPath forced(fusion::kernels::BlockedConvPath::onednn);
       for (int call = 0; call < 2; ++call) {
         require_within_entries(model->forward(x), kRelativeTolerance);
       }
@@ -584,12 +589,7 @@ TEST_CASE("a block stage whose activation module is replaced after fusing comput
   const auto x = torch::randn({2, 3, 12, 12});
   fusion::fuse_modules(model, {"0"}, one_tensor, kernel("test.stage"));
   fusion::fuse_modules(model, {"1"}, one_tensor, kernel("test.inverted"));
-  using fusion::kernels::BlockedConvPath;
-  const auto previous = fusion::kernels::force_blocked_conv_path(BlockedConvPath::onednn);
-  struct Restore {
-    std::optional<BlockedConvPath> path;
-    ~Restore() { fusion::kernels::force_blocked_conv_path(path); }
-  } restore{previous};
+  const ForcedPath forced(fusion::kernels::BlockedConvPath::onednn);
   for (int call = 0; call < 2; ++call) model->forward(x);  // ReLU6 as the post-op where built
   // A parameter-free module swapped: no weight changes, so the state is not rebuilt.
   auto& block = *model->ptr<InvertedImpl>(1);
