@@ -195,17 +195,16 @@ ConvBatchNormLayout<Block> conv_bn(C Block::*conv, B Block::*bn, A Block::*... a
       },
       {}};
   if constexpr (sizeof...(A) == 1) {
-    layout.activation = [activation...](Block& block) {
-      auto& module = detail::module_member(block, activation...);
-      using ActivationModule = std::remove_reference_t<decltype(module)>;
-      // Compiles only for the activation types of detail/epilogue.hpp.
-      auto* typed = &module;
-      return std::function<torch::Tensor(torch::Tensor)>(
-          [typed](torch::Tensor t) { return detail::Epilogue<ActivationModule>::apply(t, typed); });
-    };
     using ActivationModule = std::remove_reference_t<decltype(detail::module_member(
         std::declval<Block&>(), activation...))>;
-    layout.activation_name = detail::Epilogue<ActivationModule>::name;
+    // Compiles only for the activation types of detail/epilogue.hpp.
+    using Epilogue = detail::Epilogue<ActivationModule>;
+    layout.activation = [activation...](Block& block) {
+      auto* typed = &detail::module_member(block, activation...);
+      return std::function<torch::Tensor(torch::Tensor)>(
+          [typed](torch::Tensor t) { return Epilogue::apply(t, typed); });
+    };
+    layout.activation_name = Epilogue::name;
   }
   return layout;
 }
