@@ -101,10 +101,41 @@ TEST_CASE("the 2d convolution kernels' bfloat16 variants match the float32 modul
     CHECK(blocked.is_mkldnn());
     CHECK(blocked.scalar_type() == torch::kBFloat16);
     require_close_bf16(blocked.to_dense(torch::kFloat), original);
+    // The library's primitive, the activation its post-op where oneDNN has one (oneDNN 2.x
+    // builds; elsewhere not offered, and LibTorch's convolution runs).
+    const auto previous =
+        fusion::kernels::force_blocked_conv_path(fusion::kernels::BlockedConvPath::onednn);
+    const auto primitive = model->forward(x.to_mkldnn());
+    fusion::kernels::force_blocked_conv_path(previous);
+    CHECK(primitive.scalar_type() == torch::kBFloat16);
+    require_close_bf16(primitive.to_dense(torch::kFloat), original);
     const auto stats = fusion::fused_chains(model).at(0).stats;
-    CHECK(stats.runs == 3);
+    CHECK(stats.runs == 4);
     CHECK(stats.replays_declined == 0);
   }
+}
+
+TEST_CASE("fusion.linear.bf16 computes the Linear in bfloat16, and replays where it cannot",
+          "[bfloat16]") {
+  fusion::kernels::register_builtin_kernels();
+  if (!bfloat16_here()) return;
+  torch::manual_seed(72);
+  fusion::Sequential model(nn::Linear(64, 40));
+  model->eval();
+  fusion::fuse_modules(model, {"0"}, specs(1), kernel("fusion.linear.bf16"));
+  torch::NoGradGuard no_grad;
+  for (const auto& x : {torch::randn({1, 64}), torch::randn({6, 64}), torch::randn({2, 3, 64})}) {
+    const auto original = torch::linear(x, model->ptr<nn::LinearImpl>(0)->weight,
+                                        model->ptr<nn::LinearImpl>(0)->bias);
+    require_close_bf16(model->forward(x), original);
+  }
+  const auto stats = fusion::fused_chains(model).at(0).stats;
+  CHECK(stats.runs == 3);
+  CHECK(stats.state_bytes == (64 * 40 + 40) * 2);  // the weight and bias in bfloat16
+  // Another dtype runs the module's own forward, and gets its error; so does another width.
+  REQUIRE_THROWS_WITH(model->forward(torch::randn({2, 64}, torch::kFloat64)),
+                      Contains("same dtype"));
+  REQUIRE_THROWS_WITH(model->forward(torch::randn({1, 63})), Contains("64"));
 }
 
 TEST_CASE("a bfloat16 convolution kernel keeps half the weight bytes, and says what it computes in",

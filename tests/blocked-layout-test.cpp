@@ -26,13 +26,14 @@ namespace fk = fusion::kernels;
 // to the largest output (float32).
 constexpr double kRelativeTolerance = 1e-5;
 
-void require_close(const torch::Tensor& got, const torch::Tensor& expected) {
+void require_close(const torch::Tensor& got, const torch::Tensor& expected,
+                   double tolerance = kRelativeTolerance) {
   REQUIRE_FALSE(got.is_mkldnn());
   REQUIRE(got.sizes() == expected.sizes());
   const double scale = std::max(1.0, expected.abs().max().item<double>());
   const double diff = (got - expected).abs().max().item<double>();
   INFO("max abs diff " << diff << ", largest output " << scale);
-  REQUIRE(diff <= kRelativeTolerance * scale);
+  REQUIRE(diff <= tolerance * scale);
 }
 
 nn::Conv2d conv(int64_t in, int64_t out, int64_t k, int64_t stride = 1) {
@@ -462,6 +463,50 @@ TEST_CASE("a residual block adds its input without writing over the caller's blo
   }
 }
 
+TEST_CASE("the residual block kernels' bfloat16 variants on each convolution path") {
+  register_blocks();
+  if (!fk::bfloat16_supported()) {
+    WARN("no AVX512_BF16 (or no oneDNN) here: the bfloat16 blocks are not run");
+    return;
+  }
+  torch::manual_seed(8);
+  torch::NoGradGuard no_grad;
+  // Basic blocks with and without a downsample branch, then Bottlenecks: the last convolution of
+  // each adds the residual, by oneDNN's sum post-op on the onednn path.
+  auto model = fusion::Sequential(Basic(8, 16, 2), Basic(16, 16, 1), Bottleneck(16, 4, 1),
+                                  Bottleneck(16, 8, 2));
+  randomize(model);
+  const auto x = torch::randn({2, 8, 20, 20});
+  const auto expected = model->forward(x);
+  for (const char* block : {"0", "1"}) {
+    fusion::fuse_modules(model, {block}, one_tensor, kernel("test.basic.bf16"));
+  }
+  for (const char* block : {"2", "3"}) {
+    fusion::fuse_modules(model, {block}, one_tensor, kernel("test.bottleneck.bf16"));
+  }
+  const double tolerance = fusion::default_tolerance(torch::kBFloat16);
+  using fusion::kernels::BlockedConvPath;
+  for (const auto path : {std::optional<BlockedConvPath>{BlockedConvPath::blocked},
+                          std::optional<BlockedConvPath>{BlockedConvPath::onednn},
+                          std::optional<BlockedConvPath>{}}) {
+    CAPTURE(path.has_value() ? static_cast<int>(*path) : -1);
+    const ForcedPath forced(path);
+    for (int call = 0; call < 3; ++call) {  // the first checked, the later hand on blocked
+      const auto y = model->forward(x);
+      require_close(y, expected, tolerance);
+      CHECK_FALSE(torch::equal(y, expected));  // computed in bfloat16
+    }
+    // The caller's blocked input is read, not written over, by the first block's sum post-op.
+    const auto blocked = x.to_mkldnn();
+    require_close(model->forward(blocked).to_dense(), expected, tolerance);
+    CHECK(torch::equal(blocked.to_dense(), x));
+  }
+  for (const auto& chain : fusion::fused_chains(*model)) {
+    CHECK(chain.stats.runs == 12);
+    CHECK(chain.stats.replays_declined == 0);
+  }
+}
+
 TEST_CASE(
     "the residual block kernel names the member whose shape does not fit, and replays "
     "BatchNorm without running statistics") {
@@ -572,9 +617,20 @@ TEST_CASE(
         if (rule.options.kernel != "test.probe") rule.options.kernel += ".bf16";
       }
       fusion::fuse_modules(model, plan);
-      const auto y = model->forward(x);
-      require_within_entries(y, fusion::default_tolerance(torch::kBFloat16));
-      CHECK_FALSE(torch::equal(y, expected));  // it did compute in bfloat16
+      // Measured, then LibTorch's convolutions, then the library's primitives with the
+      // activations and the add as post-ops, in bfloat16.
+      using fusion::kernels::BlockedConvPath;
+      for (const auto path : {std::optional<BlockedConvPath>{},
+                              std::optional<BlockedConvPath>{BlockedConvPath::blocked},
+                              std::optional<BlockedConvPath>{BlockedConvPath::onednn}}) {
+        CAPTURE(path.has_value() ? static_cast<int>(*path) : -1);
+        const ForcedPath forced(path);
+        for (int call = 0; call < 3; ++call) {
+          const auto y = model->forward(x);
+          require_within_entries(y, fusion::default_tolerance(torch::kBFloat16));
+          CHECK_FALSE(torch::equal(y, expected));  // it did compute in bfloat16
+        }
+      }
     }
   }
 }

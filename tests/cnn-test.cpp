@@ -12,6 +12,7 @@
 #include <fusion/fusion.hpp>
 #include <fusion/hardswish.hpp>
 #include <fusion/kernels/batch_norm_folding.hpp>
+#include <fusion/optimize.hpp>
 
 #include "conv_chains.hpp"
 
@@ -505,6 +506,69 @@ TEST_CASE(
       CHECK(torch::equal(model->forward(unbatched), expected));
     }
   }
+}
+
+TEST_CASE("fusion.linear computes the Linear, on one row or many, with gradients, and its errors") {
+  fusion::kernels::register_builtin_kernels();
+  torch::manual_seed(46);
+  const bool bias = GENERATE(true, false);
+  // As a CNN's classifier: Dropout, then the Linear.
+  fusion::Sequential model(nn::Dropout(0.2), nn::Linear(nn::LinearOptions(64, 40).bias(bias)));
+  model->eval();
+  fusion::fuse_modules(model, {"1"}, specs(1), kernel("fusion.linear"));
+  auto& linear = *model->ptr<nn::LinearImpl>(1);
+  const auto expected = [&](const torch::Tensor& x) {
+    return torch::linear(x, linear.weight, linear.bias);
+  };
+  {
+    torch::NoGradGuard no_grad;
+    // One row (a classifier at batch 1: a matrix-vector product), a batch, [batch, seq, in].
+    for (const auto& x : {torch::randn({1, 64}), torch::randn({5, 64}), torch::randn({2, 3, 64})}) {
+      require_close(model->forward(x), expected(x));
+    }
+    const auto stats = stats_of(*model);
+    CHECK(stats.runs == 3);
+    CHECK(stats.state_bytes == 0);  // the module's own weight and bias, not copied
+    CHECK(stats.shared_state_bytes == (64 * 40 + (bias ? 40 : 0)) * 4);
+    // An input of another width gets the module's error.
+    REQUIRE_THROWS_WITH(model->forward(torch::randn({1, 63})), Contains("64"));
+  }
+  // Gradients reach the input and the module's weight, as through the module.
+  const auto x = torch::randn({3, 64}, torch::requires_grad());
+  const auto y = model->forward(x);
+  const auto grads = torch::autograd::grad({y.sum()}, {x, linear.weight});
+  const auto reference = expected(x);
+  const auto expected_grads = torch::autograd::grad({reference.sum()}, {x, linear.weight});
+  require_close(y, reference);
+  require_close(grads[0], expected_grads[0]);
+  require_close(grads[1], expected_grads[1]);
+  // Training mode: the kernel still runs (the Linear computes the same).
+  model->ptr<nn::LinearImpl>(1)->train();
+  torch::NoGradGuard no_grad;
+  const auto one = torch::randn({1, 64});
+  require_close(model->forward(one), expected(one));
+  CHECK(stats_of(*model).replays_declined == 0);
+}
+
+TEST_CASE("fusion::optimize tries fusion.linear only where named") {
+  fusion::kernels::register_builtin_kernels();
+  torch::manual_seed(47);
+  fusion::Sequential model(nn::Linear(64, 32));
+  const auto x = torch::randn({1, 64});
+  torch::NoGradGuard no_grad;
+  const auto run = [&] { return model->forward(x); };
+  fusion::OptimizeOptions options;
+  options.time_budget = std::chrono::milliseconds(500);
+  options.min_speedup = -1;  // keep what verifies: this test is about which kernels are tried
+  auto plan = fusion::optimize(model, run, options);
+  INFO(fusion::to_string(plan));
+  CHECK(plan.rules.empty());
+  fusion::unfuse_modules(model);
+  options.kernels = {"fusion.linear"};
+  plan = fusion::optimize(model, run, options);
+  INFO(fusion::to_string(plan));
+  REQUIRE(plan.rules.size() == 1);
+  CHECK(plan.rules[0].options.kernel == "fusion.linear");
 }
 
 TEST_CASE("conv + activation: no weight copy, runs in training mode, replays for gradients") {

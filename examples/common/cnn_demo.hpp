@@ -143,12 +143,13 @@ int run(int argc, char** argv, const Example<Model>& example) try {
 
   fusion::Plan plan = example.plan();
   double kernel_tolerance = tolerance;
-  std::vector<std::string> kernels;  // for --auto: empty, every float32 kernel
+  std::vector<std::string> kernels = demo::float32_kernels();  // for --auto
   if (options.bfloat16 && !fusion::kernels::bfloat16_supported()) {
     std::cout << "bf16: not available here (no AVX512_BF16, no oneDNN, or FUSION_NO_BFLOAT16): "
                  "running float32\n";
   } else if (options.bfloat16) {
     plan = fusion::kernels::in_bfloat16(plan);
+    kernels.clear();
     for (const auto& rule : plan.rules) kernels.push_back(rule.options.kernel);
     kernel_tolerance =
         fusion::default_tolerance(torch::kBFloat16) * original.abs().max().item<double>();

@@ -21,6 +21,7 @@
 #include <fmt/ranges.h>
 #include <torch/torch.h>
 #include <fusion/fusion.hpp>
+#include <fusion/kernels/bfloat16.hpp>
 #include <fusion/optimize.hpp>
 #include <nlohmann/json.hpp>
 
@@ -181,6 +182,19 @@ ChainSet fused_chains(Model& model) {
   ChainSet chains;
   for (const auto& chain : fusion::fused_chains(model)) chains.emplace(chain.paths, chain.kernel);
   return chains;
+}
+
+/// Every registered kernel that computes in float32 (no ".bf16" variant), those fusion::optimize
+/// tries only where named (fusion.linear) included: what --auto names for a float32 model.
+inline std::vector<std::string> float32_kernels() {
+  const std::string suffix = fusion::kernels::kBFloat16Suffix;
+  std::vector<std::string> names;
+  for (const auto& name : fusion::registered_kernels()) {
+    const bool variant = name.size() > suffix.size() &&
+                         name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+    if (!variant) names.push_back(name);
+  }
+  return names;
 }
 
 /// Whether `found` holds every chain of `wanted`, with the same kernel.

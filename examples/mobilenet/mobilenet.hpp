@@ -102,8 +102,8 @@ struct MobileNetV2Impl : nn::Cloneable<MobileNetV2Impl> {
       }
     }
     features->push_back(ConvNormActivation(in, 1280, 1, 1, 1));
-    classifier = register_module("classifier",
-                                 nn::Sequential(nn::Dropout(0.2), nn::Linear(1280, num_classes)));
+    classifier = register_module(
+        "classifier", fusion::Sequential(nn::Dropout(0.2), nn::Linear(1280, num_classes)));
   }
   int64_t num_classes;
 
@@ -116,7 +116,7 @@ struct MobileNetV2Impl : nn::Cloneable<MobileNetV2Impl> {
   }
 
   fusion::Sequential features{nullptr};
-  nn::Sequential classifier{nullptr};
+  fusion::Sequential classifier{nullptr};
 };
 TORCH_MODULE(MobileNetV2);
 
@@ -168,7 +168,8 @@ inline void register_kernels() {
 /// The example's plan: every entry of `features` as one chain of one member, the stem and the last
 /// 1x1 convolution with `mobilenet.conv_bn_relu6`, the 17 blocks with
 /// `mobilenet.inverted_residual`: fusion::Sequential then hands the activations on in oneDNN's
-/// blocked layout from the stem to the last convolution. Registers the kernels it names.
+/// blocked layout from the stem to the last convolution; and the classifier's Linear with
+/// `fusion.linear`. Registers the kernels it names.
 inline fusion::Plan block_plan() {
   register_kernels();
   const fusion::ModuleSpec tensor{{"x"}, {"x"}};
@@ -180,6 +181,9 @@ inline fusion::Plan block_plan() {
   for (int index = 1; index <= 17; ++index) {
     plan.rules.push_back({{"features." + std::to_string(index)}, {tensor}, block});
   }
+  fusion::FuseOptions linear;
+  linear.kernel = "fusion.linear";
+  plan.rules.push_back({{"classifier.1"}, {tensor}, linear});
   return plan;
 }
 

@@ -144,19 +144,21 @@ inline void register_kernels() {
 
 /// The example's plan: the stem's conv+bn+relu+maxpool (`fusion.conv2d_bn_relu_maxpool2d`), and
 /// every BasicBlock as one chain of one member with `resnet.basic_block` (folded, in oneDNN's
-/// layout from block to block within a layer, the residual add and the ReLUs in place). Registers
-/// the kernels it names.
+/// layout from block to block within a layer, the residual add and the ReLUs in place), and the
+/// classifier `fc` with `fusion.linear`. Registers the kernels it names.
 inline fusion::Plan block_plan() {
   register_kernels();
-  fusion::FuseOptions block, stem;
+  fusion::FuseOptions block, stem, linear;
   block.kernel = "resnet.basic_block";
   stem.kernel = "fusion.conv2d_bn_relu_maxpool2d";
+  linear.kernel = "fusion.linear";
   fusion::Plan plan;
   plan.rules = {
       {{"conv1", "bn1", "relu", "maxpool"},
        std::vector<fusion::ModuleSpec>(4, tensor_spec()),
        stem},
       {{"layer*.*"}, {tensor_spec()}, block},
+      {{"fc"}, {tensor_spec()}, linear},
   };
   return plan;
 }

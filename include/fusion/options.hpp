@@ -34,6 +34,10 @@ struct KernelOptions {
   /// report shows it, and fusion::optimize tries the kernel only when OptimizeOptions::kernels
   /// names it: a loss of precision is the user's choice, never found by itself.
   std::optional<c10::ScalarType> compute_dtype = std::nullopt;
+  /// Whether fusion::optimize tries the kernel on the chains it finds of its member types; false:
+  /// only where OptimizeOptions::kernels names it (a kernel that fits every module of a common
+  /// type, such as fusion.linear, and is worth timing only where the user asks).
+  bool optimize_tries = true;
 };
 
 /// What a chain with a kernel does on each call.

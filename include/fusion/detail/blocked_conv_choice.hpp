@@ -1,4 +1,4 @@
-// How a float32 2d convolution on a blocked (oneDNN-layout) input runs: measured, not guessed.
+// How a folded 2d convolution on a blocked (oneDNN-layout) input runs: measured, not guessed.
 // LibTorch 1.13 packs a weight (mkldnn_reorder_conv2d_weight) in the layout that its convolution
 // on blocked activations then reads. LibTorch 2.14 (oneDNN 3.x) packs it for another of oneDNN's
 // implementations than the one that runs, and the convolution reorders the whole weight on every
@@ -25,7 +25,8 @@
 #include "fusion/detail/abi.hpp"
 
 namespace fusion::kernels {
-/// The ways a folded float32 2d convolution computes a blocked input on the CPU.
+/// The ways a folded 2d convolution computes a blocked input on the CPU (round_trip and winograd
+/// in float32 only).
 enum class BlockedConvPath {
   blocked,     // at::mkldnn_convolution on the blocked input, the weight packed once
   round_trip,  // the input made dense, TorchScript's prepacked convolution, the result blocked
@@ -39,18 +40,19 @@ enum class BlockedConvPath {
 namespace fusion::detail {
 
 /// What decides which path is faster: the weight's sizes, stride, padding, dilation, groups, the
-/// input's sizes (a 2d convolution: 4 + 2 + 2 + 2 + 1 + 4), the caller's variant (the paths it
-/// offers, its post-ops) and the thread count.
-using BlockedConvKey = std::array<int64_t, 17>;
+/// input's sizes (a 2d convolution: 4 + 2 + 2 + 2 + 1 + 4) and dtype, the caller's variant (the
+/// paths it offers, its post-ops) and the thread count.
+using BlockedConvKey = std::array<int64_t, 18>;
 
 inline BlockedConvKey blocked_conv_key(c10::IntArrayRef weight, c10::IntArrayRef stride,
                                        c10::IntArrayRef padding, c10::IntArrayRef dilation,
-                                       int64_t groups, c10::IntArrayRef input,
+                                       int64_t groups, const torch::Tensor& input,
                                        int64_t variant = 0) {
   BlockedConvKey key{};
   std::size_t n = 0;
-  for (const auto values : {weight, stride, padding, dilation, c10::IntArrayRef(groups), input,
-                            c10::IntArrayRef(variant)}) {
+  const auto dtype = static_cast<int64_t>(input.scalar_type());
+  for (const auto values : {weight, stride, padding, dilation, c10::IntArrayRef(groups),
+                            input.sizes(), c10::IntArrayRef(dtype), c10::IntArrayRef(variant)}) {
     for (const int64_t value : values) {
       if (n + 1 < key.size()) key[n++] = value;  // the last is the thread count
     }

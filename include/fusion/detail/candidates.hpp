@@ -125,7 +125,7 @@ inline std::vector<Candidate> find_candidates(const CallTrace& trace,
   std::set<std::type_index> kernel_types;
   for (const auto& [name, types] : KernelRegistry::instance().member_types()) {
     const bool listed = std::find(allowed.begin(), allowed.end(), name) != allowed.end();
-    if (!listed && (!allowed.empty() || KernelRegistry::instance().reduced_precision(name))) {
+    if (!listed && (!allowed.empty() || KernelRegistry::instance().only_where_named(name))) {
       continue;
     }
     kernel_types.insert(types.begin(), types.end());

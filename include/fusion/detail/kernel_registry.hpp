@@ -89,14 +89,15 @@ class FUSION_API KernelRegistry {
     return result;
   }
 
-  /// Whether an implementation of kernel `name` computes in another dtype than its inputs
-  /// (KernelOptions::compute_dtype).
-  bool reduced_precision(const std::string& name) const {
+  /// Whether fusion::optimize tries kernel `name` only where named: an implementation computes
+  /// in another dtype than its inputs (KernelOptions::compute_dtype) or says so
+  /// (KernelOptions::optimize_tries).
+  bool only_where_named(const std::string& name) const {
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = kernels_.find(name);
     if (found == kernels_.end()) return false;
     for (const auto& impl : found->second) {
-      if (impl->options.compute_dtype) return true;
+      if (impl->options.compute_dtype || !impl->options.optimize_tries) return true;
     }
     return false;
   }

@@ -41,10 +41,12 @@ inline const ideep::tensor& memory_of(const at::Tensor& blocked) {
 /// dnnl::memory copied from it does not), and as_blocked hands them to LibTorch.
 inline ideep::tensor new_memory(const dnnl::memory::desc& desc) { return ideep::tensor(desc); }
 
-/// `memory` as a blocked float32 tensor (its owner from then on).
+/// `memory` (float32 or bfloat16) as a blocked tensor of its dtype (its owner from then on).
 inline at::Tensor as_blocked(ideep::tensor memory) {
   at::AutoDispatchBelowADInplaceOrView below;
-  return at::native::new_with_itensor_mkldnn(std::move(memory), at::kFloat, at::Device(at::kCPU));
+  const auto dtype =
+      memory.get_data_type() == dnnl::memory::data_type::bf16 ? at::kBFloat16 : at::kFloat;
+  return at::native::new_with_itensor_mkldnn(std::move(memory), dtype, at::Device(at::kCPU));
 }
 
 }  // namespace fusion::detail::onednn

@@ -1,4 +1,4 @@
-// A folded float32 2d convolution on a blocked input, run by a oneDNN primitive the library makes
+// A folded 2d convolution on a blocked input, run by a oneDNN primitive the library makes
 // (FUSION_HAS_ONEDNN; detail/onednn.hpp) instead of LibTorch's op, for what LibTorch's ops do not
 // give:
 // - Winograd, oneDNN 2.x's algorithm for stride-1 3x3 convolutions on AVX-512. It computes the same
@@ -8,6 +8,8 @@
 // - Post-ops: the activation, and in a residual block the residual added (oneDNN's sum post-op)
 //   with the ReLU after it, in the convolution's own pass over its output instead of two more.
 // - The weight reordered once per input shape, into the layout the chosen implementation reads.
+// - In bfloat16 (a bfloat16 weight; float32 bias and accumulation), the same post-ops, where
+//   LibTorch's bfloat16 convolutions have none, and the input's layout kept (Layout::input).
 #pragma once
 
 #if defined(FUSION_HAS_ONEDNN)
@@ -95,8 +97,9 @@ class OneDnnConv2d {
   enum class Layout { chosen, input };
   static constexpr std::size_t kShapes = 8;  // input shapes kept, least recently used out first
 
-  /// `weight`: float32 [out, in / groups, kh, kw]; `bias`: float32 [out] or undefined. With
-  /// `sum`, each call adds a residual to the result before `eltwise`.
+  /// `weight`: float32 or bfloat16 [out, in / groups, kh, kw], the dtype the primitive computes
+  /// in (its input, result and residual); `bias`: float32 [out] or undefined. With `sum`, each
+  /// call adds a residual to the result before `eltwise`.
   OneDnnConv2d(torch::Tensor weight, torch::Tensor bias, std::vector<int64_t> stride,
                std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
                std::optional<OneDnnEltwise> eltwise, bool sum, Layout layout = Layout::chosen)
@@ -108,7 +111,9 @@ class OneDnnConv2d {
         groups_(groups),
         eltwise_(eltwise),
         sum_(sum),
-        layout_(layout) {}
+        layout_(layout),
+        data_type_(weight_.scalar_type() == torch::kBFloat16 ? dnnl::memory::data_type::bf16
+                                                             : dnnl::memory::data_type::f32) {}
 
   /// Whether the activation runs as the primitive's post-op.
   bool has_eltwise() const { return eltwise_.has_value(); }
@@ -120,8 +125,8 @@ class OneDnnConv2d {
     return layout_ == Layout::input && keeps(onednn::memory_of(input).get_desc());
   }
 
-  /// Whether `algorithm` has an implementation for this blocked float32 input. The first call
-  /// of an input shape makes its primitives.
+  /// Whether `algorithm` has an implementation for this blocked input. The first call of an
+  /// input shape makes its primitives.
   bool offers(const torch::Tensor& input, Algorithm algorithm) const {
     return prepared(input)->algorithms[static_cast<int>(algorithm)] != nullptr;
   }
@@ -136,9 +141,10 @@ class OneDnnConv2d {
     return sizes;
   }
 
-  /// The convolution of a blocked float32 input (+ `residual`, a blocked float32 tensor of the
-  /// result's sizes, where made with `sum`), then the activation: a new blocked tensor; or, with
-  /// `overwrite_residual`, `residual` itself, computed over its own memory (the caller owns it).
+  /// The convolution of a blocked input (+ `residual`, a blocked tensor of the result's sizes,
+  /// where made with `sum`), then the activation: a new blocked tensor in the weight's dtype; or,
+  /// with `overwrite_residual`, `residual` itself, computed over its own memory (the caller owns
+  /// it; in the weight's dtype). An input or residual in the other dtype is converted first.
   /// `algorithm` must be offered for the input.
   torch::Tensor operator()(const torch::Tensor& input, Algorithm algorithm,
                            const torch::Tensor& residual = {},
@@ -196,14 +202,17 @@ class OneDnnConv2d {
   };
   struct Shape {
     Key key;
-    dnnl::memory::desc input;                                   // the input's layout
+    dnnl::memory::desc input;  // a kept input's layout; zero: any other (reordered)
     std::array<std::shared_ptr<const Prepared>, 2> algorithms;  // by Algorithm; null: none
   };
 
   std::shared_ptr<const Shape> prepared(const torch::Tensor& input) const {
     const Key key{input.size(0), input.size(1), input.size(2), input.size(3),
                   at::get_num_threads()};
-    const dnnl::memory::desc layout = onednn::memory_of(input).get_desc();
+    // Only a kept input's layout decides the primitive: any other is reordered to the one it
+    // reads, so its primitives serve inputs of these sizes in every other layout.
+    dnnl::memory::desc layout = onednn::memory_of(input).get_desc();
+    if (!keeps(layout)) layout = dnnl::memory::desc();
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = shapes_.begin(); it != shapes_.end(); ++it) {
       if ((*it)->key == key && (*it)->input == layout) {
@@ -230,7 +239,8 @@ class OneDnnConv2d {
   std::shared_ptr<const Prepared> prepare(const Key& key, const dnnl::memory::desc& input,
                                           dnnl::algorithm algorithm) const {
     using dnnl::memory;
-    const auto f32 = memory::data_type::f32;
+    const auto f32 = memory::data_type::f32;  // the bias's
+    const auto dt = data_type_;
     const auto any = memory::format_tag::any;
     const memory::dims src_dims{key[0], key[1], key[2], key[3]};
     memory::dims dst_dims{key[0], weight_.size(0), 0, 0};
@@ -262,8 +272,8 @@ class OneDnnConv2d {
     try {
       const dnnl::convolution_forward::desc desc(
           dnnl::prop_kind::forward_inference, algorithm,
-          kept ? input : memory::desc(src_dims, f32, any), memory::desc(weight_dims, f32, any),
-          bias_desc, memory::desc(dst_dims, f32, kept ? format_of(input) : any), strides, dilates,
+          kept ? input : memory::desc(src_dims, dt, any), memory::desc(weight_dims, dt, any),
+          bias_desc, memory::desc(dst_dims, dt, kept ? format_of(input) : any), strides, dilates,
           padding, padding);
       pd = dnnl::convolution_forward::primitive_desc(desc, attr, onednn::engine());
     } catch (const dnnl::error&) {
@@ -277,7 +287,7 @@ class OneDnnConv2d {
     p->src = pd.src_desc();
     p->dst = pd.dst_desc();
     p->weights = dnnl::memory(pd.weights_desc(), onednn::engine());  // owns its buffer
-    dnnl::memory plain(memory::desc(weight_dims, f32,
+    dnnl::memory plain(memory::desc(weight_dims, dt,
                                     grouped ? memory::format_tag::goihw : memory::format_tag::oihw),
                        onednn::engine(), weight_.data_ptr());
     dnnl::reorder(plain, p->weights).execute(onednn::stream(), plain, p->weights);
@@ -288,7 +298,7 @@ class OneDnnConv2d {
   bool keeps(const dnnl::memory::desc& input) const {
     using tag = dnnl::memory::format_tag;
     const tag format = format_of(input);
-    return layout_ == Layout::input &&
+    return layout_ == Layout::input && input.data_type() == data_type_ &&
            (format == tag::aBcd16b || format == tag::aBcd8b || format == tag::acdb);
   }
 
@@ -298,6 +308,7 @@ class OneDnnConv2d {
   std::optional<OneDnnEltwise> eltwise_;
   bool sum_;
   Layout layout_;
+  dnnl::memory::data_type data_type_;
   mutable std::mutex mutex_;
   mutable std::vector<std::shared_ptr<const Shape>> shapes_;
 };

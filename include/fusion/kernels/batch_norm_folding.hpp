@@ -9,6 +9,7 @@
 //                                                                              (conv_pooling.hpp)
 //   fusion.linear_bn                        Linear -> BatchNorm1d
 //   fusion.layernorm_linear                 LayerNorm -> Linear
+//   fusion.linear                           Linear alone, by the fastest GEMM   (linear.hpp)
 //
 // <activation>: relu, relu6, silu, hardswish, leaky_relu, gelu. Register them with
 // fusion::kernels::register_builtin_kernels(), then name them in FuseOptions or use_kernel like
@@ -30,6 +31,7 @@
 #include "fusion/kernel.hpp"
 #include "fusion/kernels/conv_folding.hpp"
 #include "fusion/kernels/conv_pooling.hpp"
+#include "fusion/kernels/linear.hpp"
 
 namespace fusion::detail {
 
@@ -145,7 +147,8 @@ struct LayerNormLinear {
   }
 };
 
-/// Registers the built-in kernels above and in conv_folding.hpp (once; later calls do nothing).
+/// Registers the built-in kernels above, in conv_folding.hpp, conv_pooling.hpp and linear.hpp
+/// (once; later calls do nothing).
 inline void register_builtin_kernels() {
   fusion::register_kernels_once("fusion.builtin", [] {
     // Folding is plain tensor arithmetic: one implementation serves the CPU and CUDA.
@@ -157,6 +160,12 @@ inline void register_builtin_kernels() {
     KernelOptions any_mode = eval_only;
     any_mode.training = true;
     register_kernel("fusion.layernorm_linear", LayerNormLinear{}, any_mode);
+    // It fits every Linear: fusion::optimize tries it only where named.
+    KernelOptions named_only = any_mode;
+    named_only.optimize_tries = false;
+    register_kernel("fusion.linear", LinearProjection{}, named_only);
+    register_kernel(std::string("fusion.linear") + detail::kBFloat16Suffix, LinearProjection{true},
+                    detail::bfloat16_options());
   });
 }
 

@@ -81,8 +81,8 @@ struct ConvBatchNorm {
     // convolution to the next instead of being reordered around each one.
     torch::Tensor weight_mkldnn;
 #if defined(FUSION_HAS_ONEDNN)
-    // 2d float32: oneDNN's own primitive for blocked inputs (detail/onednn_conv.hpp), with the
-    // activation as its post-op where onednn_activation.
+    // 2d: oneDNN's own primitive for blocked inputs (detail/onednn_conv.hpp), in the weight's
+    // dtype, with the activation as its post-op where onednn_activation.
     std::shared_ptr<const detail::OneDnnConv2d> onednn;
     bool onednn_activation = false;
 #endif
@@ -145,7 +145,7 @@ struct ConvBatchNorm {
             o.groups(), Epilogue::onednn_post_op);
       }
 #if defined(FUSION_HAS_ONEDNN)
-      if (onednn && !state.bfloat16 && at::hasMKLDNN()) {
+      if (onednn && at::hasMKLDNN()) {
         const auto eltwise = detail::onednn_eltwise(static_cast<const Activation*>(nullptr));
         state.onednn_activation = eltwise.has_value();
         state.onednn = std::make_shared<const detail::OneDnnConv2d>(
@@ -199,7 +199,7 @@ struct ConvBatchNorm {
         // Which is faster depends on how LibTorch packs the weight, and on the shape
         // (detail/blocked_conv_choice.hpp).
         const auto key = detail::blocked_conv_key(s.weight.sizes(), s.stride, s.padding, s.dilation,
-                                                  conv.options.groups(), input.sizes());
+                                                  conv.options.groups(), input);
         using Path = BlockedConvPath;
 #if defined(FUSION_HAS_ONEDNN)
         if (s.onednn && input.scalar_type() == torch::kFloat32) {
@@ -253,10 +253,31 @@ struct ConvBatchNorm {
       output = Epilogue::apply(output, activation);
       return input.is_mkldnn() ? output.to_mkldnn(torch::kBFloat16) : output;
     }
-    auto output =
-        at::mkldnn_convolution(detail::blocked(input, torch::kBFloat16), s.weight_mkldnn, s.bias,
-                               s.padding, s.stride, s.dilation, conv.options.groups());
-    if (input.is_mkldnn()) return Epilogue::apply(output, activation);
+    const auto h = detail::blocked(input, torch::kBFloat16);
+    const auto libtorch = [&] {
+      return at::mkldnn_convolution(h, s.weight_mkldnn, s.bias, s.padding, s.stride, s.dilation,
+                                    conv.options.groups());
+    };
+    if (input.is_mkldnn()) {
+#if defined(FUSION_HAS_ONEDNN)
+      // As for float32 (run): LibTorch's convolution, or the primitive with the activation as
+      // its post-op, whichever measured faster for the shape.
+      using Algorithm = detail::OneDnnConv2d::Algorithm;
+      if (s.onednn && s.onednn->offers(h, Algorithm::direct)) {
+        using Path = BlockedConvPath;
+        const auto key = detail::blocked_conv_key(s.weight.sizes(), s.stride, s.padding, s.dilation,
+                                                  conv.options.groups(), h);
+        return detail::run_blocked_conv(
+            key, {Path::blocked, Path::onednn}, [&](Path path, bool /*measuring*/) {
+              if (path == Path::blocked) return Epilogue::apply(libtorch(), activation);
+              auto output = (*s.onednn)(h, Algorithm::direct);
+              return s.onednn_activation ? output : Epilogue::apply(output, activation);
+            });
+      }
+#endif
+      return Epilogue::apply(libtorch(), activation);
+    }
+    auto output = libtorch();
     output = output.to_dense(torch::kFloat);  // the activation then runs on float32, in place
     if (!input.is_contiguous() && input.is_contiguous(torch::MemoryFormat::ChannelsLast)) {
       output = output.contiguous(torch::MemoryFormat::ChannelsLast);  // as the module's output

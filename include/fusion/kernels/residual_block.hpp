@@ -13,16 +13,16 @@
 // input, + identity (the downsample branch, a Conv2d -> BatchNorm2d Sequential; empty: the input
 // itself); then the ReLU residual_block declares. Every BatchNorm is folded into the convolution
 // before it (float64, rounded once; copies of the convolution weights, in `report`'s state bytes).
-// On the CPU, for float32, the whole block runs in oneDNN's blocked layout: the input is reordered
-// once, the activations stay blocked from one convolution to the next, the add and the
+// On the CPU, for float32 inputs, the whole block runs in oneDNN's blocked layout: the input is
+// reordered once, the activations stay blocked from one convolution to the next, the add and the
 // activations run in place on them (detail/epilogue.hpp) or as oneDNN post-ops of the convolution
 // before (oneDNN 2.x builds; each measured per shape), and the result is reordered once (kept
 // blocked where the caller takes that: fusion::Sequential or fusion::sequence between two such
 // kernels, detail/blocked_layout.hpp). Elsewhere (CUDA, other dtypes) the same folded arithmetic
 // runs densely. Eval mode without gradients; otherwise the block's own forward runs.
 // register_residual_block also registers `name + ".bf16"`, the block in bfloat16 (conv_folding.hpp
-// says how; kernels/bfloat16.hpp): blocked activations in bfloat16 from the input's reorder to the
-// result's.
+// says how; kernels/bfloat16.hpp): the same, with the activations blocked in bfloat16 from the
+// input's reorder to the result's.
 #pragma once
 
 #include <cstdint>
@@ -58,7 +58,7 @@ struct ResidualBlock {
     std::vector<Fold::State> stages;
     std::shared_ptr<Fold::State> downsample;  // null: the identity
 #if defined(FUSION_HAS_ONEDNN)
-    // Float32 on blocked inputs: each stage's convolution with its activation as oneDNN's
+    // On blocked inputs: each stage's convolution with its activation as oneDNN's
     // post-op (null: none made), and the last convolution with the input (or the downsample
     // branch) added by the sum post-op and the ReLU after it, where the block adds its input
     // after a last stage without an activation (BasicBlock, Bottleneck, InvertedResidual).
@@ -153,8 +153,7 @@ struct ResidualBlock {
                           x.scalar_type() == torch::kFloat32 && x.numel() > 0);
     // Taken first: the grant is for this call, not for a module the block's code would call.
     const bool keep_blocked = detail::BlockedHandOff::take_grant() && onednn && !x.is_mkldnn();
-    const torch::Tensor input =
-        onednn ? detail::blocked(x, bfloat16 ? torch::kBFloat16 : torch::kFloat) : x;
+    const torch::Tensor input = onednn ? detail::blocked(x, dtype()) : x;
     const auto found = layout.stages(block);
     // The block changed shape since prepare without a parameter changing: its own forward runs.
     if (found.stages.size() != s.stages.size()) {
@@ -184,6 +183,9 @@ struct ResidualBlock {
   }
 
  private:
+  /// The dtype of the blocked activations.
+  torch::ScalarType dtype() const { return bfloat16 ? torch::kBFloat16 : torch::kFloat32; }
+
   static torch::Tensor finish(torch::Tensor h, const torch::Tensor& x, bool keep_blocked,
                               bool onednn) {
     if (keep_blocked) detail::BlockedHandOff::gave_blocked();
@@ -201,13 +203,13 @@ struct ResidualBlock {
     const auto* fused = i < s.fused.size() ? s.fused[i].get() : nullptr;
     // A stage whose activation module was replaced by another type since: as declared.
     if (fused != nullptr && s.fused_activation[i] == stage.activation_name && h.is_mkldnn() &&
-        h.scalar_type() == torch::kFloat32 && Fold::fits_prepacked(s.stages[i], *stage.conv, h)) {
+        h.scalar_type() == dtype() && Fold::fits_prepacked(s.stages[i], *stage.conv, h)) {
       using Path = BlockedConvPath;
       using Algorithm = detail::OneDnnConv2d::Algorithm;
       const auto& folded = s.stages[i];
       const auto key = detail::blocked_conv_key(
           folded.weight.sizes(), folded.stride, folded.padding, folded.dilation,
-          stage.conv->options.groups(), h.sizes(),
+          stage.conv->options.groups(), h,
           /*variant=*/2 + int64_t{fused->has_eltwise()} + 2 * int64_t{fused->keeps(h)});
       // The stage as declared is offered first: a primitive is kept only where it is faster.
       c10::SmallVector<Path, 3> offered{Path::blocked};
@@ -274,7 +276,7 @@ struct ResidualBlock {
                             const torch::Tensor& h, const torch::Tensor& input,
                             bool input_owned) const {
     if (!s.last_with_sum || !layout.adds_input(block) || !h.is_mkldnn() ||
-        h.scalar_type() != torch::kFloat32 || !Fold::fits_prepacked(s.stages.back(), conv, h)) {
+        h.scalar_type() != dtype() || !Fold::fits_prepacked(s.stages.back(), conv, h)) {
       return {};
     }
     torch::Tensor residual = input;
@@ -284,17 +286,16 @@ struct ResidualBlock {
       owned = true;
     }
     // A residual of other sizes: the add as declared raises ATen's error.
-    if (!residual.is_mkldnn() || residual.scalar_type() != torch::kFloat32 ||
+    if (!residual.is_mkldnn() || residual.scalar_type() != dtype() ||
         residual.sizes() != c10::IntArrayRef(s.last_with_sum->output_sizes(h))) {
       return {};
     }
     using Path = BlockedConvPath;
     using Algorithm = detail::OneDnnConv2d::Algorithm;
     const auto& last = s.stages.back();
-    const auto key =
-        detail::blocked_conv_key(last.weight.sizes(), last.stride, last.padding, last.dilation,
-                                 conv.options.groups(), h.sizes(),
-                                 /*variant=*/1 + 5 * int64_t{s.last_with_sum->keeps(h)});
+    const auto key = detail::blocked_conv_key(
+        last.weight.sizes(), last.stride, last.padding, last.dilation, conv.options.groups(), h,
+        /*variant=*/1 + 5 * int64_t{s.last_with_sum->keeps(h)});
     // The block as declared is offered first: the post-op is kept only where it is faster.
     c10::SmallVector<Path, 3> offered{Path::blocked};
     if (s.last_with_sum->offers(h, Algorithm::direct)) offered.push_back(Path::onednn);
