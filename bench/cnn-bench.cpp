@@ -87,7 +87,8 @@ void BM_ResNet18AutoPlan(benchmark::State& state) {
   fusion::fuse_modules(hand_written, resnet::block_plan());
   fusion::OptimizeOptions options;
   options.kernels = demo::float32_kernels();  // fusion.linear (the classifier's) included
-  const auto plan = fusion::optimize(found, [&] { return found(images); }, options);
+  const auto plan = fusion::optimize(
+      found, [&] { return found(images); }, options);
   state.counters["optimize_s"] = plan.seconds;
   std::cerr << plan;  // what was kept and rejected, with its figures
   state.counters["covers"] = demo::covers(demo::fused_chains(found), wanted) ? 1 : 0;
