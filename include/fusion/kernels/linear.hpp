@@ -8,7 +8,7 @@
 // a GEMM, and OpenBLAS's GEMM copies the whole weight into its panel layout on each call, where
 // its matrix-vector product would read it once; project() takes the GEMV for one row and measures
 // the other paths per shape. Nothing is folded: the kernel computes what the module computes, in
-// training mode too, and any call autograd records goes to LibTorch's linear.
+// training mode too; a call autograd records replays the module (the kernel has no autograd).
 #pragma once
 
 #include <vector>
