@@ -187,12 +187,9 @@ ChainSet fused_chains(Model& model) {
 /// Every registered kernel that computes in float32 (no ".bf16" variant), those fusion::optimize
 /// tries only where named (fusion.linear) included: what --auto names for a float32 model.
 inline std::vector<std::string> float32_kernels() {
-  const std::string suffix = fusion::kernels::kBFloat16Suffix;
   std::vector<std::string> names;
   for (const auto& name : fusion::registered_kernels()) {
-    const bool variant = name.size() > suffix.size() &&
-                         name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
-    if (!variant) names.push_back(name);
+    if (!fusion::kernels::is_bfloat16_variant(name)) names.push_back(name);
   }
   return names;
 }

@@ -40,6 +40,13 @@ inline bool set_bfloat16(bool enabled) {
   return detail::bfloat16_allowed().exchange(enabled, std::memory_order_relaxed);
 }
 
+/// Whether `name` names a bfloat16 variant (ends with kBFloat16Suffix, after a base name).
+inline bool is_bfloat16_variant(const std::string& name) {
+  const std::string suffix = kBFloat16Suffix;
+  return name.size() > suffix.size() &&
+         name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 /// `plan` with each rule's kernel replaced by its bfloat16 variant (a rule without a kernel, or
 /// already on a variant, as it is). Throws FusionError naming the first kernel without one.
 inline Plan in_bfloat16(Plan plan) {
@@ -51,9 +58,7 @@ inline Plan in_bfloat16(Plan plan) {
   };
   for (std::size_t r = 0; r < plan.rules.size(); ++r) {
     std::string& kernel = plan.rules[r].options.kernel;
-    const bool variant = kernel.size() > suffix.size() &&
-                         kernel.compare(kernel.size() - suffix.size(), suffix.size(), suffix) == 0;
-    if (kernel.empty() || variant) continue;
+    if (kernel.empty() || is_bfloat16_variant(kernel)) continue;
     if (!has(kernel + suffix)) {
       detail::fail(
           "fusion::kernels::in_bfloat16: rule #{} (patterns {}) uses kernel '{}', which "
