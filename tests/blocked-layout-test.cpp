@@ -461,6 +461,14 @@ TEST_CASE("a residual block adds its input without writing over the caller's blo
     CHECK(torch::equal(blocked.to_dense(), x));
     require_close(model->forward(x), expected);  // a dense input: the block's own reordered copy
   }
+  // report counts each stage's folded weight and bias, its weight in oneDNN's layout, and the
+  // weights the block's own primitives reordered (a stage with its ReLU, the last with the sum).
+  const uint64_t weight = 16 * 16 * 9 * 4, bias = 16 * 4;
+  const auto bytes = fusion::fused_chains(model).at(0).stats.state_bytes;
+  CHECK(bytes >= 2 * (weight + bias) + 2 * weight);
+#if defined(FUSION_HAS_ONEDNN)
+  CHECK(bytes >= 2 * (weight + bias) + 4 * weight);
+#endif
 }
 
 TEST_CASE("the residual block kernels' bfloat16 variants on each convolution path") {

@@ -583,14 +583,55 @@ TEST_CASE("conv + activation: no weight copy, runs in training mode, replays for
     torch::NoGradGuard no_grad;
     require_close(model->forward(x), original);  // training mode (the default): nothing folded
     CHECK(stats_of(*model).runs == 1);
-    // The dense weight is the convolution's own; only oneDNN's packed forms are prepared.
-    CHECK(stats_of(*model).state_bytes == 0);
+    // The dense weight is the convolution's own; only oneDNN's packed forms are prepared, and
+    // counted as the state's own bytes (opaque: no storage).
+    CHECK(stats_of(*model).shared_state_bytes == (6 * 4 * 9 + 6) * 4);
+    CHECK((stats_of(*model).state_bytes >= 6 * 4 * 9 * 4) == at::hasMKLDNN());
   }
   const auto y = model->forward(x);  // grad mode, parameters requiring grad: the replay
   CHECK(stats_of(*model).runs == 1);
   CHECK(stats_of(*model).replays_grad == 1);
   y.sum().backward();
   CHECK(model->ptr<nn::Conv2dImpl>(0)->weight.grad().defined());
+}
+
+TEST_CASE(
+    "report counts the weights a convolution kernel packs and reorders for each input shape") {
+  fusion::kernels::register_builtin_kernels();
+  if (!at::hasMKLDNN()) {
+    WARN("this LibTorch has no oneDNN: no packed or reordered weights to count");
+    return;
+  }
+  torch::manual_seed(63);
+  fusion::Sequential model(nn::Conv2d(nn::Conv2dOptions(8, 16, 3).padding(1)), nn::BatchNorm2d(16),
+                           nn::ReLU());
+  model->eval();
+  fusion::fuse_modules(model, {"0", "1", "2"}, specs(3), kernel("fusion.conv2d_bn_relu"));
+  torch::NoGradGuard no_grad;
+  const uint64_t weight = 16 * 8 * 9 * 4, bias = 16 * 4;
+  // The folded weight, its channels-last copy and the bias; the weight in oneDNN's layout (its
+  // exact size: blocked, at least the weight's).
+  const uint64_t tensors = 2 * weight + bias;
+  model->forward(torch::randn({1, 8, 10, 10}));
+  const auto first = stats_of(*model).state_bytes;
+  const uint64_t pack = fusion::detail::PrepackedConv2d::available() ? weight : 0;
+  CHECK(first >= tensors + weight + pack);
+  CHECK(first <= tensors + 2 * weight + pack);
+  // Each new input shape: one more pack of the weight.
+  model->forward(torch::randn({1, 8, 12, 12}));
+  CHECK(stats_of(*model).state_bytes == first + pack);
+  model->forward(torch::randn({1, 8, 12, 12}));
+  CHECK(stats_of(*model).state_bytes == first + pack);
+#if defined(FUSION_HAS_ONEDNN)
+  // A blocked input: the library's own primitives, each with the weight reordered for it.
+  model->forward(torch::randn({1, 8, 12, 12}).to_mkldnn());
+  CHECK(stats_of(*model).state_bytes >= first + pack + weight);
+#endif
+  // A changed weight rebuilds the state: what the old one packed is gone from the count.
+  model->ptr<nn::Conv2dImpl>(0)->weight.mul_(0.5);
+  model->forward(torch::randn({1, 8, 10, 10}));
+  CHECK(stats_of(*model).state_bytes == first);
+  CHECK_THAT(fusion::report(model), Contains(fmt::format("state {} B own", first)));
 }
 
 TEST_CASE("conv transpose + batch norm folding matches the modules") {

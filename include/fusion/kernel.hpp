@@ -40,7 +40,9 @@ namespace fusion {
 /// `prepare`, when the kernel has one, builds its state from the member modules under
 /// NoGradGuard: once, and again before any call that finds a member's parameter or buffer changed
 /// (an in-place write such as an optimizer step, `torch::load`, `to()`), never otherwise. A State
-/// with `std::vector<torch::Tensor> tensors() const` has its memory shown by `report`.
+/// with `std::vector<torch::Tensor> tensors() const` has its memory shown by `report`; one that
+/// also holds memory no tensor shows (a oneDNN primitive's reordered weights, say) adds
+/// `std::uint64_t opaque_bytes() const`, asked on each report.
 ///
 /// `applies`, when the kernel has one, is asked on every call that the options allow, after the
 /// device and mode checks: a configuration the kernel cannot compute (a BatchNorm without running

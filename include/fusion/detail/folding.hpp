@@ -127,6 +127,13 @@ class PrepackedConv2d {
     return stack[0].toTensor();
   }
 
+  /// About the bytes the packs made so far hold: each is the weight in oneDNN's layout, whose
+  /// exact size (channels padded to its blocks) the pack does not expose; counted as the weight's.
+  std::uint64_t weight_bytes() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return packs_.size() * weight_.nbytes();
+  }
+
  private:
   static c10::optional<c10::OperatorHandle> op(const char* name) {
     return c10::Dispatcher::singleton().findSchema({name, ""});

@@ -79,7 +79,8 @@ class KernelBinding final : public KernelRunner {
     stats.unversioned_tensors = unversioned_tensors(tensors_);
     std::lock_guard<std::mutex> lock(rebuild_mutex_);
     if (const Prepared* prepared = current_.load()) {
-      stats.state_bytes = prepared->own_bytes;
+      stats.state_bytes =
+          prepared->own_bytes + prepared->impl->state_opaque_bytes(prepared->state.get());
       stats.shared_state_bytes = prepared->shared_bytes;
     }
     return stats;

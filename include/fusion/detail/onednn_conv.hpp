@@ -193,6 +193,19 @@ class OneDnnConv2d {
     return overwrite_residual ? residual : onednn::as_blocked(std::move(fresh));
   }
 
+  /// The bytes of the weights the primitives made so far hold, reordered to the layouts they
+  /// read: one copy per input shape and algorithm (report counts them in a kernel's state).
+  std::uint64_t weight_bytes() const {
+    std::uint64_t bytes = 0;
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& shape : shapes_) {
+      for (const auto& p : shape->algorithms) {
+        if (p) bytes += p->weights.get_desc().get_size();
+      }
+    }
+    return bytes;
+  }
+
  private:
   using Key = std::array<int64_t, 5>;  // the input's sizes and the thread count
   struct Prepared {

@@ -43,6 +43,9 @@ class KernelImpl {
                    std::vector<c10::IValue>& outputs) const = 0;
   /// The tensors a state holds, when its type says (a `tensors()` member), for the memory report.
   virtual std::vector<at::Tensor> state_tensors(const void* state) const = 0;
+  /// The bytes a state holds outside its tensors, when its type says (an `opaque_bytes()`
+  /// member); asked on each report, as such memory may grow with the shapes a kernel meets.
+  virtual std::uint64_t state_opaque_bytes(const void* state) const = 0;
   /// The kernel's own per-call verdict on the modules (its `applies`), when it has one.
   virtual bool applies(void* const* modules) const = 0;
   /// What about the modules the kernel cannot take (its `misfit`, asked when it is attached),
@@ -94,6 +97,11 @@ struct has_tensors : std::false_type {};
 template <typename S>
 struct has_tensors<S, std::void_t<decltype(std::declval<const S&>().tensors())>> : std::true_type {
 };
+template <typename S, typename = void>
+struct has_opaque_bytes : std::false_type {};
+template <typename S>
+struct has_opaque_bytes<S, std::void_t<decltype(std::declval<const S&>().opaque_bytes())>>
+    : std::true_type {};
 
 /// A user kernel `K` behind KernelImpl. K's `operator()` takes, in order: `const State&` when K
 /// has `State prepare(Modules&...) const`; the member modules as `Impl&`; the free inputs.
@@ -193,6 +201,15 @@ class TypedKernel final : public KernelImpl {
       }
     }
     return {};
+  }
+
+  std::uint64_t state_opaque_bytes(const void* state) const override {
+    if constexpr (has_state) {
+      if constexpr (has_opaque_bytes<State>::value) {
+        if (state != nullptr) return static_cast<const State*>(state)->opaque_bytes();
+      }
+    }
+    return 0;
   }
 
  private:

@@ -87,8 +87,25 @@ struct ConvBatchNorm {
     bool onednn_activation = false;
 #endif
     std::vector<int64_t> stride, padding, dilation;
-    // Not weight_mkldnn: an opaque oneDNN tensor has no storage to count (about weight's size).
     std::vector<torch::Tensor> tensors() const { return {weight, bias, weight_channels_last}; }
+    /// What report cannot see in tensors(): weight_mkldnn (an opaque oneDNN tensor, with no
+    /// storage), and the weights packed or reordered per input shape by `prepacked` and `onednn`,
+    /// which grow as the kernel meets new shapes.
+    std::uint64_t opaque_bytes() const {
+      std::uint64_t bytes = 0;
+      if (weight_mkldnn.defined()) {
+#if defined(FUSION_HAS_ONEDNN)
+        bytes += detail::onednn::memory_of(weight_mkldnn).get_desc().get_size();
+#else
+        bytes += weight_mkldnn.nbytes();
+#endif
+      }
+      if (prepacked) bytes += prepacked->weight_bytes();
+#if defined(FUSION_HAS_ONEDNN)
+      if (onednn) bytes += onednn->weight_bytes();
+#endif
+      return bytes;
+    }
   };
 
   State prepare(ConvImpl& conv, BatchNormImpl& bn) const {

@@ -72,6 +72,15 @@ struct ResidualBlock {
       if (downsample) all.insert(all.end(), {downsample->weight, downsample->bias});
       return all;
     }
+    std::uint64_t opaque_bytes() const {
+      std::uint64_t bytes = downsample ? downsample->opaque_bytes() : 0;
+      for (const auto& s : stages) bytes += s.opaque_bytes();
+#if defined(FUSION_HAS_ONEDNN)
+      for (const auto& f : fused) bytes += f ? f->weight_bytes() : 0;
+      if (last_with_sum) bytes += last_with_sum->weight_bytes();
+#endif
+      return bytes;
+    }
   };
 
   State prepare(Block& block) const {
