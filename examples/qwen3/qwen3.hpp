@@ -158,13 +158,6 @@ inline torch::Tensor rotate_half(const torch::Tensor& x) {
   return torch::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
 }
 
-/// [batch, kv_heads, seq, d] -> [batch, kv_heads * n_rep, seq, d]
-inline torch::Tensor repeat_kv(const torch::Tensor& x, int64_t n_rep) {
-  if (n_rep == 1) return x;
-  const auto b = x.size(0), kv = x.size(1), s = x.size(2), d = x.size(3);
-  return x.unsqueeze(2).expand({b, kv, n_rep, s, d}).reshape({b, kv * n_rep, s, d});
-}
-
 struct AttentionImpl : torch::nn::Module {
   AttentionImpl(const Config& c, std::size_t layer_idx)
       : layer_idx(layer_idx),
@@ -222,11 +215,20 @@ struct AttentionImpl : torch::nn::Module {
     k = k * cos + rotate_half(k) * sin;
     if (cache != nullptr) std::tie(k, v) = cache->update(layer_idx, k, v);
 
-    const int64_t n_rep = num_heads / num_kv_heads;
-    auto weights = torch::matmul(q, repeat_kv(k, n_rep).transpose(2, 3)) * scaling;
+    // Grouped-query attention as transformers' repeat_kv computes it (query head h reads
+    // key/value head h / n_rep), without repeating the cache: each key/value head's n_rep query
+    // heads are the rows of one product with it. The same dot products, without copying the
+    // whole cache twice per layer and step.
+    const int64_t n_rep = num_heads / num_kv_heads, seen = k.size(2);
+    const auto grouped = [&](const torch::Tensor& t) {
+      return t.reshape({b, num_kv_heads, n_rep * s, t.size(-1)});
+    };
+    auto weights =
+        torch::matmul(grouped(q), k.transpose(2, 3)).view({b, num_heads, s, seen}) * scaling;
     if (attention_mask.has_value()) weights = weights + *attention_mask;
     weights = torch::softmax(weights, -1, torch::kFloat32).to(q.scalar_type());
-    return torch::matmul(weights, repeat_kv(v, n_rep))
+    return torch::matmul(grouped(weights), v)
+        .view({b, num_heads, s, head_dim})
         .transpose(1, 2)
         .reshape({b, s, -1})
         .contiguous();
