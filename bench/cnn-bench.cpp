@@ -9,6 +9,7 @@
 //   build/bench/cnn_bench --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
 
+#include <malloc.h>
 #include <iostream>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -17,7 +18,9 @@
 #include <algorithm>
 #include <cstdlib>
 #include <functional>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -337,6 +340,43 @@ void BM_MobileNetV2AgainstTorchScript(benchmark::State& state, const std::string
   add_bfloat16(state, variants, "blocks_bf16", [&] { return blocks_bf16(images); });
   time_against_torchscript(state, dir, images, original(images), variants);
 }
+
+/// Memory of ResNet-18 with block_plan(), in float32 and in bfloat16, against the unfused model:
+/// resident growth of a freshly built model over three forwards at batch 1 and three at batch 8
+/// (the kernels' states grow with the input shapes they meet), and the kernels' own state bytes as
+/// `report` counts them. Fixed iterations; run it alone (--benchmark_filter=Memory): it lowers
+/// malloc's mmap threshold, as BM_Qwen3KernelMemory does, so that freed memory is returned.
+void BM_ResNet18KernelMemory(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  ::mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+  auto resident_of = [&](const std::optional<fusion::Plan>& plan) {
+    ::malloc_trim(0);
+    const double before = resident_bytes();
+    auto model = model_with(0);
+    if (plan) fusion::fuse_modules(model, *plan);
+    for (const int64_t batch : {1, 8}) {
+      for (int call = 0; call < 3; ++call) model(torch::randn({batch, 3, 224, 224}));
+    }
+    std::uint64_t own = 0;
+    for (const auto& chain : fusion::fused_chains(model)) own += chain.stats.state_bytes;
+    return std::make_tuple(model, (resident_bytes() - before) / (1 << 20),
+                           static_cast<double>(own) / (1 << 20));
+  };
+  const auto original = resident_of(std::nullopt);
+  const auto blocks = resident_of(resnet::block_plan());
+  const auto blocks_bf16 = resident_of(fusion::kernels::in_bfloat16(resnet::block_plan()));
+  double growth = std::get<1>(original);
+  for (auto _ : state) benchmark::DoNotOptimize(growth);
+  std::uint64_t parameters = 0;
+  for (const auto& p : std::get<0>(original)->parameters()) parameters += p.nbytes();
+  state.counters["parameters_MiB"] = static_cast<double>(parameters) / (1 << 20);
+  state.counters["original_rss_MiB"] = std::get<1>(original);
+  state.counters["blocks_rss_MiB"] = std::get<1>(blocks);
+  state.counters["blocks_bf16_rss_MiB"] = std::get<1>(blocks_bf16);
+  state.counters["blocks_state_MiB"] = std::get<2>(blocks);
+  state.counters["blocks_bf16_state_MiB"] = std::get<2>(blocks_bf16);
+}
+BENCHMARK(BM_ResNet18KernelMemory)->Iterations(1);
 
 /// Registers `function` as `name` when the environment variable `variable` names a directory.
 bool register_against_torchscript(const char* variable, const char* name,

@@ -7,7 +7,8 @@
 //   per shape (detail/blocked_conv_choice.hpp), kept only where it is faster.
 // - Post-ops: the activation, and in a residual block the residual added (oneDNN's sum post-op)
 //   with the ReLU after it, in the convolution's own pass over its output instead of two more.
-// - The weight reordered once per input shape, into the layout the chosen implementation reads.
+// - The weight reordered once per layout an implementation reads (ReorderedWeights), shared by
+//   the primitives of every input shape, algorithm and post-op made from that weight.
 // - In bfloat16 (a bfloat16 weight; float32 bias and accumulation), the same post-ops, where
 //   LibTorch's bfloat16 convolutions have none, and the input's layout kept (Layout::input).
 #pragma once
@@ -88,6 +89,46 @@ inline dnnl::memory::format_tag format_of(const dnnl::memory::desc& desc) {
   return tag::any;
 }
 
+/// A 2d convolution weight reordered into the layouts primitives read: one copy per layout,
+/// shared by every primitive made from the weight. Primitives for other input sizes, or with
+/// other post-ops, mostly read the same layout; without the sharing each would hold its own copy.
+class ReorderedWeights {
+ public:
+  /// `weight`: float32 or bfloat16 [out, in / groups, kh, kw].
+  ReorderedWeights(torch::Tensor weight, int64_t groups)
+      : weight_(weight.contiguous()), groups_(groups) {}
+
+  /// The weight in layout `desc` (of the weight's dims, grouped [groups, out / groups, ...]
+  /// where groups > 1), reordered on the first request.
+  dnnl::memory in(const dnnl::memory::desc& desc) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& copy : copies_) {
+      if (copy.get_desc() == desc) return copy;
+    }
+    using tag = dnnl::memory::format_tag;
+    dnnl::memory copy(desc, onednn::engine());  // owns its buffer
+    dnnl::memory plain({desc.dims(), desc.data_type(), groups_ > 1 ? tag::goihw : tag::oihw},
+                       onednn::engine(), weight_.data_ptr());
+    dnnl::reorder(plain, copy).execute(onednn::stream(), plain, copy);
+    onednn::stream().wait();
+    copies_.push_back(copy);
+    return copy;
+  }
+
+  std::uint64_t bytes() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::uint64_t total = 0;
+    for (const auto& copy : copies_) total += copy.get_desc().get_size();
+    return total;
+  }
+
+ private:
+  torch::Tensor weight_;
+  int64_t groups_;
+  mutable std::mutex mutex_;
+  mutable std::vector<dnnl::memory> copies_;
+};
+
 class OneDnnConv2d {
  public:
   enum class Algorithm { direct, winograd };
@@ -99,10 +140,12 @@ class OneDnnConv2d {
 
   /// `weight`: float32 or bfloat16 [out, in / groups, kh, kw], the dtype the primitive computes
   /// in (its input, result and residual); `bias`: float32 [out] or undefined. With `sum`, each
-  /// call adds a residual to the result before `eltwise`.
+  /// call adds a residual to the result before `eltwise`. `reordered`: the copies of this weight
+  /// that another primitive made from it holds, to share (null: its own).
   OneDnnConv2d(torch::Tensor weight, torch::Tensor bias, std::vector<int64_t> stride,
                std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
-               std::optional<OneDnnEltwise> eltwise, bool sum, Layout layout = Layout::chosen)
+               std::optional<OneDnnEltwise> eltwise, bool sum, Layout layout = Layout::chosen,
+               std::shared_ptr<const ReorderedWeights> reordered = nullptr)
       : weight_(weight.contiguous()),
         bias_(std::move(bias)),
         stride_(std::move(stride)),
@@ -113,7 +156,12 @@ class OneDnnConv2d {
         sum_(sum),
         layout_(layout),
         data_type_(weight_.scalar_type() == torch::kBFloat16 ? dnnl::memory::data_type::bf16
-                                                             : dnnl::memory::data_type::f32) {}
+                                                             : dnnl::memory::data_type::f32),
+        reordered_(reordered ? std::move(reordered)
+                             : std::make_shared<const ReorderedWeights>(weight_, groups_)) {}
+
+  /// The weight's reordered copies, for another primitive made from the same weight to share.
+  const std::shared_ptr<const ReorderedWeights>& reordered() const { return reordered_; }
 
   /// Whether the activation runs as the primitive's post-op.
   bool has_eltwise() const { return eltwise_.has_value(); }
@@ -191,19 +239,6 @@ class OneDnnConv2d {
     p.primitive.execute(stream, args);
     stream.wait();
     return overwrite_residual ? residual : onednn::as_blocked(std::move(fresh));
-  }
-
-  /// The bytes of the weights the primitives made so far hold, reordered to the layouts they
-  /// read: one copy per input shape and algorithm (report counts them in a kernel's state).
-  std::uint64_t weight_bytes() const {
-    std::uint64_t bytes = 0;
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (const auto& shape : shapes_) {
-      for (const auto& p : shape->algorithms) {
-        if (p) bytes += p->weights.get_desc().get_size();
-      }
-    }
-    return bytes;
   }
 
  private:
@@ -299,12 +334,7 @@ class OneDnnConv2d {
     p->primitive = dnnl::convolution_forward(pd);
     p->src = pd.src_desc();
     p->dst = pd.dst_desc();
-    p->weights = dnnl::memory(pd.weights_desc(), onednn::engine());  // owns its buffer
-    dnnl::memory plain(memory::desc(weight_dims, dt,
-                                    grouped ? memory::format_tag::goihw : memory::format_tag::oihw),
-                       onednn::engine(), weight_.data_ptr());
-    dnnl::reorder(plain, p->weights).execute(onednn::stream(), plain, p->weights);
-    onednn::stream().wait();
+    p->weights = reordered_->in(pd.weights_desc());
     return p;
   }
 
@@ -322,6 +352,7 @@ class OneDnnConv2d {
   bool sum_;
   Layout layout_;
   dnnl::memory::data_type data_type_;
+  std::shared_ptr<const ReorderedWeights> reordered_;
   mutable std::mutex mutex_;
   mutable std::vector<std::shared_ptr<const Shape>> shapes_;
 };

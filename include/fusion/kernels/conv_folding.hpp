@@ -102,7 +102,7 @@ struct ConvBatchNorm {
       }
       if (prepacked) bytes += prepacked->weight_bytes();
 #if defined(FUSION_HAS_ONEDNN)
-      if (onednn) bytes += onednn->weight_bytes();
+      if (onednn) bytes += onednn->reordered()->bytes();
 #endif
       return bytes;
     }

@@ -29,6 +29,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -76,8 +77,16 @@ struct ResidualBlock {
       std::uint64_t bytes = downsample ? downsample->opaque_bytes() : 0;
       for (const auto& s : stages) bytes += s.opaque_bytes();
 #if defined(FUSION_HAS_ONEDNN)
-      for (const auto& f : fused) bytes += f ? f->weight_bytes() : 0;
-      if (last_with_sum) bytes += last_with_sum->weight_bytes();
+      // The block's primitives share their stage's reordered weights: counted once.
+      std::set<const detail::ReorderedWeights*> counted;
+      for (const auto& s : stages) {
+        if (s.onednn) counted.insert(s.onednn->reordered().get());
+      }
+      auto block_primitives = fused;
+      block_primitives.push_back(last_with_sum);
+      for (const auto& p : block_primitives) {
+        if (p && counted.insert(p->reordered().get()).second) bytes += p->reordered()->bytes();
+      }
 #endif
       return bytes;
     }
@@ -251,7 +260,7 @@ struct ResidualBlock {
                           std::optional<detail::OneDnnEltwise> eltwise, bool sum) {
       return std::make_shared<const OneDnnConv2d>(
           folded.weight, folded.bias, folded.stride, folded.padding, folded.dilation,
-          stage.conv->options.groups(), eltwise, sum, where);
+          stage.conv->options.groups(), eltwise, sum, where, folded.onednn->reordered());
     };
     state.fused.resize(state.stages.size());
     state.fused_activation.resize(state.stages.size());
