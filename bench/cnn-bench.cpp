@@ -4,7 +4,8 @@
 // rotating which goes first (bench_support.hpp); with FUSION_RESNET_TORCHSCRIPT=DIR, also the
 // network against TorchScript's frozen and optimized version of it (BM_ResNet18AgainstTorchScript),
 // and with FUSION_MOBILENET_TORCHSCRIPT=DIR the same for MobileNetV2
-// (BM_MobileNetV2AgainstTorchScript).
+// (BM_MobileNetV2AgainstTorchScript); and the memory of ResNet-18's block kernels
+// (BM_ResNet18KernelMemory, run alone: --benchmark_filter=Memory).
 //
 //   build/bench/cnn_bench --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
