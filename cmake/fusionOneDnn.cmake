@@ -2,8 +2,9 @@
 # and libideep-dev, the headers of the oneDNN tensor type LibTorch's blocked tensors hold), for the
 # folded convolutions on blocked inputs (include/fusion/detail/onednn_conv.hpp): Winograd and
 # post-ops that LibTorch's own ops do not offer. Optional: where either is missing, oneDNN is not
-# version 2 (the API the code is written against; LibTorch 1.13), or FUSION_USE_ONEDNN is OFF, the
-# headers compile without that path and the convolutions run through LibTorch's ops.
+# version 2 or 3 (LibTorch 1.13 on bookworm links 2.6; 2.14 on sid links 3.12), or
+# FUSION_USE_ONEDNN is OFF, the headers compile without that path and the convolutions run through
+# LibTorch's ops.
 # Used by the build tree and by the installed fusionConfig.cmake.
 function(fusion_find_onednn out_include out_libraries)
   set(${out_include} "" PARENT_SCOPE)
@@ -19,7 +20,7 @@ function(fusion_find_onednn out_include out_libraries)
   endif()
   file(STRINGS "${FUSION_DNNL_INCLUDE_DIR}/oneapi/dnnl/dnnl_version.h" major
        REGEX "^#define DNNL_VERSION_MAJOR [0-9]+")
-  if(NOT major MATCHES " 2$")
+  if(NOT major MATCHES " [23]$")
     return()
   endif()
   set(${out_include} ${FUSION_DNNL_INCLUDE_DIR} ${FUSION_IDEEP_INCLUDE_DIR} PARENT_SCOPE)

@@ -1,5 +1,6 @@
 // The bridge between LibTorch's blocked tensors and oneDNN's own primitives, where the build has
-// oneDNN 2.x and ideep (FUSION_HAS_ONEDNN, cmake/fusionOneDnn.cmake; LibTorch 1.13 on Debian).
+// oneDNN and ideep (FUSION_HAS_ONEDNN, cmake/fusionOneDnn.cmake): oneDNN 2.x with LibTorch 1.13
+// (Debian bookworm), 3.x with LibTorch 2.x (sid's 2.14 links oneDNN 3.12).
 // A blocked tensor (`x.to_mkldnn()`, the result of a blocked kernel) holds an ideep::tensor, which
 // is a dnnl::memory. LibTorch exports the two functions that reach one and wrap one (declared in
 // its ATen/native/mkldnn/MKLDNNCommon.h, which Debian does not install) and the oneDNN engine its
@@ -35,6 +36,22 @@ inline dnnl::stream& stream() {
 inline const ideep::tensor& memory_of(const at::Tensor& blocked) {
   at::AutoDispatchBelowADInplaceOrView below;  // itensor_from_mkldnn asserts it
   return at::native::itensor_from_mkldnn(blocked);
+}
+
+/// A memory desc's dims and data type: oneDNN 3 renamed the accessors.
+inline dnnl::memory::dims dims_of(const dnnl::memory::desc& desc) {
+#if DNNL_VERSION_MAJOR >= 3
+  return desc.get_dims();
+#else
+  return desc.dims();
+#endif
+}
+inline dnnl::memory::data_type data_type_of(const dnnl::memory::desc& desc) {
+#if DNNL_VERSION_MAJOR >= 3
+  return desc.get_data_type();
+#else
+  return desc.data_type();
+#endif
 }
 
 /// New memory in oneDNN's layout `desc`, for a result: the ideep::tensor owns the bytes (a

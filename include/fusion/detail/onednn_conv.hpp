@@ -1,7 +1,8 @@
 // A folded 2d convolution on a blocked input, run by a oneDNN primitive the library makes
 // (FUSION_HAS_ONEDNN; detail/onednn.hpp) instead of LibTorch's op, for what LibTorch's ops do not
 // give:
-// - Winograd, oneDNN 2.x's algorithm for stride-1 3x3 convolutions on AVX-512. It computes the same
+// - Winograd, oneDNN 2.x's algorithm for stride-1 3x3 convolutions on AVX-512 (oneDNN 3 has none
+//   on CPUs: there the direct one runs). It computes the same
 //   convolution with fewer multiplications and another rounding: within float32 tolerance of the
 //   direct convolution, not bitwise equal to it (docs/kernels.md). It is one of the paths measured
 //   per shape (detail/blocked_conv_choice.hpp), kept only where it is faster.
@@ -61,7 +62,8 @@ inline std::optional<OneDnnEltwise> onednn_eltwise(const torch::nn::SiLUImpl*) {
   return OneDnnEltwise{dnnl::algorithm::eltwise_swish, 1.f};
 }
 inline std::optional<OneDnnEltwise> onednn_eltwise(const HardswishImpl*) {
-  return OneDnnEltwise{dnnl::algorithm::eltwise_hardswish};
+  // x * min(max(alpha x + beta, 0), 1): oneDNN 3 reads alpha and beta, 2.x ignores them.
+  return OneDnnEltwise{dnnl::algorithm::eltwise_hardswish, 1.f / 6.f, 0.5f};
 }
 
 /// The post-op for the activation named `name` as in the kernel names (Epilogue<A>::name);
@@ -83,8 +85,10 @@ inline std::optional<OneDnnEltwise> onednn_eltwise_named(std::string_view name) 
 /// tensors take; `any` for another.
 inline dnnl::memory::format_tag format_of(const dnnl::memory::desc& desc) {
   using tag = dnnl::memory::format_tag;
+  const auto dims = onednn::dims_of(desc);
+  if (dims.size() != 4) return tag::any;
   for (const tag format : {tag::aBcd16b, tag::aBcd8b, tag::acdb, tag::abcd}) {
-    if (dnnl::memory::desc(desc.dims(), desc.data_type(), format) == desc) return format;
+    if (dnnl::memory::desc(dims, onednn::data_type_of(desc), format) == desc) return format;
   }
   return tag::any;
 }
@@ -107,8 +111,9 @@ class ReorderedWeights {
     }
     using tag = dnnl::memory::format_tag;
     dnnl::memory copy(desc, onednn::engine());  // owns its buffer
-    dnnl::memory plain({desc.dims(), desc.data_type(), groups_ > 1 ? tag::goihw : tag::oihw},
-                       onednn::engine(), weight_.data_ptr());
+    dnnl::memory plain(
+        {onednn::dims_of(desc), onednn::data_type_of(desc), groups_ > 1 ? tag::goihw : tag::oihw},
+        onednn::engine(), weight_.data_ptr());
     dnnl::reorder(plain, copy).execute(onednn::stream(), plain, copy);
     onednn::stream().wait();
     copies_.push_back(copy);
@@ -310,20 +315,32 @@ class OneDnnConv2d {
         bias_.defined() ? memory::desc({w[0]}, f32, memory::format_tag::x) : memory::desc();
     dnnl::post_ops post_ops;
     if (sum_) post_ops.append_sum(1.f);
-    if (eltwise_)
+    if (eltwise_) {
+#if DNNL_VERSION_MAJOR >= 3
+      post_ops.append_eltwise(eltwise_->algorithm, eltwise_->alpha, eltwise_->beta);
+#else
       post_ops.append_eltwise(1.f, eltwise_->algorithm, eltwise_->alpha, eltwise_->beta);
+#endif
+    }
     dnnl::primitive_attr attr;
     attr.set_post_ops(post_ops);
 
     dnnl::convolution_forward::primitive_desc pd;
     const bool kept = keeps(input);
+    const memory::desc src = kept ? input : memory::desc(src_dims, dt, any),
+                       weights(weight_dims, dt, any),
+                       dst(dst_dims, dt, kept ? format_of(input) : any);
+    const auto inference = dnnl::prop_kind::forward_inference;
     try {
-      const dnnl::convolution_forward::desc desc(
-          dnnl::prop_kind::forward_inference, algorithm,
-          kept ? input : memory::desc(src_dims, dt, any), memory::desc(weight_dims, dt, any),
-          bias_desc, memory::desc(dst_dims, dt, kept ? format_of(input) : any), strides, dilates,
-          padding, padding);
-      pd = dnnl::convolution_forward::primitive_desc(desc, attr, onednn::engine());
+#if DNNL_VERSION_MAJOR >= 3
+      pd = dnnl::convolution_forward::primitive_desc(onednn::engine(), inference, algorithm, src,
+                                                     weights, bias_desc, dst, strides, dilates,
+                                                     padding, padding, attr);
+#else
+      pd = dnnl::convolution_forward::primitive_desc(
+          {inference, algorithm, src, weights, bias_desc, dst, strides, dilates, padding, padding},
+          attr, onednn::engine());
+#endif
     } catch (const dnnl::error&) {
       return nullptr;  // no implementation for this algorithm, shape and these post-ops
     }
@@ -341,7 +358,7 @@ class OneDnnConv2d {
   bool keeps(const dnnl::memory::desc& input) const {
     using tag = dnnl::memory::format_tag;
     const tag format = format_of(input);
-    return layout_ == Layout::input && input.data_type() == data_type_ &&
+    return layout_ == Layout::input && onednn::data_type_of(input) == data_type_ &&
            (format == tag::aBcd16b || format == tag::aBcd8b || format == tag::acdb);
   }
 

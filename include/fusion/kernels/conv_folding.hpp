@@ -39,7 +39,6 @@
 #include <utility>
 #include <vector>
 
-#include <c10/util/SmallVector.h>
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/types.h>
@@ -221,7 +220,7 @@ struct ConvBatchNorm {
 #if defined(FUSION_HAS_ONEDNN)
         if (s.onednn && input.scalar_type() == torch::kFloat32) {
           using Algorithm = detail::OneDnnConv2d::Algorithm;
-          c10::SmallVector<Path, 4> offered{Path::blocked};
+          std::vector<Path> offered{Path::blocked};
           if (s.onednn->offers(input, Algorithm::direct)) offered.push_back(Path::onednn);
           if (s.prepacked) offered.push_back(Path::round_trip);
           if (s.onednn->offers(input, Algorithm::winograd)) offered.push_back(Path::winograd);

@@ -230,7 +230,7 @@ struct ResidualBlock {
           stage.conv->options.groups(), h,
           /*variant=*/2 + int64_t{fused->has_eltwise()} + 2 * int64_t{fused->keeps(h)});
       // The stage as declared is offered first: a primitive is kept only where it is faster.
-      c10::SmallVector<Path, 3> offered{Path::blocked};
+      std::vector<Path> offered{Path::blocked};
       if (fused->offers(h, Algorithm::direct)) offered.push_back(Path::onednn);
       if (fused->offers(h, Algorithm::winograd)) offered.push_back(Path::winograd);
       return detail::run_blocked_conv(key, offered, [&](Path path, bool /*measuring*/) {
@@ -315,7 +315,7 @@ struct ResidualBlock {
         last.weight.sizes(), last.stride, last.padding, last.dilation, conv.options.groups(), h,
         /*variant=*/1 + 5 * int64_t{s.last_with_sum->keeps(h)});
     // The block as declared is offered first: the post-op is kept only where it is faster.
-    c10::SmallVector<Path, 3> offered{Path::blocked};
+    std::vector<Path> offered{Path::blocked};
     if (s.last_with_sum->offers(h, Algorithm::direct)) offered.push_back(Path::onednn);
     if (s.last_with_sum->offers(h, Algorithm::winograd)) offered.push_back(Path::winograd);
     return detail::run_blocked_conv(key, offered, [&](Path path, bool measuring) {
