@@ -4,9 +4,11 @@
 // on blocked between them (detail/blocked_layout.hpp).
 #include "catch_compat.hpp"
 
+#include <chrono>
 #include <functional>
 #include <optional>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -443,6 +445,59 @@ TEST_CASE("a blocked input gives the same result on either convolution path") {
   }
   CHECK_FALSE(fusion::kernels::force_blocked_conv_path(std::nullopt).has_value());
 }
+
+TEST_CASE("a measured convolution path that lost is told so, once, after the choice") {
+  namespace d = fusion::detail;
+  using fusion::kernels::BlockedConvPath;
+  const ForcedPath unforced(std::nullopt);
+  const auto x = torch::randn({1, 4, 8, 8});
+  // A key no kernel makes (variant 99), so that this test's choice is the only one for it.
+  const auto key = d::blocked_conv_key({4, 4, 3, 3}, {1, 1}, {1, 1}, {1, 1}, 1, x, 99);
+  std::vector<BlockedConvPath> lost;
+  const auto run = [&](BlockedConvPath path, bool /*measuring*/) {
+    // The default sleeps: the other path is the faster by far.
+    if (path == BlockedConvPath::blocked) std::this_thread::sleep_for(std::chrono::milliseconds(3));
+    return x;
+  };
+  const auto lose = [&](BlockedConvPath path) { lost.push_back(path); };
+  const std::vector<BlockedConvPath> offered{BlockedConvPath::blocked, BlockedConvPath::onednn};
+  d::run_blocked_conv(key, offered, run, lose);
+  REQUIRE(lost.size() == 1);
+  CHECK(lost[0] == BlockedConvPath::blocked);
+  d::run_blocked_conv(key, offered, run, lose);  // chosen: nothing measured, nothing lost
+  CHECK(lost.size() == 1);
+}
+
+#if defined(FUSION_HAS_ONEDNN)
+TEST_CASE(
+    "the library's oneDNN primitive reorders its weight once it runs, and frees it when "
+    "released") {
+  namespace d = fusion::detail;
+  using Algorithm = d::OneDnnConv2d::Algorithm;
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(6);
+  const auto weight = torch::randn({16, 16, 3, 3}) * 0.1;
+  const auto bias = torch::randn({16});
+  const auto x = torch::randn({1, 16, 12, 12});
+  const auto expected = torch::relu(torch::conv2d(x, weight, bias, 1, 1));
+  const d::OneDnnConv2d conv(weight, bias, {1, 1}, {1, 1}, {1, 1}, 1,
+                             d::OneDnnEltwise{dnnl::algorithm::eltwise_relu}, /*sum=*/false);
+  const auto input = x.to_mkldnn();
+  REQUIRE(conv.offers(input, Algorithm::direct));
+  CHECK(conv.reordered()->bytes() == 0);  // asked, not run
+  require_close(conv(input, Algorithm::direct).to_dense(), expected);
+  const auto one_copy = conv.reordered()->bytes();
+  CHECK(one_copy >= static_cast<std::uint64_t>(weight.nbytes()));
+  // What release_lost does for the path `onednn`, and nothing for the others.
+  d::release_lost(conv, input, fusion::kernels::BlockedConvPath::round_trip);
+  CHECK(conv.reordered()->bytes() == one_copy);
+  d::release_lost(conv, input, fusion::kernels::BlockedConvPath::onednn);
+  CHECK(conv.reordered()->bytes() == 0);
+  // Made again where it runs again (a forced path, or the choice of another layout).
+  require_close(conv(input, Algorithm::direct).to_dense(), expected);
+  CHECK(conv.reordered()->bytes() == one_copy);
+}
+#endif
 
 TEST_CASE("a residual block adds its input without writing over the caller's blocked tensor") {
   register_blocks();

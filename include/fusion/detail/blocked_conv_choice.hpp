@@ -18,6 +18,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <utility>
 
 #include <ATen/Parallel.h>
 #include <torch/types.h>
@@ -78,11 +79,13 @@ struct FUSION_API BlockedConvChoices {
 /// Returns `run(path, false)` for the path chosen for `key` among `offered` (the first: the
 /// default). The first call of a key first calls `run(path, true)` for each offered path once to
 /// warm up, then in three rounds that take them in turn, the fastest run of each counting (those
-/// results are dropped); later calls: one lookup, no allocation. A forced path that is not offered
-/// runs the default.
-template <typename Run>
+/// results are dropped), then `lost(path)` for each path not chosen, which may free what only it
+/// uses; later calls: one lookup, no allocation. A forced path that is not offered runs the
+/// default.
+template <typename Run, typename Lost>
 torch::Tensor run_blocked_conv(const BlockedConvKey& key,
-                               c10::ArrayRef<kernels::BlockedConvPath> offered, Run&& run) {
+                               c10::ArrayRef<kernels::BlockedConvPath> offered, Run&& run,
+                               Lost&& lost) {
   using kernels::BlockedConvPath;
   const auto is_offered = [&](BlockedConvPath path) {
     return std::find(offered.begin(), offered.end(), path) != offered.end();
@@ -117,10 +120,21 @@ torch::Tensor run_blocked_conv(const BlockedConvKey& key,
     for (std::size_t i = 1; i < n; ++i) {
       if (fastest[i] < 0.95 * fastest[0] && fastest[i] < fastest[best]) best = i;
     }
-    std::lock_guard<std::mutex> lock(choices.mutex);
-    path = choices.chosen.emplace(key, offered[best]).first->second;
+    {
+      std::lock_guard<std::mutex> lock(choices.mutex);
+      path = choices.chosen.emplace(key, offered[best]).first->second;
+    }
+    for (const auto other : offered) {
+      if (other != *path) lost(other);
+    }
   }
   return run(*path, /*measuring=*/false);
+}
+
+template <typename Run>
+torch::Tensor run_blocked_conv(const BlockedConvKey& key,
+                               c10::ArrayRef<kernels::BlockedConvPath> offered, Run&& run) {
+  return run_blocked_conv(key, offered, std::forward<Run>(run), [](kernels::BlockedConvPath) {});
 }
 
 }  // namespace fusion::detail

@@ -9,7 +9,8 @@
 // - Post-ops: the activation, and in a residual block the residual added (oneDNN's sum post-op)
 //   with the ReLU after it, in the convolution's own pass over its output instead of two more.
 // - The weight reordered once per layout an implementation reads (ReorderedWeights), shared by
-//   the primitives of every input shape, algorithm and post-op made from that weight.
+//   the primitives of every input shape, algorithm and post-op made from that weight, and made
+//   only for an algorithm that runs: one that lost the measurement of its shape is released.
 // - In bfloat16 (a bfloat16 weight; float32 bias and accumulation), the same post-ops, where
 //   LibTorch's bfloat16 convolutions have none, and the input's layout kept (Layout::input).
 #pragma once
@@ -33,6 +34,7 @@
 #include <torch/nn/modules/activation.h>
 #include <torch/types.h>
 
+#include "fusion/detail/blocked_conv_choice.hpp"
 #include "fusion/detail/epilogue.hpp"
 #include "fusion/detail/onednn.hpp"
 #include "fusion/hardswish.hpp"
@@ -94,8 +96,9 @@ inline dnnl::memory::format_tag format_of(const dnnl::memory::desc& desc) {
 }
 
 /// A 2d convolution weight reordered into the layouts primitives read: one copy per layout,
-/// shared by every primitive made from the weight. Primitives for other input sizes, or with
-/// other post-ops, mostly read the same layout; without the sharing each would hold its own copy.
+/// shared by every primitive made from the weight, freed with the last of them. Primitives for
+/// other input sizes, or with other post-ops, mostly read the same layout; without the sharing
+/// each would hold its own copy.
 class ReorderedWeights {
  public:
   /// `weight`: float32 or bfloat16 [out, in / groups, kh, kw].
@@ -103,27 +106,34 @@ class ReorderedWeights {
       : weight_(weight.contiguous()), groups_(groups) {}
 
   /// The weight in layout `desc` (of the weight's dims, grouped [groups, out / groups, ...]
-  /// where groups > 1), reordered on the first request.
-  dnnl::memory in(const dnnl::memory::desc& desc) const {
+  /// where groups > 1), reordered where no primitive holds it yet.
+  std::shared_ptr<const dnnl::memory> in(const dnnl::memory::desc& desc) const {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (const auto& copy : copies_) {
-      if (copy.get_desc() == desc) return copy;
+    copies_.erase(std::remove_if(copies_.begin(), copies_.end(),
+                                 [](const auto& copy) { return copy.expired(); }),
+                  copies_.end());
+    for (const auto& held : copies_) {
+      auto copy = held.lock();
+      if (copy && copy->get_desc() == desc) return copy;
     }
     using tag = dnnl::memory::format_tag;
-    dnnl::memory copy(desc, onednn::engine());  // owns its buffer
+    auto copy = std::make_shared<dnnl::memory>(desc, onednn::engine());  // owns its buffer
     dnnl::memory plain(
         {onednn::dims_of(desc), onednn::data_type_of(desc), groups_ > 1 ? tag::goihw : tag::oihw},
         onednn::engine(), weight_.data_ptr());
-    dnnl::reorder(plain, copy).execute(onednn::stream(), plain, copy);
+    dnnl::reorder(plain, *copy).execute(onednn::stream(), plain, *copy);
     onednn::stream().wait();
     copies_.push_back(copy);
     return copy;
   }
 
+  /// The bytes of the copies primitives hold.
   std::uint64_t bytes() const {
     std::lock_guard<std::mutex> lock(mutex_);
     std::uint64_t total = 0;
-    for (const auto& copy : copies_) total += copy.get_desc().get_size();
+    for (const auto& held : copies_) {
+      if (const auto copy = held.lock()) total += copy->get_desc().get_size();
+    }
     return total;
   }
 
@@ -131,7 +141,7 @@ class ReorderedWeights {
   torch::Tensor weight_;
   int64_t groups_;
   mutable std::mutex mutex_;
-  mutable std::vector<dnnl::memory> copies_;
+  mutable std::vector<std::weak_ptr<const dnnl::memory>> copies_;
 };
 
 class OneDnnConv2d {
@@ -179,9 +189,21 @@ class OneDnnConv2d {
   }
 
   /// Whether `algorithm` has an implementation for this blocked input. The first call of an
-  /// input shape makes its primitives.
+  /// input shape asks oneDNN for its implementations; a primitive and its weight are made on
+  /// the first call that runs it.
   bool offers(const torch::Tensor& input, Algorithm algorithm) const {
     return prepared(input)->algorithms[static_cast<int>(algorithm)] != nullptr;
+  }
+
+  /// Frees the primitive `algorithm` made for inputs like `input`, and its weight where no other
+  /// primitive reads that layout: for a path that lost the measurement of its shape (see
+  /// release_lost). A later call that runs it makes them again.
+  void release(const torch::Tensor& input, Algorithm algorithm) const {
+    const auto shape = prepared(input);
+    const auto& chosen = shape->algorithms[static_cast<int>(algorithm)];
+    if (!chosen) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    chosen->made.reset();
   }
 
   /// The sizes of the result for an input of `input`'s sizes.
@@ -209,6 +231,7 @@ class OneDnnConv2d {
     TORCH_INTERNAL_ASSERT(residual.defined() == sum_,
                           "OneDnnConv2d: a residual where made with sum");
     const Prepared& p = *chosen;
+    const std::shared_ptr<const Made> made = make(p);
     dnnl::stream& stream = onednn::stream();
     dnnl::memory src = onednn::memory_of(input);
     if (src.get_desc() != p.src) {
@@ -234,24 +257,28 @@ class OneDnnConv2d {
       dst = fresh;
     }
     std::unordered_map<int, dnnl::memory> args{
-        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_DST, dst}};
+        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, *made->weights}, {DNNL_ARG_DST, dst}};
     if (bias_.defined()) {
       args.emplace(DNNL_ARG_BIAS, dnnl::memory({{weight_.size(0)},
                                                 dnnl::memory::data_type::f32,
                                                 dnnl::memory::format_tag::x},
                                                onednn::engine(), bias_.data_ptr()));
     }
-    p.primitive.execute(stream, args);
+    made->primitive.execute(stream, args);
     stream.wait();
     return overwrite_residual ? residual : onednn::as_blocked(std::move(fresh));
   }
 
  private:
   using Key = std::array<int64_t, 5>;  // the input's sizes and the thread count
-  struct Prepared {
+  struct Made {
     dnnl::convolution_forward primitive;
+    std::shared_ptr<const dnnl::memory> weights;  // in the layout the primitive reads
+  };
+  struct Prepared {
+    dnnl::convolution_forward::primitive_desc pd;
     dnnl::memory::desc src, dst;
-    dnnl::memory weights;  // in the layout the primitive reads
+    mutable std::shared_ptr<const Made> made;  // null until it runs, and once released; mutex_
   };
   struct Shape {
     Key key;
@@ -348,11 +375,20 @@ class OneDnnConv2d {
       return nullptr;
     }
     auto p = std::make_shared<Prepared>();
-    p->primitive = dnnl::convolution_forward(pd);
+    p->pd = pd;
     p->src = pd.src_desc();
     p->dst = pd.dst_desc();
-    p->weights = reordered_->in(pd.weights_desc());
     return p;
+  }
+
+  /// `p`'s primitive and weight, made where they are not.
+  std::shared_ptr<const Made> make(const Prepared& p) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!p.made) {
+      p.made = std::make_shared<const Made>(
+          Made{dnnl::convolution_forward(p.pd), reordered_->in(p.pd.weights_desc())});
+    }
+    return p.made;
   }
 
   bool keeps(const dnnl::memory::desc& input) const {
@@ -373,6 +409,16 @@ class OneDnnConv2d {
   mutable std::mutex mutex_;
   mutable std::vector<std::shared_ptr<const Shape>> shapes_;
 };
+
+/// For run_blocked_conv's `lost`: releases what `conv` made for `input` to run a path that lost
+/// the measurement (the library's primitives'; others hold nothing here).
+inline void release_lost(const OneDnnConv2d& conv, const torch::Tensor& input,
+                         kernels::BlockedConvPath lost) {
+  using Path = kernels::BlockedConvPath;
+  using Algorithm = OneDnnConv2d::Algorithm;
+  if (lost == Path::onednn) conv.release(input, Algorithm::direct);
+  if (lost == Path::winograd) conv.release(input, Algorithm::winograd);
+}
 
 }  // namespace fusion::detail
 

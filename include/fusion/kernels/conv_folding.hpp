@@ -224,13 +224,16 @@ struct ConvBatchNorm {
           if (s.onednn->offers(input, Algorithm::direct)) offered.push_back(Path::onednn);
           if (s.prepacked) offered.push_back(Path::round_trip);
           if (s.onednn->offers(input, Algorithm::winograd)) offered.push_back(Path::winograd);
-          return detail::run_blocked_conv(key, offered, [&](Path path, bool /*measuring*/) {
-            if (path == Path::blocked) return blocked();
-            if (path == Path::round_trip) return round_trip();
-            auto output = (*s.onednn)(
-                input, path == Path::winograd ? Algorithm::winograd : Algorithm::direct);
-            return s.onednn_activation ? output : Epilogue::apply(output, activation);
-          });
+          return detail::run_blocked_conv(
+              key, offered,
+              [&](Path path, bool /*measuring*/) {
+                if (path == Path::blocked) return blocked();
+                if (path == Path::round_trip) return round_trip();
+                auto output = (*s.onednn)(
+                    input, path == Path::winograd ? Algorithm::winograd : Algorithm::direct);
+                return s.onednn_activation ? output : Epilogue::apply(output, activation);
+              },
+              [&](Path lost) { detail::release_lost(*s.onednn, input, lost); });
         }
 #endif
         if (!s.prepacked) return blocked();
@@ -284,11 +287,13 @@ struct ConvBatchNorm {
         const auto key = detail::blocked_conv_key(s.weight.sizes(), s.stride, s.padding, s.dilation,
                                                   conv.options.groups(), h);
         return detail::run_blocked_conv(
-            key, {Path::blocked, Path::onednn}, [&](Path path, bool /*measuring*/) {
+            key, {Path::blocked, Path::onednn},
+            [&](Path path, bool /*measuring*/) {
               if (path == Path::blocked) return Epilogue::apply(libtorch(), activation);
               auto output = (*s.onednn)(h, Algorithm::direct);
               return s.onednn_activation ? output : Epilogue::apply(output, activation);
-            });
+            },
+            [&](Path lost) { detail::release_lost(*s.onednn, h, lost); });
       }
 #endif
       return Epilogue::apply(libtorch(), activation);

@@ -233,12 +233,16 @@ struct ResidualBlock {
       std::vector<Path> offered{Path::blocked};
       if (fused->offers(h, Algorithm::direct)) offered.push_back(Path::onednn);
       if (fused->offers(h, Algorithm::winograd)) offered.push_back(Path::winograd);
-      return detail::run_blocked_conv(key, offered, [&](Path path, bool /*measuring*/) {
-        if (path == Path::blocked) return as_declared();
-        auto output = (*fused)(h, path == Path::winograd ? Algorithm::winograd : Algorithm::direct);
-        return fused->has_eltwise() || !stage.activation ? output
-                                                         : stage.activation(std::move(output));
-      });
+      return detail::run_blocked_conv(
+          key, offered,
+          [&](Path path, bool /*measuring*/) {
+            if (path == Path::blocked) return as_declared();
+            auto output =
+                (*fused)(h, path == Path::winograd ? Algorithm::winograd : Algorithm::direct);
+            return fused->has_eltwise() || !stage.activation ? output
+                                                             : stage.activation(std::move(output));
+          },
+          [&](Path lost) { detail::release_lost(*fused, h, lost); });
     }
 #endif
     return as_declared();
@@ -318,16 +322,20 @@ struct ResidualBlock {
     std::vector<Path> offered{Path::blocked};
     if (s.last_with_sum->offers(h, Algorithm::direct)) offered.push_back(Path::onednn);
     if (s.last_with_sum->offers(h, Algorithm::winograd)) offered.push_back(Path::winograd);
-    return detail::run_blocked_conv(key, offered, [&](Path path, bool measuring) {
-      if (path == Path::blocked) {
-        auto output = Fold::run(s.stages.back(), conv, h, nullptr);
-        output.add_(residual);
-        return layout.relu_after_add ? output.relu_() : output;
-      }
-      // Measured runs may not overwrite the residual: the kept run adds it.
-      return (*s.last_with_sum)(h, path == Path::winograd ? Algorithm::winograd : Algorithm::direct,
-                                residual, owned && !measuring);
-    });
+    return detail::run_blocked_conv(
+        key, offered,
+        [&](Path path, bool measuring) {
+          if (path == Path::blocked) {
+            auto output = Fold::run(s.stages.back(), conv, h, nullptr);
+            output.add_(residual);
+            return layout.relu_after_add ? output.relu_() : output;
+          }
+          // Measured runs may not overwrite the residual: the kept run adds it.
+          return (*s.last_with_sum)(
+              h, path == Path::winograd ? Algorithm::winograd : Algorithm::direct, residual,
+              owned && !measuring);
+        },
+        [&](Path lost) { detail::release_lost(*s.last_with_sum, h, lost); });
   }
 #endif
 };
