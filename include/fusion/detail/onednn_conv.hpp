@@ -2,10 +2,10 @@
 // (FUSION_HAS_ONEDNN; detail/onednn.hpp) instead of LibTorch's op, for what LibTorch's ops do not
 // give:
 // - Winograd, oneDNN 2.x's algorithm for stride-1 3x3 convolutions on AVX-512 (oneDNN 3 has none
-//   on CPUs: there the direct one runs). It computes the same
-//   convolution with fewer multiplications and another rounding: within float32 tolerance of the
-//   direct convolution, not bitwise equal to it (docs/kernels.md). It is one of the paths measured
-//   per shape (detail/blocked_conv_choice.hpp), kept only where it is faster.
+//   on CPUs). It computes the same convolution with fewer multiplications and another rounding:
+//   within float32 tolerance of the direct convolution, not bitwise equal to it (docs/kernels.md).
+//   It is one of the paths measured per shape (detail/blocked_conv_choice.hpp), kept only where
+//   it is faster.
 // - Post-ops: the activation, and in a residual block the residual added (oneDNN's sum post-op)
 //   with the ReLU after it, in the convolution's own pass over its output instead of two more.
 // - The weight reordered once per layout an implementation reads (ReorderedWeights), shared by
