@@ -68,4 +68,20 @@ inline at::Tensor as_blocked(ideep::tensor memory) {
 
 }  // namespace fusion::detail::onednn
 
+namespace fusion::detail {
+
+/// The format of `desc` among the plain, channels-last and channel-blocked ones LibTorch's blocked
+/// tensors take; `any` for another.
+inline dnnl::memory::format_tag format_of(const dnnl::memory::desc& desc) {
+  using tag = dnnl::memory::format_tag;
+  const auto dims = onednn::dims_of(desc);
+  if (dims.size() != 4) return tag::any;
+  for (const tag format : {tag::aBcd16b, tag::aBcd8b, tag::acdb, tag::abcd}) {
+    if (dnnl::memory::desc(dims, onednn::data_type_of(desc), format) == desc) return format;
+  }
+  return tag::any;
+}
+
+}  // namespace fusion::detail
+
 #endif

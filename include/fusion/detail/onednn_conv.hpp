@@ -24,125 +24,19 @@
 #include <mutex>
 #include <optional>
 #include <string>
-#include <string_view>
-#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
-#include <torch/nn/modules/activation.h>
 #include <torch/types.h>
 
 #include "fusion/detail/blocked_conv_choice.hpp"
-#include "fusion/detail/epilogue.hpp"
 #include "fusion/detail/onednn.hpp"
-#include "fusion/hardswish.hpp"
+#include "fusion/detail/onednn_post_ops.hpp"
+#include "fusion/detail/onednn_weights.hpp"
 
 namespace fusion::detail {
-
-/// An activation oneDNN applies as an eltwise post-op.
-struct OneDnnEltwise {
-  dnnl::algorithm algorithm;
-  float alpha = 0.f, beta = 0.f;
-};
-
-/// The post-op for an activation type, where one computes what the module computes whatever its
-/// options: ReLU, ReLU6, SiLU, Hardswish. Others (none; LeakyReLU and GELU, whose options may
-/// change after the state is made) run after the convolution (detail/epilogue.hpp).
-template <typename Activation>
-std::optional<OneDnnEltwise> onednn_eltwise(const Activation* /*type*/) {
-  return std::nullopt;
-}
-inline std::optional<OneDnnEltwise> onednn_eltwise(const torch::nn::ReLUImpl*) {
-  return OneDnnEltwise{dnnl::algorithm::eltwise_relu};
-}
-inline std::optional<OneDnnEltwise> onednn_eltwise(const torch::nn::ReLU6Impl*) {
-  return OneDnnEltwise{dnnl::algorithm::eltwise_clip, 0.f, 6.f};
-}
-inline std::optional<OneDnnEltwise> onednn_eltwise(const torch::nn::SiLUImpl*) {
-  return OneDnnEltwise{dnnl::algorithm::eltwise_swish, 1.f};
-}
-inline std::optional<OneDnnEltwise> onednn_eltwise(const HardswishImpl*) {
-  // x * min(max(alpha x + beta, 0), 1): oneDNN 3 reads alpha and beta, 2.x ignores them.
-  return OneDnnEltwise{dnnl::algorithm::eltwise_hardswish, 1.f / 6.f, 0.5f};
-}
-
-/// The post-op for the activation named `name` as in the kernel names (Epilogue<A>::name);
-/// nullopt for "" (none) and for the others.
-inline std::optional<OneDnnEltwise> onednn_eltwise_named(std::string_view name) {
-  std::optional<OneDnnEltwise> found;
-  const auto try_one = [&](auto* type) {
-    using Activation = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
-    if (!found && name == Epilogue<Activation>::name) found = onednn_eltwise(type);
-  };
-  try_one(static_cast<const torch::nn::ReLUImpl*>(nullptr));
-  try_one(static_cast<const torch::nn::ReLU6Impl*>(nullptr));
-  try_one(static_cast<const torch::nn::SiLUImpl*>(nullptr));
-  try_one(static_cast<const HardswishImpl*>(nullptr));
-  return found;
-}
-
-/// The format of `desc` among the plain, channels-last and channel-blocked ones LibTorch's blocked
-/// tensors take; `any` for another.
-inline dnnl::memory::format_tag format_of(const dnnl::memory::desc& desc) {
-  using tag = dnnl::memory::format_tag;
-  const auto dims = onednn::dims_of(desc);
-  if (dims.size() != 4) return tag::any;
-  for (const tag format : {tag::aBcd16b, tag::aBcd8b, tag::acdb, tag::abcd}) {
-    if (dnnl::memory::desc(dims, onednn::data_type_of(desc), format) == desc) return format;
-  }
-  return tag::any;
-}
-
-/// A 2d convolution weight reordered into the layouts primitives read: one copy per layout,
-/// shared by every primitive made from the weight, freed with the last of them. Primitives for
-/// other input sizes, or with other post-ops, mostly read the same layout; without the sharing
-/// each would hold its own copy.
-class ReorderedWeights {
- public:
-  /// `weight`: float32 or bfloat16 [out, in / groups, kh, kw].
-  ReorderedWeights(torch::Tensor weight, int64_t groups)
-      : weight_(weight.contiguous()), groups_(groups) {}
-
-  /// The weight in layout `desc` (of the weight's dims, grouped [groups, out / groups, ...]
-  /// where groups > 1), reordered where no primitive holds it yet.
-  std::shared_ptr<const dnnl::memory> in(const dnnl::memory::desc& desc) const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    copies_.erase(std::remove_if(copies_.begin(), copies_.end(),
-                                 [](const auto& copy) { return copy.expired(); }),
-                  copies_.end());
-    for (const auto& held : copies_) {
-      auto copy = held.lock();
-      if (copy && copy->get_desc() == desc) return copy;
-    }
-    using tag = dnnl::memory::format_tag;
-    auto copy = std::make_shared<dnnl::memory>(desc, onednn::engine());  // owns its buffer
-    dnnl::memory plain(
-        {onednn::dims_of(desc), onednn::data_type_of(desc), groups_ > 1 ? tag::goihw : tag::oihw},
-        onednn::engine(), weight_.data_ptr());
-    dnnl::reorder(plain, *copy).execute(onednn::stream(), plain, *copy);
-    onednn::stream().wait();
-    copies_.push_back(copy);
-    return copy;
-  }
-
-  /// The bytes of the copies primitives hold.
-  std::uint64_t bytes() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    std::uint64_t total = 0;
-    for (const auto& held : copies_) {
-      if (const auto copy = held.lock()) total += copy->get_desc().get_size();
-    }
-    return total;
-  }
-
- private:
-  torch::Tensor weight_;
-  int64_t groups_;
-  mutable std::mutex mutex_;
-  mutable std::vector<std::weak_ptr<const dnnl::memory>> copies_;
-};
 
 class OneDnnConv2d {
  public:
