@@ -75,6 +75,22 @@ struct FUSION_API BlockedConvChoices {
   std::optional<kernels::BlockedConvPath> forced;
 };
 }  // namespace FUSION_ABI_VERSION
+}  // namespace fusion::detail
+
+namespace fusion::kernels {
+
+/// Makes the folded 2d convolutions take `path` for blocked inputs (std::nullopt: measure per
+/// shape, the default); returns the previous setting. For tests and benchmarks of one path.
+inline std::optional<BlockedConvPath> force_blocked_conv_path(std::optional<BlockedConvPath> path) {
+  auto& choices = detail::BlockedConvChoices::instance();
+  std::lock_guard<std::mutex> lock(choices.mutex);
+  std::swap(choices.forced, path);
+  return path;
+}
+
+}  // namespace fusion::kernels
+
+namespace fusion::detail {
 
 /// Returns `run(path, false)` for the path chosen for `key` among `offered` (the first: the
 /// default). The first call of a key first calls `run(path, true)` for each offered path once to

@@ -53,16 +53,6 @@
 
 namespace fusion::kernels {
 
-/// Makes the folded float32 2d convolutions take `path` for blocked inputs (std::nullopt: measure
-/// per shape, the default; detail/blocked_conv_choice.hpp); returns the previous setting. For
-/// tests and benchmarks of one path.
-inline std::optional<BlockedConvPath> force_blocked_conv_path(std::optional<BlockedConvPath> path) {
-  auto& choices = detail::BlockedConvChoices::instance();
-  std::lock_guard<std::mutex> lock(choices.mutex);
-  std::swap(choices.forced, path);
-  return path;
-}
-
 /// Conv{D}d -> BatchNorm{D}d, folded, then `Activation` (void: none) in place. Also what the
 /// other convolution kernels here run: ConvBatchNormActivation, ConvActivation.
 template <std::size_t D, typename ConvImpl, typename BatchNormImpl, typename Activation = void>
