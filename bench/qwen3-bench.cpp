@@ -1,6 +1,7 @@
 // Qwen3 with fusion: the full forward (hidden 512, intermediate 1536, 4 layers, 8/4 heads,
 // head_dim 64, vocab 4096), original vs replay and vs kernels; and the norm + MLP chain alone at
-// hidden 64 and 512 with 1, 16 and 128 tokens, in five variants. Every benchmark times its
+// hidden 64 and 512 with 1, 16 and 128 tokens, in five variants; decode in float32 and bfloat16,
+// also at Qwen3-0.6B's shapes. Every benchmark times its
 // variants in one run on the very same weights, rotating which goes first, so that machine noise
 // hits them alike; counters give each variant's mean time and its ratio (_x) to the first.
 //
@@ -33,12 +34,30 @@ qwen3::Config bench_config(int64_t hidden = 512) {
   return c;
 }
 
-qwen3::ForCausalLM bench_model(int64_t hidden = 512) {
-  qwen3::ForCausalLM model(bench_config(hidden));
+/// Qwen3-0.6B's shapes (its config.json: 28 layers, hidden 1024, 16/8 heads of 128, vocab 151936,
+/// tied embeddings). With random weights, since no checkpoint may be downloaded: 3.0 GB in float32,
+/// 1.5 GB in bfloat16, more than any L3, as a real checkpoint's weights are.
+qwen3::Config qwen3_0_6b_config() {
+  qwen3::Config c;
+  c.vocab_size = 151936;
+  c.hidden_size = 1024;
+  c.intermediate_size = 3072;
+  c.num_hidden_layers = 28;
+  c.num_attention_heads = 16;
+  c.num_key_value_heads = 8;
+  c.head_dim = 128;
+  c.tie_word_embeddings = true;
+  return c;
+}
+
+qwen3::ForCausalLM bench_model(const qwen3::Config& config) {
+  qwen3::ForCausalLM model(config);
   qwen3::init_random(*model, 0);
   model->eval();
   return model;
 }
+
+qwen3::ForCausalLM bench_model(int64_t hidden = 512) { return bench_model(bench_config(hidden)); }
 
 double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a - b).abs().max().item<double>();
@@ -130,7 +149,9 @@ BENCHMARK(BM_Qwen3ForwardKernels)
 /// kernels, interleaved per `steps` tokens (ms counters: per token). Unlike BM_Qwen3ForwardKernels,
 /// where every single token follows another model's, a model's weights stay in the caches from one
 /// token to the next as far as they fit, as in a generation loop; the bfloat16 model's, half the
-/// bytes, fit better.
+/// bytes, fit better. range(1): 0 the bench model (58 MB of float32 weights, which a large L3
+/// holds whole), 1 Qwen3-0.6B's shapes (qwen3_0_6b_config: every step reads its weights from
+/// memory, as a real checkpoint's decode does).
 void BM_Qwen3Decode(benchmark::State& state) {
   torch::NoGradGuard no_grad;
   const int64_t steps = state.range(0);
@@ -138,13 +159,14 @@ void BM_Qwen3Decode(benchmark::State& state) {
     state.SkipWithError("no AVX512_BF16 (or oneDNN) here: no bfloat16 variant");
     return;
   }
-  auto kernels = bench_model(), kernels_bf16 = bench_model();
+  const auto config = state.range(1) == 1 ? qwen3_0_6b_config() : bench_config();
+  auto kernels = bench_model(config), kernels_bf16 = bench_model(config);
   kernels_bf16->to(torch::kBFloat16);
   qwen3::fuse_with_kernels(kernels, /*folded=*/false);
   qwen3::fuse_with_kernels(kernels_bf16, /*folded=*/false);
   torch::manual_seed(1);
-  const auto prompt = torch::randint(0, 4096, {1, 64}, torch::kInt64);
-  const auto next = torch::randint(0, 4096, {steps, 1, 1}, torch::kInt64);
+  const auto prompt = torch::randint(0, config.vocab_size, {1, 64}, torch::kInt64);
+  const auto next = torch::randint(0, config.vocab_size, {steps, 1, 1}, torch::kInt64);
   qwen3::KVCache base, base_bf16;
   kernels->forward(prompt, &base);
   kernels_bf16->forward(prompt, &base_bf16);
@@ -158,8 +180,9 @@ void BM_Qwen3Decode(benchmark::State& state) {
                 "ms", 1e3 / static_cast<double>(steps));
 }
 BENCHMARK(BM_Qwen3Decode)
-    ->ArgNames({"steps"})
-    ->Arg(16)
+    ->ArgNames({"steps", "qwen3_0_6b"})
+    ->Args({16, 0})
+    ->Args({16, 1})
     ->Unit(benchmark::kMillisecond)
     ->MinTime(5.0);
 
