@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <functional>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -466,6 +467,59 @@ TEST_CASE("a measured convolution path that lost is told so, once, after the cho
   CHECK(lost[0] == BlockedConvPath::blocked);
   d::run_blocked_conv(key, offered, run, lose);  // chosen: nothing measured, nothing lost
   CHECK(lost.size() == 1);
+}
+
+TEST_CASE("after measuring its paths a convolution keeps what the chosen path needs, no more") {
+  fk::register_builtin_kernels();
+  if (!at::hasMKLDNN()) {
+    WARN("this LibTorch has no oneDNN: no blocked inputs");
+    return;
+  }
+  namespace d = fusion::detail;
+  using fusion::kernels::BlockedConvPath;
+  torch::NoGradGuard no_grad;
+  const auto make = [] {
+    torch::manual_seed(64);
+    fusion::Sequential model(nn::Conv2d(nn::Conv2dOptions(8, 16, 3).padding(1)),
+                             nn::BatchNorm2d(16), nn::ReLU());
+    model->eval();
+    fusion::fuse_modules(model, {"0", "1", "2"}, std::vector<fusion::ModuleSpec>(3, one_tensor[0]),
+                         kernel("fusion.conv2d_bn_relu"));
+    return model;
+  };
+  const auto bytes = [](fusion::Sequential& model) {
+    return fusion::fused_chains(model).at(0).stats.state_bytes;
+  };
+  // Sizes no other test measures, so that this test's measurement makes the choice.
+  const auto dense = torch::randn({1, 8, 17, 17});
+  const auto blocked = torch::randn({1, 8, 19, 19}).to_mkldnn();
+  const auto run = [&](fusion::Sequential& model) {
+    model->forward(dense);
+    for (int call = 0; call < 2; ++call) model->forward(blocked);
+  };
+  auto measured = make();
+  {
+    const ForcedPath unforced(std::nullopt);
+    run(measured);
+  }
+  const auto key = d::blocked_conv_key({16, 8, 3, 3}, {1, 1}, {1, 1}, {1, 1}, 1, blocked);
+  BlockedConvPath chosen;
+  {
+    auto& choices = d::BlockedConvChoices::instance();
+    std::lock_guard<std::mutex> lock(choices.mutex);
+    REQUIRE(choices.chosen.count(key) == 1);
+    chosen = choices.chosen.at(key);
+  }
+  // The same calls with the chosen path forced measure nothing and make only what it needs: the
+  // paths that lost (LibTorch's prepacked convolution of the round trip, the library's
+  // primitives) left nothing behind.
+  auto forced = make();
+  {
+    const ForcedPath only(chosen);
+    run(forced);
+  }
+  INFO("chosen path " << static_cast<int>(chosen));
+  CHECK(bytes(measured) == bytes(forced));
 }
 
 #if defined(FUSION_HAS_ONEDNN)

@@ -32,7 +32,7 @@ enum class BlockedConvPath {
   blocked,     // at::mkldnn_convolution on the blocked input, the weight packed once
   round_trip,  // the input made dense, TorchScript's prepacked convolution, the result blocked
   onednn,      // oneDNN's direct convolution as a primitive the library makes, with the
-               // activation (and a residual block's add) as post-ops (oneDNN 2.x builds)
+               // activation (and a residual block's add) as post-ops (builds with oneDNN)
   winograd,    // the same with oneDNN's Winograd algorithm (stride-1 3x3 convolutions on
                // AVX-512): within float32 tolerance of the direct convolution, not bitwise equal
 };
@@ -145,12 +145,6 @@ torch::Tensor run_blocked_conv(const BlockedConvKey& key,
     }
   }
   return run(*path, /*measuring=*/false);
-}
-
-template <typename Run>
-torch::Tensor run_blocked_conv(const BlockedConvKey& key,
-                               c10::ArrayRef<kernels::BlockedConvPath> offered, Run&& run) {
-  return run_blocked_conv(key, offered, std::forward<Run>(run), [](kernels::BlockedConvPath) {});
 }
 
 }  // namespace fusion::detail

@@ -127,6 +127,15 @@ class PrepackedConv2d {
     return stack[0].toTensor();
   }
 
+  /// Frees the pack for inputs of `shape`, if one is kept: for the blocked path round_trip when
+  /// it lost its shape's measurement. A later input of that shape packs again.
+  void release(at::IntArrayRef shape) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    packs_.erase(std::remove_if(packs_.begin(), packs_.end(),
+                                [&](const auto& pack) { return shape.equals(pack.first); }),
+                 packs_.end());
+  }
+
   /// About the bytes the packs made so far hold: each is the weight in oneDNN's layout, whose
   /// exact size (channels padded to its blocks) the pack does not expose; counted as the weight's.
   std::uint64_t weight_bytes() const {

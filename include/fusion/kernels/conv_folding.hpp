@@ -207,6 +207,13 @@ struct ConvBatchNorm {
         const auto key = detail::blocked_conv_key(s.weight.sizes(), s.stride, s.padding, s.dilation,
                                                   conv.options.groups(), input);
         using Path = BlockedConvPath;
+        // A path that lost the measurement frees what it made for this shape.
+        const auto release_lost = [&](Path lost) {
+          if (lost == Path::round_trip && s.prepacked) s.prepacked->release(input.sizes());
+#if defined(FUSION_HAS_ONEDNN)
+          if (s.onednn) detail::release_lost(*s.onednn, input, lost);
+#endif
+        };
 #if defined(FUSION_HAS_ONEDNN)
         if (s.onednn && input.scalar_type() == torch::kFloat32) {
           using Algorithm = detail::OneDnnConv2d::Algorithm;
@@ -223,14 +230,16 @@ struct ConvBatchNorm {
                     input, path == Path::winograd ? Algorithm::winograd : Algorithm::direct);
                 return s.onednn_activation ? output : Epilogue::apply(output, activation);
               },
-              [&](Path lost) { detail::release_lost(*s.onednn, input, lost); });
+              release_lost);
         }
 #endif
         if (!s.prepacked) return blocked();
-        return detail::run_blocked_conv(key, {Path::blocked, Path::round_trip},
-                                        [&](Path path, bool /*measuring*/) {
-                                          return path == Path::blocked ? blocked() : round_trip();
-                                        });
+        return detail::run_blocked_conv(
+            key, {Path::blocked, Path::round_trip},
+            [&](Path path, bool /*measuring*/) {
+              return path == Path::blocked ? blocked() : round_trip();
+            },
+            release_lost);
       }
       if (s.prepacked && input.is_contiguous() && input.device().is_cpu() &&
           input.scalar_type() == torch::kFloat32 && fits_prepacked(s, conv, input)) {
