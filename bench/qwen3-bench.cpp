@@ -197,8 +197,7 @@ void BM_Qwen3ChainKernels(benchmark::State& state) {
   auto config = bench_config(hidden);
   config.head_dim = hidden / 8;
   config.tie_word_embeddings = false;
-  const auto kernel_rule =
-      qwen3::kernel_plan(config).rules.at(static_cast<std::size_t>(state.range(2)));
+  const auto kernel_rule = qwen3::kernel_plan().rules.at(static_cast<std::size_t>(state.range(2)));
   auto replay_rule = kernel_rule;
   replay_rule.options.kernel.clear();
   auto make = [&] {
@@ -230,7 +229,7 @@ void BM_Qwen3AutoPlan(benchmark::State& state) {
   auto hand_written = bench_model(), found = bench_model();
   torch::manual_seed(1);
   const auto ids = torch::randint(0, 4096, {1, state.range(0)}, torch::kInt64);
-  const auto wanted = demo::planned_chains(hand_written, qwen3::kernel_plan(hand_written->config));
+  const auto wanted = demo::planned_chains(hand_written, qwen3::kernel_plan());
   qwen3::fuse_with_kernels(hand_written);
   const auto plan = fusion::optimize(found, [&] { return found(ids); });
   state.counters["optimize_s"] = plan.seconds;

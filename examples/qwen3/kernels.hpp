@@ -6,7 +6,8 @@
 //   qwen3.rmsnorm_attention  input_layernorm + self_attn: RMSNorm in one pass, q, k and v as one
 //                            GEMM, then the attention's own after_projections (q/k norms, RoPE,
 //                            cache, attention), then o_proj.
-//   qwen3.rmsnorm_lm_head    model.norm + lm_head (untied models): RMSNorm, then the logits.
+//   qwen3.rmsnorm_lm_head    model.norm + lm_head: RMSNorm, then the logits (tied: the
+//                            embedding as it is).
 //
 // Each also as ".folded" (the norm's weight folded into a copy of the next weights).
 #pragma once
@@ -33,14 +34,13 @@ inline void register_kernels() {
         "qwen3.rmsnorm_attention", norm,
         fk::projections(&AttentionImpl::q_proj, &AttentionImpl::k_proj, &AttentionImpl::v_proj),
         &AttentionImpl::after_projections, fk::linear(&AttentionImpl::o_proj));
-    fk::register_norm_lm_head("qwen3.rmsnorm_lm_head", norm);
+    fk::register_norm_lm_head("qwen3.rmsnorm_lm_head", norm, fk::itself<LMHeadImpl>());
   });
 }
 
-/// The plan that fuses both chains of every layer, and the final norm with lm_head where the
-/// model has one (not with tied embeddings), each with its kernel (`folded`: the copying
-/// variants).
-inline fusion::Plan kernel_plan(const Config& config, bool folded = false) {
+/// The plan that fuses both chains of every layer, and the final norm with lm_head, each with
+/// its kernel (`folded`: the copying variants).
+inline fusion::Plan kernel_plan(bool folded = false) {
   register_kernels();
   const std::string suffix = folded ? ".folded" : "";
   auto with_kernel = [&](const std::string& name) {
@@ -52,16 +52,13 @@ inline fusion::Plan kernel_plan(const Config& config, bool folded = false) {
   plan.rules.push_back({mlp_patterns(), mlp_specs(), with_kernel("qwen3.rmsnorm_mlp")});
   plan.rules.push_back(
       {attention_patterns(), attention_specs(), with_kernel("qwen3.rmsnorm_attention")});
-  if (!config.tie_word_embeddings) {
-    plan.rules.push_back(
-        {lm_head_patterns(), lm_head_specs(), with_kernel("qwen3.rmsnorm_lm_head")});
-  }
+  plan.rules.push_back({lm_head_patterns(), lm_head_specs(), with_kernel("qwen3.rmsnorm_lm_head")});
   return plan;
 }
 
 /// Fuses `model` by kernel_plan, all or nothing.
 inline void fuse_with_kernels(ForCausalLM& model, bool folded = false) {
-  fusion::fuse_modules(model, kernel_plan(model->config, folded));
+  fusion::fuse_modules(model, kernel_plan(folded));
 }
 
 }  // namespace qwen3

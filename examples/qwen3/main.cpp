@@ -185,8 +185,7 @@ int main(int argc, char** argv) try {
   // by rounding: within 1e-4 of the largest logit in float32, 5e-2 in bf16/f16.
   if (options.automatic) {
     ok = demo::fuse_automatically(
-             model, qwen3::kernel_plan(model->config), [&] { return model(ids); },
-             options.min_speedup) &&
+             model, qwen3::kernel_plan(), [&] { return model(ids); }, options.min_speedup) &&
          ok;
   } else {
     qwen3::fuse_with_kernels(model, options.folded);

@@ -154,8 +154,11 @@ void require_within_kernel_tolerance(const torch::Tensor& got, const torch::Tens
 TEST_CASE("Qwen3 kernels match the unfused model, in float32 and bf16, and generate the same ids") {
   torch::NoGradGuard no_grad;
   const bool folded = GENERATE(false, true);
-  INFO((folded ? "folded" : "default (no weight copy)"));
-  auto model = random_model(3);
+  const bool tied = GENERATE(false, true);
+  INFO((folded ? "folded" : "default (no weight copy)") << (tied ? ", tied" : ", untied"));
+  auto config = small_config();
+  config.tie_word_embeddings = tied;
+  auto model = random_model(3, config);
   const auto prompt = ids({1, 2, 3, 4, 5, 6, 7, 8});
   const auto original = model(prompt);
   const auto original_ids = model->generate(prompt, 10);
@@ -175,6 +178,8 @@ TEST_CASE("Qwen3 kernels match the unfused model, in float32 and bf16, and gener
     const bool has_view = !folded && chain.kernel != "qwen3.rmsnorm_lm_head";
     CHECK((chain.stats.shared_state_bytes > 0) == has_view);
   }
+  // Both chains of 4 layers, and the final norm with lm_head, tied or not.
+  CHECK(fusion::fused_chains(model).size() == 9);
   if (!folded) {
     auto& mlp = *model->model->layers->at<qwen3::DecoderLayerImpl>(0).mlp;
     CHECK(mlp.gate_proj->weight.storage().is_alias_of(mlp.up_proj->weight.storage()));
@@ -194,6 +199,8 @@ TEST_CASE("Qwen3 kernels match the unfused model, in float32 and bf16, and gener
   fusion::unfuse_modules(model);
   qwen3::fuse_with_kernels(model, folded);
   require_within_kernel_tolerance(model(prompt), bf16_original);
+  // Tied, lm_head still reads the embedding itself.
+  CHECK(model->lm_head->weight.is_same(model->model->embed_tokens->weight) == tied);
 }
 
 TEST_CASE("a kernel's first call, checked against a replay, does not update the KV cache twice") {

@@ -311,14 +311,25 @@ struct ModelImpl : torch::nn::Module {
 };
 TORCH_MODULE(Model);
 
+/// The logits' projection, bias-free. Tied, its weight is the embedding's parameter itself and no
+/// second one is registered: there is no lm_head.weight, as in the checkpoints, and the final
+/// norm -> lm_head chain fuses as for an untied model.
+struct LMHeadImpl : torch::nn::Module {
+  LMHeadImpl(const torch::Tensor& tied, int64_t vocab, int64_t hidden, bool tie) {
+    weight =
+        tie ? tied : register_parameter("weight", linear(hidden, vocab, false)->weight.detach());
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return torch::linear(x, weight); }
+  torch::Tensor weight, bias;  // bias: none (undefined)
+};
+TORCH_MODULE(LMHead);
+
 struct ForCausalLMImpl : torch::nn::Module {
   explicit ForCausalLMImpl(const Config& c) : config(c) {
     model = register_module("model", Model(c));
-    // Tied: the logits use the embedding matrix and there is no lm_head.weight, as in the
-    // checkpoints.
-    if (!c.tie_word_embeddings) {
-      lm_head = fusion::register_slot(*this, "lm_head", linear(c.hidden_size, c.vocab_size, false));
-    }
+    lm_head = fusion::register_slot(
+        *this, "lm_head",
+        LMHead(model->embed_tokens->weight, c.vocab_size, c.hidden_size, c.tie_word_embeddings));
   }
 
   /// input_ids [batch, seq] (int64) -> logits [batch, seq, vocab]
@@ -330,8 +341,7 @@ struct ForCausalLMImpl : torch::nn::Module {
                               " is outside the vocabulary [0, " +
                               std::to_string(config.vocab_size) + ")");
     }
-    auto h = model->forward(input_ids, cache);
-    return config.tie_word_embeddings ? torch::linear(h, model->embed_tokens->weight) : lm_head(h);
+    return lm_head(model->forward(input_ids, cache));
   }
 
   /// Greedy decoding as transformers' generate(do_sample=False): the prompt's ids followed by up
@@ -375,7 +385,7 @@ struct ForCausalLMImpl : torch::nn::Module {
 
   Config config;
   Model model{nullptr};
-  fusion::Slot<torch::nn::Linear> lm_head;
+  fusion::Slot<LMHead> lm_head;
 };
 TORCH_MODULE(ForCausalLM);
 
@@ -397,7 +407,7 @@ inline std::vector<fusion::ModuleSpec> attention_specs() {
               {"hidden_states"}}};
 }
 
-/// The final norm and lm_head, for models with one (untied embeddings).
+/// The final norm and lm_head.
 inline std::vector<std::string> lm_head_patterns() { return {"model.norm", "lm_head"}; }
 inline std::vector<fusion::ModuleSpec> lm_head_specs() {
   return {fusion::ModuleSpec{{"hidden_states"}, {"hidden_states"}},
