@@ -325,19 +325,12 @@ struct ConvBatchNorm {
   /// The weight in the input's memory format, where the state has it: the output keeps the
   /// input's (channels-last in and out) either way.
   static const torch::Tensor& weight_for(const State& s, const torch::Tensor& input) {
-    if (!s.weight_channels_last.defined()) return s.weight;
-    if constexpr (D == 2) {
-      if (input.dim() == 4 && !input.is_contiguous() &&
-          input.is_contiguous(torch::MemoryFormat::ChannelsLast)) {
-        return s.weight_channels_last;
-      }
-    } else if constexpr (D == 3) {
-      if (input.dim() == 5 && !input.is_contiguous() &&
-          input.is_contiguous(torch::MemoryFormat::ChannelsLast3d)) {
-        return s.weight_channels_last;
-      }
-    }
-    return s.weight;
+    // Only 2d and 3d states have the copy.
+    const auto format =
+        D == 2 ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::ChannelsLast3d;
+    const bool channels_last = s.weight_channels_last.defined() && input.dim() == D + 2 &&
+                               !input.is_contiguous() && input.is_contiguous(format);
+    return channels_last ? s.weight_channels_last : s.weight;
   }
 };
 
