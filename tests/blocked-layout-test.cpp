@@ -13,9 +13,11 @@
 #include <utility>
 #include <vector>
 
+#include <fusion/detail/winograd.hpp>
 #include <fusion/fusion.hpp>
 #include <fusion/kernels/batch_norm_folding.hpp>
 #include <fusion/kernels/bfloat16.hpp>
+#include <fusion/kernels/primitives.hpp>
 #include <fusion/kernels/residual_block.hpp>
 
 using fusion_test::Contains;
@@ -550,6 +552,74 @@ TEST_CASE(
   // Made again where it runs again (a forced path, or the choice of another layout).
   require_close(conv(input, Algorithm::direct).to_dense(), expected);
   CHECK(conv.reordered()->bytes() == one_copy);
+}
+#endif
+
+#if defined(FUSION_HAS_ONEDNN)
+TEST_CASE(
+    "the library's Winograd convolution matches the convolution in double, with bias, residual "
+    "and ReLU, on partial tiles and in either input layout") {
+  namespace d = fusion::detail;
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(7);
+  const auto weight = torch::randn({32, 16, 3, 3}) * 0.1;
+  const auto bias = torch::randn({32});
+  if (!d::WinogradConv2d::applies(weight, {1, 1}, {1, 1}, {1, 1}, 1)) {
+    WARN("no AVX-512 here: the library's Winograd convolution is not offered");
+    return;
+  }
+  // Only what it computes: stride 1, padding 1, 3x3, no groups, 16-channel multiples, float32.
+  CHECK_FALSE(d::WinogradConv2d::applies(weight, {2, 2}, {1, 1}, {1, 1}, 1));
+  CHECK_FALSE(d::WinogradConv2d::applies(weight, {1, 1}, {0, 0}, {1, 1}, 1));
+  CHECK_FALSE(d::WinogradConv2d::applies(weight, {1, 1}, {1, 1}, {2, 2}, 1));
+  CHECK_FALSE(d::WinogradConv2d::applies(weight, {1, 1}, {1, 1}, {1, 1}, 2));
+  CHECK_FALSE(d::WinogradConv2d::applies(torch::randn({24, 16, 3, 3}), {1, 1}, {1, 1}, {1, 1}, 1));
+  CHECK_FALSE(d::WinogradConv2d::applies(torch::randn({32, 16, 1, 1}), {1, 1}, {1, 1}, {1, 1}, 1));
+  CHECK_FALSE(d::WinogradConv2d::applies(weight.to(torch::kBFloat16), {1, 1}, {1, 1}, {1, 1}, 1));
+  {
+    const bool before = fk::set_avx512(false);
+    CHECK_FALSE(d::WinogradConv2d::applies(weight, {1, 1}, {1, 1}, {1, 1}, 1));
+    fk::set_avx512(before);
+  }
+
+  const auto weights = std::make_shared<const d::ReorderedWeights>(weight, 1);
+  const d::WinogradConv2d plain(weights, bias, /*relu=*/false, /*sum=*/false);
+  const d::WinogradConv2d block(weights, bias, /*relu=*/true, /*sum=*/true);
+  const auto to_double = [](const torch::Tensor& t) { return t.to(torch::kDouble); };
+  // A 1x1 input (one tile, mostly padding), partial tiles on either edge, whole tiles.
+  for (const auto& [h, w] :
+       std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {5, 7}, {8, 8}, {13, 6}}) {
+    CAPTURE(h, w);
+    const auto x = torch::randn({2, 16, h, w});
+    const auto residual = torch::randn({2, 32, h, w});
+    const auto convolved = torch::conv2d(to_double(x), to_double(weight), to_double(bias), 1, 1);
+    // x.to_mkldnn() is in the plain layout (reordered first); a convolution's result in aBcd16b.
+    const auto identity = at::mkldnn_reorder_conv2d_weight(
+        torch::eye(16).view({16, 16, 1, 1}).to_mkldnn(), {0, 0}, {1, 1}, {1, 1}, 1);
+    for (const auto& input : {x.to_mkldnn(), at::mkldnn_convolution(x.to_mkldnn(), identity, {},
+                                                                    {0, 0}, {1, 1}, {1, 1}, 1)}) {
+      const auto y = plain(input, {}, false);
+      REQUIRE(y.is_mkldnn());
+      require_close(to_double(y.to_dense()), convolved);
+      const auto added = residual.to_mkldnn();
+      const auto z = block(input, added, /*overwrite_residual=*/false);
+      require_close(to_double(z.to_dense()), torch::relu(convolved + to_double(residual)));
+      CHECK(torch::equal(added.to_dense(), residual));
+      // Written over where asked and the residual is in the result's layout (y's).
+      auto owned = plain(input, {}, false);
+      const auto values = owned.to_dense();
+      const auto over = block(input, owned, /*overwrite_residual=*/true);
+      CHECK(over.is_same(owned));
+      require_close(to_double(over.to_dense()), torch::relu(convolved + to_double(values)));
+    }
+  }
+  // The transformed weight (36 values per 9 of the weight) is one of the weight's shared forms,
+  // freed when neither primitive holds it.
+  CHECK(weights->bytes() == 36 * 16 * 32 * sizeof(float));
+  plain.release();
+  CHECK(weights->bytes() == 36 * 16 * 32 * sizeof(float));
+  block.release();
+  CHECK(weights->bytes() == 0);
 }
 #endif
 

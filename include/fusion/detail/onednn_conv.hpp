@@ -1,11 +1,11 @@
 // A folded 2d convolution on a blocked input, run by a oneDNN primitive the library makes
 // (FUSION_HAS_ONEDNN; detail/onednn.hpp) instead of LibTorch's op, for what LibTorch's ops do not
 // give:
-// - Winograd, oneDNN 2.x's algorithm for stride-1 3x3 convolutions on AVX-512 (oneDNN 3 has none
-//   on CPUs). It computes the same convolution with fewer multiplications and another rounding:
-//   within float32 tolerance of the direct convolution, not bitwise equal to it (docs/kernels.md).
-//   It is one of the paths measured per shape (detail/blocked_conv_choice.hpp), kept only where
-//   it is faster.
+// - Winograd for stride-1 3x3 convolutions on AVX-512: oneDNN 2.x's algorithm, or where oneDNN
+//   has none (oneDNN 3 dropped it on CPUs) the library's own in float32 (detail/winograd.hpp). It
+//   computes the same convolution with fewer multiplications and another rounding: within float32
+//   tolerance of the direct convolution, not bitwise equal to it (docs/kernels.md). It is one of
+//   the paths measured per shape (detail/blocked_conv_choice.hpp), kept only where it is faster.
 // - Post-ops: the activation, and in a residual block the residual added (oneDNN's sum post-op)
 //   with the ReLU after it, in the convolution's own pass over its output instead of two more.
 // - The weight reordered once per layout an implementation reads (ReorderedWeights), shared by
@@ -35,6 +35,7 @@
 #include "fusion/detail/onednn.hpp"
 #include "fusion/detail/onednn_post_ops.hpp"
 #include "fusion/detail/onednn_weights.hpp"
+#include "fusion/detail/winograd.hpp"
 
 namespace fusion::detail {
 
@@ -67,7 +68,15 @@ class OneDnnConv2d {
         data_type_(weight_.scalar_type() == torch::kBFloat16 ? dnnl::memory::data_type::bf16
                                                              : dnnl::memory::data_type::f32),
         reordered_(reordered ? std::move(reordered)
-                             : std::make_shared<const ReorderedWeights>(weight_, groups_)) {}
+                             : std::make_shared<const ReorderedWeights>(weight_, groups_)) {
+    // The library's Winograd computes the ReLU and the sum only, and gives aBcd16b.
+    const bool relu =
+        eltwise_ && eltwise_->algorithm == dnnl::algorithm::eltwise_relu && eltwise_->alpha == 0.f;
+    if ((!eltwise_ || relu) && layout_ == Layout::chosen &&
+        WinogradConv2d::applies(weight_, stride_, padding_, dilation_, groups_)) {
+      winograd_ = std::make_shared<const WinogradConv2d>(reordered_, bias_, relu, sum_);
+    }
+  }
 
   /// The weight's reordered copies, for another primitive made from the same weight to share.
   const std::shared_ptr<const ReorderedWeights>& reordered() const { return reordered_; }
@@ -86,13 +95,15 @@ class OneDnnConv2d {
   /// input shape asks oneDNN for its implementations; a primitive and its weight are made on
   /// the first call that runs it.
   bool offers(const torch::Tensor& input, Algorithm algorithm) const {
-    return prepared(input)->algorithms[static_cast<int>(algorithm)] != nullptr;
+    return prepared(input)->algorithms[static_cast<int>(algorithm)] != nullptr ||
+           own_winograd(input, algorithm);
   }
 
   /// Frees the primitive `algorithm` made for inputs like `input`, and its weight where no other
   /// primitive reads that layout: for a path that lost the measurement of its shape (see
   /// release_lost). A later call that runs it makes them again.
   void release(const torch::Tensor& input, Algorithm algorithm) const {
+    if (own_winograd(input, algorithm)) return winograd_->release();
     const auto shape = prepared(input);
     const auto& chosen = shape->algorithms[static_cast<int>(algorithm)];
     if (!chosen) return;
@@ -118,6 +129,9 @@ class OneDnnConv2d {
   torch::Tensor operator()(const torch::Tensor& input, Algorithm algorithm,
                            const torch::Tensor& residual = {},
                            bool overwrite_residual = false) const {
+    if (own_winograd(input, algorithm)) {
+      return (*winograd_)(input, residual, overwrite_residual);
+    }
     const auto shape = prepared(input);
     const auto& chosen = shape->algorithms[static_cast<int>(algorithm)];
     TORCH_INTERNAL_ASSERT(chosen, "OneDnnConv2d: an algorithm not offered for this input");
@@ -285,6 +299,12 @@ class OneDnnConv2d {
     return p.made;
   }
 
+  /// Whether `algorithm` for `input` is the library's Winograd: where oneDNN has none.
+  bool own_winograd(const torch::Tensor& input, Algorithm algorithm) const {
+    return algorithm == Algorithm::winograd && winograd_ &&
+           !prepared(input)->algorithms[static_cast<int>(algorithm)];
+  }
+
   bool keeps(const dnnl::memory::desc& input) const {
     using tag = dnnl::memory::format_tag;
     const tag format = format_of(input);
@@ -300,6 +320,7 @@ class OneDnnConv2d {
   Layout layout_;
   dnnl::memory::data_type data_type_;
   std::shared_ptr<const ReorderedWeights> reordered_;
+  std::shared_ptr<const WinogradConv2d> winograd_;  // null where it does not apply
   mutable std::mutex mutex_;
   mutable std::vector<std::shared_ptr<const Shape>> shapes_;
 };

@@ -29,6 +29,21 @@ class ReorderedWeights {
   /// The weight in layout `desc` (of the weight's dims, grouped [groups, out / groups, ...]
   /// where groups > 1), reordered where no primitive holds it yet.
   std::shared_ptr<const dnnl::memory> in(const dnnl::memory::desc& desc) const {
+    return made(desc, [&](dnnl::memory& copy) {
+      using tag = dnnl::memory::format_tag;
+      dnnl::memory plain(
+          {onednn::dims_of(desc), onednn::data_type_of(desc), groups_ > 1 ? tag::goihw : tag::oihw},
+          onednn::engine(), weight_.data_ptr());
+      dnnl::reorder(plain, copy).execute(onednn::stream(), plain, copy);
+      onednn::stream().wait();
+    });
+  }
+
+  /// A form of the weight that `make(memory)` writes into new memory of `desc`, made where no
+  /// primitive holds one of that desc yet: a layout oneDNN reorders to (in), or one only the
+  /// library computes (the Winograd transform, detail/winograd.hpp), whose dims tell it apart.
+  template <typename Make>
+  std::shared_ptr<const dnnl::memory> made(const dnnl::memory::desc& desc, Make&& make) const {
     std::lock_guard<std::mutex> lock(mutex_);
     copies_.erase(std::remove_if(copies_.begin(), copies_.end(),
                                  [](const auto& copy) { return copy.expired(); }),
@@ -37,16 +52,14 @@ class ReorderedWeights {
       auto copy = held.lock();
       if (copy && copy->get_desc() == desc) return copy;
     }
-    using tag = dnnl::memory::format_tag;
     auto copy = std::make_shared<dnnl::memory>(desc, onednn::engine());  // owns its buffer
-    dnnl::memory plain(
-        {onednn::dims_of(desc), onednn::data_type_of(desc), groups_ > 1 ? tag::goihw : tag::oihw},
-        onednn::engine(), weight_.data_ptr());
-    dnnl::reorder(plain, *copy).execute(onednn::stream(), plain, *copy);
-    onednn::stream().wait();
+    make(*copy);
     copies_.push_back(copy);
     return copy;
   }
+
+  /// The weight as given.
+  const torch::Tensor& weight() const { return weight_; }
 
   /// The bytes of the copies primitives hold.
   std::uint64_t bytes() const {
